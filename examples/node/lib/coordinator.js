@@ -1,0 +1,163 @@
+'use strict';
+// A minimal coordinator over the WorkerService of every rank of a mesh: loads
+// the .proto files at run time (no generated code), numbers each worker's calls,
+// sends a call to all ranks concurrently, and retries a call that did not
+// arrive with the same sequence number (the worker runs it at most once).
+
+const path = require('node:path');
+const grpc = require('@grpc/grpc-js');
+const protoLoader = require('@grpc/proto-loader');
+
+const PROTO_ROOT = path.resolve(__dirname, '..', '..', '..', 'protos');
+
+// keepCase: field names exactly as in the .proto (snake_case); longs as strings
+// so int64 values above 2**53 survive; enums as their names.
+function loadWorkerService(protoRoot = PROTO_ROOT) {
+  const definition = protoLoader.loadSync(['twinkle/worker/v1/worker.proto'], {
+    includeDirs: [protoRoot],
+    keepCase: true,
+    longs: String,
+    enums: String,
+    defaults: true,
+    oneofs: true,
+  });
+  // protobufjs supplies google/protobuf/struct.proto itself, with camelCase field
+  // names whatever keepCase says; read them from the loaded descriptor.
+  const valueFields = definition['google.protobuf.Value'].type.field.map((field) => field.name);
+  structKeys = valueFields.includes('number_value') ? SNAKE_KEYS : CAMEL_KEYS;
+  return grpc.loadPackageDefinition(definition).twinkle.worker.v1.WorkerService;
+}
+
+const SNAKE_KEYS = { null: 'null_value', number: 'number_value', string: 'string_value', bool: 'bool_value', struct: 'struct_value', list: 'list_value' };
+const CAMEL_KEYS = { null: 'nullValue', number: 'numberValue', string: 'stringValue', bool: 'boolValue', struct: 'structValue', list: 'listValue' };
+let structKeys = CAMEL_KEYS;
+
+// A JavaScript object -> google.protobuf.Struct as proto-loader expects it.
+function toValue(value) {
+  const k = structKeys;
+  if (value === null || value === undefined) return { [k.null]: 'NULL_VALUE' };
+  if (typeof value === 'number') return { [k.number]: value };
+  if (typeof value === 'string') return { [k.string]: value };
+  if (typeof value === 'boolean') return { [k.bool]: value };
+  if (Array.isArray(value)) return { [k.list]: { values: value.map(toValue) } };
+  return { [k.struct]: toStruct(value) };
+}
+
+function toStruct(object) {
+  const fields = {};
+  for (const [key, value] of Object.entries(object ?? {})) fields[key] = toValue(value);
+  return { fields };
+}
+
+class RankError extends Error {
+  constructor(rank, address, method, cause) {
+    super(`rank ${rank} (${address}) ${method}: ${grpc.status[cause.code] ?? cause.code}: ${cause.details ?? cause.message}`);
+    this.rank = rank;
+    this.code = cause.code;
+  }
+}
+
+class Worker {
+  constructor(Service, rank, address, { token, timeoutSeconds, retries }) {
+    this.rank = rank;
+    this.address = address;
+    this.client = new Service(address, grpc.credentials.createInsecure(), {
+      'grpc.max_send_message_length': 64 * 1024 * 1024,
+      'grpc.max_receive_message_length': 64 * 1024 * 1024,
+    });
+    this.token = token;
+    this.timeoutSeconds = timeoutSeconds;
+    this.retries = retries;
+    this.lastSequenceNumber = 0;
+  }
+
+  metadata() {
+    const metadata = new grpc.Metadata();
+    if (this.token) metadata.set('authorization', `Bearer ${this.token}`);
+    return metadata;
+  }
+
+  unary(method, request) {
+    return new Promise((resolve, reject) => {
+      const deadline = new Date(Date.now() + this.timeoutSeconds * 1000);
+      this.client[method](request, this.metadata(), { deadline }, (error, response) =>
+        error ? reject(error) : resolve(response),
+      );
+    });
+  }
+
+  waitForReady(seconds) {
+    return new Promise((resolve, reject) => {
+      this.client.waitForReady(new Date(Date.now() + seconds * 1000), (error) =>
+        error ? reject(error) : resolve(),
+      );
+    });
+  }
+
+  // A mutating call: takes the next sequence number, and on UNAVAILABLE (the
+  // request may not have arrived) resends the same number once the channel is
+  // ready again. A number the worker already ran returns its stored result.
+  async mutate(method, request) {
+    this.lastSequenceNumber += 1;
+    const context = { sequence_number: String(this.lastSequenceNumber), session_id: '' };
+    const full = { ...request, context };
+    for (let attempt = 0; ; attempt++) {
+      try {
+        return await this.unary(method, full);
+      } catch (error) {
+        if (error.code !== grpc.status.UNAVAILABLE || attempt >= this.retries) {
+          throw new RankError(this.rank, this.address, method, error);
+        }
+        await this.waitForReady(this.timeoutSeconds).catch(() => {});
+      }
+    }
+  }
+
+  async query(method, request) {
+    try {
+      return await this.unary(method, request);
+    } catch (error) {
+      throw new RankError(this.rank, this.address, method, error);
+    }
+  }
+
+  close() {
+    this.client.close();
+  }
+}
+
+class Coordinator {
+  // addresses[r] serves global rank r of `mesh`.
+  constructor(addresses, mesh, { token = '', timeoutSeconds = 600, retries = 2 } = {}) {
+    if (addresses.length !== mesh.worldSize) {
+      throw new Error(`mesh of ${mesh.worldSize} ranks needs ${mesh.worldSize} workers, got ${addresses.length}`);
+    }
+    const Service = loadWorkerService();
+    this.mesh = mesh;
+    this.workers = addresses.map(
+      (address, rank) => new Worker(Service, rank, address, { token, timeoutSeconds, retries }),
+    );
+  }
+
+  // Sends one request per rank, all at once (the ranks meet in collectives, so
+  // calling them one after another would deadlock). requestFor(rank) builds each.
+  // Waits for every rank, then reports the first failure, naming its rank.
+  async all(method, requestFor) {
+    const settled = await Promise.allSettled(
+      this.workers.map((worker) => worker.mutate(method, requestFor(worker.rank))),
+    );
+    const failed = settled.find((result) => result.status === 'rejected');
+    if (failed) throw failed.reason;
+    return settled.map((result) => result.value);
+  }
+
+  async queryAll(method, request) {
+    return Promise.all(this.workers.map((worker) => worker.query(method, request)));
+  }
+
+  close() {
+    for (const worker of this.workers) worker.close();
+  }
+}
+
+module.exports = { Coordinator, RankError, loadWorkerService, toStruct, PROTO_ROOT };

@@ -1,0 +1,132 @@
+"""Embedded default: start N local worker processes (one per rank), wait until they serve, stop them at exit.
+
+Used by TransformersModel when no cluster is configured, by scripts/launch_workers.py and by tests.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import pathlib
+import selectors
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from twinkle_client.errors import Unavailable
+
+LISTENING = "twinkle-worker listening on "
+
+
+def wait_serving(address: str, timeout: float) -> None:
+    """Blocks until the worker's health service answers SERVING (or raises Unavailable)."""
+    with grpc.insecure_channel(address) as channel:
+        try:
+            grpc.channel_ready_future(channel).result(timeout=timeout)
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout)
+        except (grpc.FutureTimeoutError, grpc.RpcError) as error:
+            raise Unavailable(f"worker {address} did not become ready within {timeout:.0f} s: {error}") from None
+    if reply.status != health_pb2.HealthCheckResponse.SERVING:
+        raise Unavailable(f"worker {address} is not serving (health status {reply.status})")
+
+
+class LocalWorkers:
+    """N `python -m twinkle_worker` processes on 127.0.0.1, on free ports, logging into log_dir."""
+
+    def __init__(
+        self,
+        count: int,
+        device: str = "cpu",
+        output_root: str | os.PathLike[str] | None = None,
+        threads: int | None = None,
+        start_timeout: float = 120.0,
+        extra_args: list[str] | None = None,
+        log_dir: str | os.PathLike[str] | None = None,
+    ) -> None:
+        self.log_dir = pathlib.Path(log_dir or tempfile.mkdtemp(prefix="twinkle-workers-"))
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.output_root = str(pathlib.Path(output_root or os.getcwd()).resolve())
+        threads = threads or max(1, (os.cpu_count() or 1) // count)
+        self.processes: list[subprocess.Popen[str]] = []
+        self.addresses: list[str] = []
+        self._closed = False
+        atexit.register(self.close)
+        try:
+            for rank in range(count):
+                self.processes.append(self._spawn(rank, device, threads, extra_args or []))
+            deadline = time.monotonic() + start_timeout
+            for rank, process in enumerate(self.processes):
+                self.addresses.append(self._read_address(rank, process, deadline))
+            for address in self.addresses:
+                wait_serving(address, max(1.0, deadline - time.monotonic()))
+        except BaseException:
+            self.close()
+            raise
+
+    def _spawn(self, rank: int, device: str, threads: int, extra_args: list[str]) -> subprocess.Popen[str]:
+        log = open(self.log_dir / f"worker-{rank}.log", "w")  # noqa: SIM115 - owned by the process
+        command = [
+            sys.executable, "-m", "twinkle_worker",
+            "--host", "127.0.0.1", "--port", "0",
+            "--device", device if device != "cuda" else f"cuda:{rank}",
+            "--output-root", self.output_root,
+            "--threads", str(threads),
+            *extra_args,
+        ]  # fmt: skip
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, text=True, env=env)
+
+    def _read_address(self, rank: int, process: subprocess.Popen[str], deadline: float) -> str:
+        assert process.stdout is not None
+        selector = selectors.DefaultSelector()
+        selector.register(process.stdout, selectors.EVENT_READ)
+        try:
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not selector.select(timeout=remaining):
+                    raise Unavailable(f"local worker rank {rank} did not start in time; log: {self._log_tail(rank)}")
+                line = process.stdout.readline()
+                if not line:
+                    raise Unavailable(f"local worker rank {rank} exited with {process.wait()}; log: {self._log_tail(rank)}")
+                if line.startswith(LISTENING):
+                    threading.Thread(target=_drain, args=(process,), daemon=True).start()
+                    return line[len(LISTENING) :].strip()
+        finally:
+            selector.close()
+
+    def _log_tail(self, rank: int) -> str:
+        path = self.log_dir / f"worker-{rank}.log"
+        return path.read_text()[-2000:] if path.exists() else "(no log)"
+
+    def close(self) -> None:
+        """Stops every worker: SIGTERM, then SIGKILL after 10 s."""
+        if self._closed:
+            return
+        self._closed = True
+        for process in self.processes:
+            if process.poll() is None:
+                process.terminate()
+        for process in self.processes:
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        atexit.unregister(self.close)
+
+    def __enter__(self) -> LocalWorkers:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _drain(process: subprocess.Popen[str]) -> None:
+    assert process.stdout is not None
+    for _ in process.stdout:
+        pass

@@ -1,0 +1,519 @@
+"""TransformersModel proxy: the seed's API, served by a mesh of remote (or embedded local) workers.
+
+    model = TransformersModel(config=qwen2_config, device_mesh=DeviceMesh.from_sizes(dp_size=2))
+    model.add_adapter_to_model("a", LoraConfig(r=8, target_modules="all-linear"))
+    model.set_optimizer("AdamW", lr=1e-4, adapter_name="a")
+    out = model.forward_backward(inputs=batch, adapter_name="a")
+    model.clip_grad_and_step(max_grad_norm=1.0, gradient_accumulation_steps=4, adapter_name="a")
+
+Every call goes to all ranks at once; batches are sliced by data rank and the outputs come
+back merged, in the caller's sample order.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import uuid
+import weakref
+from collections.abc import Mapping, Sequence
+from concurrent.futures import Future
+from typing import Any
+
+import numpy as np
+
+from twinkle_client import cluster, tensors
+from twinkle_client._proto import worker_pb2
+from twinkle_client.batch import collate, take_rows
+from twinkle_client.coordinator import Coordinator
+from twinkle_client.errors import InvalidArgument
+from twinkle_client.local import LocalWorkers, wait_serving
+from twinkle_client.mesh import DeviceMesh, slice_bounds
+
+STRATEGIES = {"accelerate": worker_pb2.STRATEGY_ACCELERATE, "native_fsdp": worker_pb2.STRATEGY_NATIVE_FSDP}
+PRECISIONS = {
+    "no": worker_pb2.MIXED_PRECISION_NO,
+    "bf16": worker_pb2.MIXED_PRECISION_BF16,
+    "fp16": worker_pb2.MIXED_PRECISION_FP16,
+    "fp8": worker_pb2.MIXED_PRECISION_FP8,
+}
+_STRUCT_FIELDS = ("ddp_config", "fsdp_config", "grad_scaler_config")
+
+
+class TransformersModel:
+    """Client of a mesh of Twinkle workers with the seed's constructor and methods.
+
+    Besides the seed's arguments (kwargs go to from_pretrained / from_config on the
+    workers), these keywords are the client's own: `seed` (same on every rank; random
+    if not given), `device` (for embedded workers, default "cpu"), `output_root`
+    (embedded workers' checkpoint root, default the current directory), `timeout`
+    (seconds per call, default none), `rendezvous_timeout` (seconds any collective may
+    wait, default 300), `trust_remote_code` (default False), `addresses` (worker
+    addresses in rank order, instead of a cluster config: for schedulers that place
+    workers themselves).
+    """
+
+    def __init__(
+        self,
+        model_cls: Any = None,
+        model_id: str | None = None,
+        config: Any = None,
+        device_mesh: DeviceMesh | None = None,
+        mixed_precision: str = "bf16",
+        strategy: str = "accelerate",
+        ddp_config: dict[str, Any] | None = None,
+        fsdp_config: dict[str, Any] | None = None,
+        grad_scaler_config: dict[str, Any] | None = None,
+        remote_group: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self.mesh = device_mesh or DeviceMesh.single()
+        seed = kwargs.pop("seed", None)
+        device = kwargs.pop("device", "cpu")
+        output_root = kwargs.pop("output_root", None)
+        timeout = kwargs.pop("timeout", None)
+        rendezvous_timeout = float(kwargs.pop("rendezvous_timeout", 300.0))
+        trust_remote_code = bool(kwargs.pop("trust_remote_code", False))
+        if strategy not in STRATEGIES:
+            raise InvalidArgument(f"strategy {strategy!r} is unknown; use one of {sorted(STRATEGIES)}")
+        if mixed_precision not in PRECISIONS:
+            raise InvalidArgument(f"mixed_precision {mixed_precision!r} is unknown; use one of {sorted(PRECISIONS)}")
+        addresses_given = kwargs.pop("addresses", None)
+        group = cluster.resolve(remote_group) if addresses_given is None else cluster.WorkerGroup("addresses", tuple(addresses_given))
+        self.local: LocalWorkers | None = None
+        metadata: list[tuple[str, str]] = []
+        if group is None:
+            self.local = LocalWorkers(self.mesh.world_size, device=device, output_root=output_root)
+            addresses = self.local.addresses
+            master_addr, master_port = "127.0.0.1", None
+        else:
+            addresses = list(group.workers)
+            master_addr, master_port = group.master_addr or cluster.host_of(addresses[0]), group.master_port
+            if group.token_env and os.environ.get(group.token_env):
+                metadata.append(("authorization", f"Bearer {os.environ[group.token_env]}"))
+            for address in addresses:
+                wait_serving(address, timeout=60.0)
+        if len(addresses) != self.mesh.world_size:
+            raise InvalidArgument(f"{self.mesh} has {self.mesh.world_size} ranks but the remote group has {len(addresses)} workers")
+        self.coordinator = Coordinator(addresses, metadata, timeout)
+        self._finalizer = weakref.finalize(self, _shutdown, self.coordinator, self.local)
+        self.session_id = uuid.uuid4().hex
+        if master_port is None and self.mesh.world_size > 1:
+            master_port = self.coordinator.stubs[0].GetStatus(worker_pb2.GetStatusRequest(), timeout=30).free_port
+        request = worker_pb2.InitRequest(
+            model_id=model_id or "",
+            model_class=_class_name(model_cls),
+            config_json=_config_json(config),
+            device="" if group is not None else device,
+            mixed_precision=PRECISIONS[mixed_precision],
+            strategy=STRATEGIES[strategy],
+            mesh=worker_pb2.DeviceMesh(dim_names=self.mesh.dim_names, dim_sizes=self.mesh.dim_sizes),
+            rendezvous=worker_pb2.Rendezvous(master_addr=master_addr, master_port=master_port or 0, timeout_seconds=rendezvous_timeout),
+            seed=random.randrange(2**31) if seed is None else int(seed),
+            trust_remote_code=trust_remote_code,
+        )
+        for name, value in zip(_STRUCT_FIELDS, (ddp_config, fsdp_config, grad_scaler_config)):
+            if value:
+                getattr(request, name).update(value)
+        if kwargs:
+            request.model_kwargs.update(kwargs)
+        request.context.session_id = self.session_id
+        requests = []
+        for rank in range(self.mesh.world_size):
+            copy = worker_pb2.InitRequest()
+            copy.CopyFrom(request)
+            copy.rank = rank
+            requests.append(copy)
+        self.coordinator.restart_sequence()
+        replies = self.coordinator.call("Init", requests)
+        self.vocab_size = replies[0].vocab_size
+        self.strategy_description = replies[0].strategy_description
+        self.num_parameters = replies[0].num_parameters
+
+    # ------------------------------------------------------------- setup
+
+    def add_adapter_to_model(
+        self, adapter_name: str, config_or_dir: Any, is_trainable: bool = True, gradient_accumulation_steps: int = 1
+    ) -> int:
+        """Adds a LoRA adapter: a peft.LoraConfig (or a dict of its fields), or a saved adapter directory."""
+        request = worker_pb2.AddAdapterRequest(
+            adapter_name=adapter_name, frozen=not is_trainable, gradient_accumulation_steps=gradient_accumulation_steps
+        )
+        if isinstance(config_or_dir, (str, os.PathLike)):
+            request.pretrained_path = os.fspath(config_or_dir)
+        else:
+            _fill_lora(request.lora_config, config_or_dir)
+        return int(self._all("AddAdapter", request).num_trainable_parameters)
+
+    def set_optimizer(
+        self, optimizer_cls: Any = "AdamW", lr: float = 1e-5, weight_decay: float = 0.01, adapter_name: str | None = None, **kwargs: Any
+    ) -> int:
+        name = optimizer_cls if isinstance(optimizer_cls, str) else getattr(optimizer_cls, "__name__", str(optimizer_cls))
+        request = worker_pb2.SetOptimizerRequest(adapter_name=adapter_name or "", optimizer=name, lr=lr, weight_decay=weight_decay)
+        _fill_struct(request.kwargs, kwargs)
+        return int(self._all("SetOptimizer", request).num_parameters)
+
+    def set_lr_scheduler(self, scheduler_cls: Any, adapter_name: str | None = None, **kwargs: Any) -> float:
+        name = scheduler_cls if isinstance(scheduler_cls, str) else getattr(scheduler_cls, "__name__", str(scheduler_cls))
+        request = worker_pb2.SetLrSchedulerRequest(adapter_name=adapter_name or "", scheduler=name)
+        _fill_struct(request.kwargs, kwargs)
+        return float(self._all("SetLrScheduler", request).lr)
+
+    def set_loss(self, loss: Any = "CrossEntropyLoss", adapter_name: str | None = None, **kwargs: Any) -> None:
+        name = loss if isinstance(loss, str) else getattr(loss, "__name__", type(loss).__name__)
+        request = worker_pb2.SetLossRequest(adapter_name=adapter_name or "", loss=name)
+        _fill_struct(request.kwargs, kwargs)
+        self._all("SetLoss", request)
+
+    # ------------------------------------------------------------ forward
+
+    def forward_backward(
+        self,
+        inputs: Any,
+        adapter_name: str | None = None,
+        temperature: float = 1.0,
+        return_logits: bool = False,
+        gradient_accumulation_steps: int | None = None,
+    ) -> dict[str, Any]:
+        """Forward + backward of a global micro-batch over the mesh; returns loss (global token mean) and logps."""
+        return self.forward_backward_async(inputs, adapter_name, temperature, return_logits, gradient_accumulation_steps).result()
+
+    def forward_backward_async(
+        self,
+        inputs: Any,
+        adapter_name: str | None = None,
+        temperature: float = 1.0,
+        return_logits: bool = False,
+        gradient_accumulation_steps: int | None = None,
+    ) -> Future[dict[str, Any]]:
+        """Sends forward_backward and returns at once; calls still run in order on every rank."""
+        template = worker_pb2.ForwardBackwardRequest(
+            adapter_name=adapter_name or "",
+            temperature=temperature,
+            return_logits=return_logits,
+            gradient_accumulation_steps=gradient_accumulation_steps or 0,
+        )
+        return self._forward("ForwardBackward", template, inputs)
+
+    def forward_only(
+        self,
+        inputs: Any,
+        adapter_name: str | None = None,
+        temperature: float = 1.0,
+        return_logits: bool = False,
+        disable_lora: bool = False,
+    ) -> dict[str, Any]:
+        """Forward without gradients; with labels the loss is reported too."""
+        return self.forward_only_async(inputs, adapter_name, temperature, return_logits, disable_lora).result()
+
+    def forward_only_async(
+        self,
+        inputs: Any,
+        adapter_name: str | None = None,
+        temperature: float = 1.0,
+        return_logits: bool = False,
+        disable_lora: bool = False,
+    ) -> Future[dict[str, Any]]:
+        template = worker_pb2.ForwardOnlyRequest(
+            adapter_name=adapter_name or "", temperature=temperature, return_logits=return_logits, disable_lora=disable_lora
+        )
+        return self._forward("ForwardOnly", template, inputs)
+
+    def _forward(self, method: str, template: Any, inputs: Any) -> Future[dict[str, Any]]:
+        columns, lengths = collate(inputs)
+        self._check_tokens(columns)
+        batch_size = len(lengths)
+        data_world = self.mesh.data_world_size
+        if batch_size < data_world:
+            raise InvalidArgument(
+                f"batch of {batch_size} samples is smaller than the data world size {data_world} of {self.mesh}: "
+                f"send at least {data_world} samples"
+            )
+        bounds = slice_bounds(batch_size, data_world)
+        slices = [tensors.map_to_proto(take_rows(columns, start, stop)) for start, stop in bounds]
+        requests = []
+        for rank in range(self.mesh.world_size):
+            request = type(template)()
+            request.CopyFrom(template)
+            request.inputs.CopyFrom(slices[self.mesh.data_rank(rank)])
+            requests.append(request)
+        futures = self.coordinator.submit(method, requests)
+        as_list = not isinstance(inputs, Mapping)
+        width = next(iter(columns.values())).shape[1]
+        collect = self.mesh.collect_ranks()
+
+        def merge() -> dict[str, Any]:
+            replies = self.coordinator.gather(method, futures)
+            return _merge_outputs([replies[rank].output for rank in collect], lengths, width, as_list)
+
+        return _LazyFuture(merge)
+
+    def _check_tokens(self, columns: Mapping[str, np.ndarray]) -> None:
+        """Refuses out-of-vocabulary ids before dispatch, so no rank is left waiting in a collective."""
+        ids = columns["input_ids"]
+        if ids.min() < 0 or ids.max() >= self.vocab_size:
+            raise InvalidArgument(f"inputs.input_ids holds ids outside the vocabulary [0, {self.vocab_size})")
+        labels = columns.get("labels")
+        if labels is not None and ((labels != -100) & ((labels < 0) | (labels >= self.vocab_size))).any():
+            raise InvalidArgument(f"inputs.labels must be in [0, {self.vocab_size}) or -100")
+
+    # ------------------------------------------------------------ stepping
+
+    def clip_grad_norm(
+        self,
+        max_grad_norm: float = 1.0,
+        norm_type: float = 2.0,
+        adapter_name: str | None = None,
+        gradient_accumulation_steps: int | None = None,
+    ) -> float | None:
+        """Global gradient norm before clipping; None before the accumulation window is complete."""
+        reply = self._all(
+            "ClipGradNorm",
+            worker_pb2.ClipGradNormRequest(
+                adapter_name=adapter_name or "",
+                max_grad_norm=max_grad_norm,
+                norm_type=norm_type,
+                gradient_accumulation_steps=gradient_accumulation_steps or 0,
+            ),
+        )
+        return reply.grad_norm if reply.applied else None
+
+    def step(self, adapter_name: str | None = None, gradient_accumulation_steps: int | None = None, optim_params: Mapping[str, Any] | None = None) -> bool:
+        request = worker_pb2.StepRequest(adapter_name=adapter_name or "", gradient_accumulation_steps=gradient_accumulation_steps or 0)
+        _fill_optim_params(request.optim_params, optim_params)
+        return bool(self._all("Step", request).applied)
+
+    def zero_grad(self, adapter_name: str | None = None, gradient_accumulation_steps: int | None = None) -> bool:
+        request = worker_pb2.ZeroGradRequest(adapter_name=adapter_name or "", gradient_accumulation_steps=gradient_accumulation_steps or 0)
+        return bool(self._all("ZeroGrad", request).applied)
+
+    def lr_step(self, adapter_name: str | None = None, gradient_accumulation_steps: int | None = None) -> bool:
+        request = worker_pb2.LrStepRequest(adapter_name=adapter_name or "", gradient_accumulation_steps=gradient_accumulation_steps or 0)
+        return bool(self._all("LrStep", request).applied)
+
+    def clip_grad_and_step(
+        self,
+        max_grad_norm: float = 1.0,
+        norm_type: float = 2.0,
+        adapter_name: str | None = None,
+        gradient_accumulation_steps: int | None = None,
+        optim_params: Mapping[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """Clip, step, zero_grad, lr_step; steps once every gradient_accumulation_steps micro-batches."""
+        return self.clip_grad_and_step_async(max_grad_norm, norm_type, adapter_name, gradient_accumulation_steps, optim_params).result()
+
+    def clip_grad_and_step_async(
+        self,
+        max_grad_norm: float = 1.0,
+        norm_type: float = 2.0,
+        adapter_name: str | None = None,
+        gradient_accumulation_steps: int | None = None,
+        optim_params: Mapping[str, Any] | None = None,
+    ) -> Future[dict[str, Any]]:
+        request = worker_pb2.ClipGradAndStepRequest(
+            adapter_name=adapter_name or "",
+            max_grad_norm=max_grad_norm,
+            norm_type=norm_type,
+            gradient_accumulation_steps=gradient_accumulation_steps or 0,
+        )
+        _fill_optim_params(request.optim_params, optim_params)
+        futures = self.coordinator.submit("ClipGradAndStep", _copies(request, self.coordinator.size))
+
+        def result() -> dict[str, Any]:
+            reply = self.coordinator.gather("ClipGradAndStep", futures)[0]
+            return {
+                "applied": reply.applied,
+                "grad_norm": reply.grad_norm if reply.applied else None,
+                "lr": reply.lr,
+                "optimizer_step": reply.optimizer_step,
+                "micro_step": reply.micro_step,
+            }
+
+        return _LazyFuture(result)
+
+    # --------------------------------------------------------- checkpoints
+
+    def save(
+        self,
+        name: str | None = None,
+        output_dir: str | None = None,
+        interval: int = 1,
+        save_optimizer: bool = False,
+        consumed_train_samples: int = 0,
+        adapter_name: str | None = None,
+    ) -> str | None:
+        """Writes a checkpoint under the workers' output root; returns its path (None when skipped by interval)."""
+        request = worker_pb2.SaveRequest(
+            adapter_name=adapter_name or "",
+            name=name or "",
+            output_dir=output_dir or "",
+            interval=interval,
+            save_optimizer=save_optimizer,
+            consumed_train_samples=consumed_train_samples,
+        )
+        reply = self._all("Save", request)
+        return reply.path if reply.saved else None
+
+    def load(self, name: str, output_dir: str | None = None, adapter_name: str | None = None, load_optimizer: bool = False) -> str:
+        request = worker_pb2.LoadRequest(adapter_name=adapter_name or "", name=name, output_dir=output_dir or "", load_optimizer=load_optimizer)
+        return self._all("Load", request).path
+
+    def resume_from_checkpoint(self, checkpoint_dir: str, resume_only_model: bool = False, adapter_name: str | None = None) -> dict[str, int]:
+        request = worker_pb2.ResumeFromCheckpointRequest(
+            checkpoint_dir=os.fspath(checkpoint_dir), resume_only_model=resume_only_model, adapter_name=adapter_name or ""
+        )
+        reply = self._all("ResumeFromCheckpoint", request)
+        return {
+            "cur_step": reply.cur_step,
+            "consumed_train_samples": reply.consumed_train_samples,
+            "gradient_accumulation_steps": reply.gradient_accumulation_steps,
+        }
+
+    def get_train_configs(self, adapter_name: str | None = None) -> str:
+        """A readable summary of the group's configuration (rank 0's)."""
+        reply = self.coordinator.stubs[0].GetTrainConfigs(
+            worker_pb2.GetTrainConfigsRequest(adapter_name=adapter_name or ""), metadata=self.coordinator.metadata
+        )
+        return reply.summary
+
+    def export_weights(self, adapter_name: str | None = None, chunk_bytes: int = 1 << 20) -> dict[str, np.ndarray]:
+        """The group's weights as numpy arrays (names as in a saved checkpoint), streamed in chunks."""
+        request = worker_pb2.ExportWeightsRequest(adapter_name=adapter_name or "", chunk_bytes=chunk_bytes)
+        streams = [stub.ExportWeights(request, metadata=self.coordinator.metadata) for stub in self.coordinator.stubs]
+        from twinkle_client.streaming import assemble_weights
+
+        weights = assemble_weights(streams[0])
+        for stream in streams[1:]:
+            for _ in stream:  # the other ranks take part in the gather and send nothing
+                pass
+        return weights
+
+    def status(self) -> list[Any]:
+        """GetStatus of every rank."""
+        return self.coordinator.call("GetStatus", _copies(worker_pb2.GetStatusRequest(), self.coordinator.size), sequenced=False)
+
+    # ------------------------------------------------------------ plumbing
+
+    def _all(self, method: str, request: Any) -> Any:
+        """The same call to every rank; rank 0's reply."""
+        return self.coordinator.call(method, _copies(request, self.coordinator.size))[0]
+
+    def close(self) -> None:
+        """Releases the workers: Reset on remote ones, stops embedded ones."""
+        self._finalizer()
+
+    def __enter__(self) -> TransformersModel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class _LazyFuture(Future):  # type: ignore[type-arg]
+    """A Future whose result is computed (by waiting on the RPC futures) when first asked for."""
+
+    def __init__(self, compute: Any) -> None:
+        super().__init__()
+        self._compute = compute
+        self._started = False
+
+    def result(self, timeout: float | None = None) -> Any:
+        if not self._started:
+            self._started = True
+            try:
+                self.set_result(self._compute())
+            except BaseException as error:
+                self.set_exception(error)
+        return super().result(timeout)
+
+
+def _shutdown(coordinator: Coordinator, local: LocalWorkers | None) -> None:
+    if local is not None:
+        local.close()
+    else:
+        try:
+            coordinator.call("Reset", _copies(worker_pb2.ResetRequest(), coordinator.size), sequenced=False)
+        except Exception:  # the workers may be gone already; nothing to release then
+            pass
+    coordinator.close()
+
+
+def _copies(request: Any, count: int) -> list[Any]:
+    copies = []
+    for _ in range(count):
+        copy = type(request)()
+        copy.CopyFrom(request)
+        copies.append(copy)
+    return copies
+
+
+def _merge_outputs(outputs: Sequence[Any], lengths: list[int], width: int, as_list: bool) -> dict[str, Any]:
+    """Global token-mean loss and per-sample outputs in the caller's order (slices are in data-rank order)."""
+    loss_sum = sum(output.loss_sum for output in outputs)
+    num_tokens = sum(output.num_tokens for output in outputs)
+    merged: dict[str, Any] = {"loss": loss_sum / num_tokens if num_tokens else 0.0, "num_tokens": num_tokens}
+    keys = outputs[0].outputs.tensors.keys() if outputs else []
+    for key in keys:
+        parts = [tensors.to_numpy(output.outputs.tensors[key], key) for output in outputs]
+        if as_list:
+            rows = [row for part in parts for row in part]
+            merged[key] = [row[:length] for row, length in zip(rows, lengths)]
+        else:
+            padded = [np.pad(part, [(0, 0), (0, width - part.shape[1])] + [(0, 0)] * (part.ndim - 2)) for part in parts]
+            merged[key] = np.concatenate(padded, axis=0)
+    return merged
+
+
+def _class_name(model_cls: Any) -> str:
+    if model_cls is None:
+        return ""
+    return model_cls if isinstance(model_cls, str) else model_cls.__name__
+
+
+def _config_json(config: Any) -> str:
+    if config is None:
+        return ""
+    if isinstance(config, str):
+        return config
+    if isinstance(config, Mapping):
+        return json.dumps(dict(config))
+    if hasattr(config, "to_json_string"):
+        return config.to_json_string(use_diff=False)
+    raise InvalidArgument(f"config must be a transformers PretrainedConfig, a dict or JSON, not {type(config).__name__}")
+
+
+def _fill_struct(struct: Any, values: Mapping[str, Any]) -> None:
+    if values:
+        struct.update({key: list(value) if isinstance(value, tuple) else value for key, value in values.items()})
+
+
+def _fill_lora(message: worker_pb2.LoraConfig, config: Any) -> None:
+    values = dict(config) if isinstance(config, Mapping) else {k: v for k, v in vars(config).items() if not k.startswith("_")}
+    targets = values.get("target_modules") or "all-linear"
+    message.r = int(values.get("r", 8))
+    message.lora_alpha = float(values.get("lora_alpha", 2 * message.r))
+    message.lora_dropout = float(values.get("lora_dropout", 0.0))
+    message.target_modules.extend([targets] if isinstance(targets, str) else sorted(targets))
+    message.bias = values.get("bias") or "none"
+    message.use_rslora = bool(values.get("use_rslora", False))
+    message.modules_to_save.extend(values.get("modules_to_save") or [])
+    if isinstance(config, Mapping):
+        extra = {k: v for k, v in config.items() if k not in _LORA_FIELDS}
+        _fill_struct(message.extra, extra)
+
+
+_LORA_FIELDS = {"r", "lora_alpha", "lora_dropout", "target_modules", "bias", "use_rslora", "modules_to_save"}
+
+
+def _fill_optim_params(message: worker_pb2.OptimParams, values: Mapping[str, Any] | None) -> None:
+    if not values:
+        return
+    unknown = set(values) - {"lr", "weight_decay", "eps", "betas"}
+    if unknown:
+        raise InvalidArgument(f"optim_params: unknown keys {sorted(unknown)}; allowed: lr, weight_decay, eps, betas")
+    for key in ("lr", "weight_decay", "eps"):
+        if key in values:
+            setattr(message, key, float(values[key]))
+    if "betas" in values:
+        message.betas.extend(float(b) for b in values["betas"])

@@ -1,0 +1,947 @@
+"""TransformersModel: one rank of a Hugging Face causal LM trained with DDP / FSDP2 / LoRA.
+
+The seed's API (add_adapter_to_model, set_optimizer, forward_backward, clip_grad_and_step,
+save, ...), usable in-process with no gRPC at all; twinkle_worker.servicer serves it.
+
+Numerics (see DESIGN.md): a loss returns a token *sum*; gradients accumulate over the
+window of `gradient_accumulation_steps` micro-batches and are divided by the global
+token count of that window (all ranks, all micro-batches) once, before clipping or
+stepping. So N ranks x M micro-batches give the gradient of one process on the whole
+batch, and the gradient norm is that global gradient's norm.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import pathlib
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from twinkle_client.batch import IGNORE_INDEX, TOKEN_KEYS, collate
+from twinkle_client.errors import Aborted, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+from twinkle_client.mesh import DeviceMesh
+from twinkle_worker import checkpoint as ckpt
+from twinkle_worker import strategies
+from twinkle_worker.losses import CrossEntropyLoss, Loss, make_loss, token_logps
+from twinkle_worker.strategies import Rendezvous, StrategyPlan
+
+log = logging.getLogger(__name__)
+
+FULL_MODEL = ""
+MODEL_CLASSES = (
+    "AutoModelForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "GPT2LMHeadModel",
+)
+OPTIMIZERS = ("AdamW", "Adam", "SGD")
+TORCH_SCHEDULERS = (
+    "StepLR",
+    "MultiStepLR",
+    "ExponentialLR",
+    "CosineAnnealingLR",
+    "CosineAnnealingWarmRestarts",
+    "LinearLR",
+    "ConstantLR",
+    "PolynomialLR",
+    "OneCycleLR",
+)
+WARMUP_SCHEDULERS = ("CosineWarmupScheduler", "LinearWarmupScheduler")
+
+
+@dataclass
+class ForwardResult:
+    """What one rank computed for its slice of a micro-batch."""
+
+    loss_sum: float
+    num_tokens: int
+    outputs: dict[str, torch.Tensor]
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / self.num_tokens if self.num_tokens else 0.0
+
+
+@dataclass
+class StepResult:
+    applied: bool
+    grad_norm: float = 0.0
+    lr: float = 0.0
+    optimizer_step: int = 0
+    micro_step: int = 0
+
+
+@dataclass
+class Group:
+    """One trainable unit: the full model ("") or a LoRA adapter, with its own optimizer state."""
+
+    name: str
+    gradient_accumulation_steps: int = 1
+    trainable: bool = True
+    optimizer: torch.optim.Optimizer | None = None
+    optimizer_spec: dict[str, Any] = field(default_factory=dict)
+    param_names: list[list[str]] = field(default_factory=list)
+    scheduler: Any = None
+    scheduler_spec: dict[str, Any] = field(default_factory=dict)
+    loss: Loss = field(default_factory=CrossEntropyLoss)
+    loss_name: str = "CrossEntropyLoss"
+    micro_step: int = 0
+    optimizer_step: int = 0
+    window_tokens: int = 0
+    normalized: bool = False
+    last_grad_norm: float = 0.0
+
+    def window_complete(self, gradient_accumulation_steps: int | None) -> bool:
+        gas = self.gradient_accumulation_steps if not gradient_accumulation_steps else gradient_accumulation_steps
+        return self.micro_step > 0 and self.micro_step % gas == 0
+
+    def require_optimizer(self) -> torch.optim.Optimizer:
+        if self.optimizer is None:
+            label = f"adapter {self.name!r}" if self.name else "the full model"
+            raise FailedPrecondition(
+                f"no optimizer for {label}: call set_optimizer(..., adapter_name={self.name!r}) first"
+            )
+        return self.optimizer
+
+
+class TransformersModel:
+    """One rank's model. All methods of all ranks must be called in the same order."""
+
+    def __init__(
+        self,
+        model_cls: Any = None,
+        model_id: str | None = None,
+        config: Any = None,
+        device_mesh: DeviceMesh | None = None,
+        mixed_precision: str = "bf16",
+        strategy: str = "accelerate",
+        ddp_config: dict[str, Any] | None = None,
+        fsdp_config: dict[str, Any] | None = None,
+        grad_scaler_config: dict[str, Any] | None = None,
+        *,
+        rank: int = 0,
+        device: str = "cpu",
+        rendezvous: Rendezvous | None = None,
+        seed: int | None = None,
+        output_root: str | os.PathLike[str] = ".",
+        trust_remote_code: bool = False,
+        allow_remote_code: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        self.mesh = device_mesh or DeviceMesh.single()
+        self.rank = rank
+        self.device = _parse_device(device)
+        self.output_root = pathlib.Path(output_root).resolve()
+        self.plan = StrategyPlan(
+            strategy=strategy or "accelerate",
+            mesh=self.mesh,
+            device=self.device,
+            mixed_precision=mixed_precision or "bf16",
+            ddp_config=dict(ddp_config or {}),
+            fsdp_config=dict(fsdp_config or {}),
+        )
+        self.plan.validate()
+        if grad_scaler_config:
+            raise FailedPrecondition("grad_scaler_config applies to mixed_precision 'fp16' only, which needs a GPU")
+        if trust_remote_code and not allow_remote_code:
+            raise PermissionDenied(
+                "trust_remote_code was requested but this worker does not run a model's own code; "
+                "start it with --allow-remote-code to permit it"
+            )
+        if not 0 <= rank < self.mesh.world_size:
+            raise InvalidArgument(f"rank {rank} is outside the mesh {self.mesh} of {self.mesh.world_size} ranks")
+        self.model_id = model_id or ""
+        self.gradient_checkpointing = bool(kwargs.pop("gradient_checkpointing", False))
+        self.model = _build_model(model_cls, model_id, config, seed, trust_remote_code, kwargs).to(self.device)
+        if self.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.vocab_size = int(self.model.get_input_embeddings().num_embeddings)
+        self.groups: dict[str, Group] = {FULL_MODEL: Group(FULL_MODEL)}
+        self.adapter_names: list[str] = []
+        self.wrapped: nn.Module | None = None
+        strategies.init_process_group(self.plan, rank, rendezvous or Rendezvous())
+        log.info("rank %d: %s, %s", rank, type(self.model).__name__, self.plan.describe())
+
+    # ----------------------------------------------------------------- groups
+
+    @property
+    def is_peft(self) -> bool:
+        return hasattr(self.model, "peft_config")
+
+    def group(self, adapter_name: str | None) -> Group:
+        """The named group; None picks the adapter added last, else the full model."""
+        if adapter_name is None or adapter_name == "":
+            name = self.adapter_names[-1] if (adapter_name is None and self.adapter_names) else FULL_MODEL
+            if adapter_name == "" and self.adapter_names and not self._full_model_trainable():
+                name = self.adapter_names[-1]
+            return self.groups[name]
+        if adapter_name not in self.groups:
+            known = [name for name in self.groups if name]
+            raise NotFound(
+                f"unknown adapter {adapter_name!r}; adapters: {known}. Add it first with add_adapter_to_model"
+            )
+        return self.groups[adapter_name]
+
+    def _full_model_trainable(self) -> bool:
+        return any(p.requires_grad for n, p in self.model.named_parameters() if not self._adapter_of(n))
+
+    def _adapter_of(self, param_name: str) -> str | None:
+        for name in self.adapter_names:
+            if ckpt.adapter_param_pattern(name).search(param_name):
+                return name
+        return None
+
+    def _group_parameters(self, group: Group) -> list[tuple[str, nn.Parameter]]:
+        if group.name == FULL_MODEL:
+            return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad and not self._adapter_of(n)]
+        pattern = ckpt.adapter_param_pattern(group.name)
+        return [(n, p) for n, p in self.model.named_parameters() if pattern.search(n)]
+
+    def add_adapter_to_model(
+        self,
+        adapter_name: str,
+        config_or_dir: Any,
+        is_trainable: bool = True,
+        gradient_accumulation_steps: int = 1,
+    ) -> int:
+        """Adds a LoRA adapter (a peft.LoraConfig, or a saved adapter directory under the output root)."""
+        from peft import LoraConfig, PeftModel, get_peft_model
+
+        if not adapter_name or not adapter_name.replace("_", "").replace("-", "").isalnum():
+            raise InvalidArgument(f"adapter_name {adapter_name!r} must be non-empty letters, digits, '_' or '-'")
+        if adapter_name in self.groups:
+            raise InvalidArgument(f"adapter {adapter_name!r} already exists")
+        if self.wrapped is not None:
+            raise FailedPrecondition(
+                f"adapter {adapter_name!r} comes after the first forward, when the model is already wrapped "
+                "for distribution; add every adapter before the first forward_backward/forward_only"
+            )
+        _positive_int(gradient_accumulation_steps, "gradient_accumulation_steps")
+        torch.manual_seed(_adapter_seed(adapter_name))
+        if isinstance(config_or_dir, LoraConfig):
+            if self.is_peft:
+                self.model.add_adapter(adapter_name, config_or_dir)
+            else:
+                self.model = get_peft_model(self.model, config_or_dir, adapter_name=adapter_name)
+        else:
+            path = ckpt.confine(self.output_root, str(config_or_dir))
+            if not (path / ckpt.ADAPTER_CONFIG).is_file():
+                raise NotFound(f"no adapter at {str(path)!r} ({ckpt.ADAPTER_CONFIG} missing)")
+            if self.is_peft:
+                self.model.load_adapter(str(path), adapter_name=adapter_name, is_trainable=is_trainable)
+            else:
+                self.model = PeftModel.from_pretrained(
+                    self.model, str(path), adapter_name=adapter_name, is_trainable=is_trainable
+                )
+        self.model.to(self.device)
+        self.adapter_names.append(adapter_name)
+        self.groups[adapter_name] = Group(adapter_name, gradient_accumulation_steps, trainable=is_trainable)
+        params = self._group_parameters(self.groups[adapter_name])
+        for _, param in params:
+            param.requires_grad_(is_trainable)
+        return sum(p.numel() for _, p in params) if is_trainable else 0
+
+    # -------------------------------------------------------- optimizer & co
+
+    def set_optimizer(
+        self,
+        optimizer_cls: str = "AdamW",
+        lr: float = 1e-5,
+        weight_decay: float = 0.01,
+        adapter_name: str | None = None,
+        **kwargs: Any,
+    ) -> int:
+        """Creates the group's optimizer over its trainable parameters (no decay on biases and norms)."""
+        group = self.group(adapter_name)
+        name = optimizer_cls if isinstance(optimizer_cls, str) else getattr(optimizer_cls, "__name__", "")
+        if name not in OPTIMIZERS:
+            raise NotFound(f"unknown optimizer {optimizer_cls!r}; available: {list(OPTIMIZERS)}")
+        _non_negative(lr, "lr", strictly=True)
+        _non_negative(weight_decay, "weight_decay")
+        if not group.trainable:
+            raise FailedPrecondition(f"adapter {group.name!r} was added frozen (is_trainable=False); it has nothing to optimize")
+        named = self._group_parameters(group)
+        if not named:
+            raise FailedPrecondition(f"group {group.name!r} has no trainable parameters")
+        decay = [(n, p) for n, p in named if not _no_decay(n)]
+        no_decay = [(n, p) for n, p in named if _no_decay(n)]
+        param_groups = [
+            {"params": [p for _, p in part], "weight_decay": wd}
+            for part, wd in ((decay, weight_decay), (no_decay, 0.0))
+            if part
+        ]
+        try:
+            optimizer = getattr(torch.optim, name)(param_groups, lr=lr, **kwargs)
+        except (TypeError, ValueError) as error:
+            raise InvalidArgument(f"optimizer {name}: {error}") from None
+        group.optimizer = optimizer
+        group.param_names = [[n for n, _ in part] for part in (decay, no_decay) if part]
+        group.optimizer_spec = {"optimizer": name, "lr": lr, "weight_decay": weight_decay, **kwargs}
+        group.scheduler = None
+        return sum(p.numel() for _, p in named)
+
+    def set_lr_scheduler(self, scheduler_cls: str, adapter_name: str | None = None, **kwargs: Any) -> float:
+        """Creates the group's lr scheduler: a torch.optim.lr_scheduler name or a warmup schedule."""
+        group = self.group(adapter_name)
+        optimizer = group.require_optimizer()
+        if scheduler_cls in WARMUP_SCHEDULERS:
+            scheduler = _warmup_scheduler(optimizer, scheduler_cls, kwargs)
+        elif scheduler_cls in TORCH_SCHEDULERS:
+            try:
+                scheduler = getattr(torch.optim.lr_scheduler, scheduler_cls)(optimizer, **kwargs)
+            except (TypeError, ValueError, KeyError) as error:
+                raise InvalidArgument(f"scheduler {scheduler_cls}: {error}") from None
+        else:
+            raise NotFound(
+                f"unknown lr scheduler {scheduler_cls!r}; available: {list(TORCH_SCHEDULERS + WARMUP_SCHEDULERS)}"
+            )
+        group.scheduler = scheduler
+        group.scheduler_spec = {"scheduler": scheduler_cls, **kwargs}
+        return float(optimizer.param_groups[0]["lr"])
+
+    def set_loss(self, loss: str = "CrossEntropyLoss", adapter_name: str | None = None, **kwargs: Any) -> None:
+        group = self.group(adapter_name)
+        group.loss = make_loss(loss, kwargs)
+        group.loss_name = loss
+
+    # --------------------------------------------------------------- forward
+
+    def forward_backward(
+        self,
+        inputs: Any,
+        adapter_name: str | None = None,
+        temperature: float = 1.0,
+        return_logits: bool = False,
+        gradient_accumulation_steps: int | None = None,
+    ) -> ForwardResult:
+        """Forward and backward on this rank's slice; gradients accumulate until the window's step."""
+        group = self.group(adapter_name)
+        if not group.trainable:
+            raise FailedPrecondition(f"adapter {group.name!r} is frozen; use forward_only")
+        if not self._group_parameters(group):
+            raise FailedPrecondition(f"group {group.name!r} has no trainable parameters")
+        batch = self._prepare(inputs, require_labels=True)
+        _positive_float(temperature, "temperature")
+        if gradient_accumulation_steps:
+            _positive_int(gradient_accumulation_steps, "gradient_accumulation_steps")
+        self._activate(group)
+        wrapped = self._ensure_wrapped()
+        wrapped.train()
+        group.micro_step += 1
+        sync = group.window_complete(gradient_accumulation_steps)
+        with self._collective("forward_backward"):
+            with strategies.no_gradient_sync(wrapped, sync):
+                logps, logits = self._forward(wrapped, batch, temperature)
+                result = group.loss(logps, batch["loss_mask"], batch)
+                result.loss_sum.backward()
+        group.window_tokens += result.num_tokens
+        group.normalized = False
+        outputs = {"logps": logps.detach()}
+        if return_logits:
+            outputs["logits"] = logits.detach().float()
+        return ForwardResult(float(result.loss_sum.detach()), result.num_tokens, outputs)
+
+    @torch.no_grad()
+    def forward_only(
+        self,
+        inputs: Any,
+        adapter_name: str | None = None,
+        temperature: float = 1.0,
+        return_logits: bool = False,
+        disable_lora: bool = False,
+    ) -> ForwardResult:
+        """Forward in eval mode without gradients; with labels it also reports the loss."""
+        group = self.group(adapter_name)
+        batch = self._prepare(inputs, require_labels=False)
+        _positive_float(temperature, "temperature")
+        self._activate(group)
+        wrapped = self._ensure_wrapped()
+        wrapped.eval()
+        with self._collective("forward_only"), self._lora_disabled(disable_lora):
+            logps, logits = self._forward(wrapped, batch, temperature)
+        outputs: dict[str, torch.Tensor] = {}
+        loss_sum, num_tokens = 0.0, 0
+        if "labels" in batch:
+            outputs["logps"] = logps
+            result = group.loss(logps, batch["loss_mask"], batch)
+            loss_sum, num_tokens = float(result.loss_sum), result.num_tokens
+        if return_logits:
+            outputs["logits"] = logits.float()
+        return ForwardResult(loss_sum, num_tokens, outputs)
+
+    def _forward(self, wrapped: nn.Module, batch: dict[str, torch.Tensor], temperature: float) -> tuple[Any, Any]:
+        model_inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        if "position_ids" in batch:
+            model_inputs["position_ids"] = batch["position_ids"]
+        with self._autocast():
+            logits = wrapped(**model_inputs, use_cache=False).logits
+        labels = batch.get("labels")
+        logps = token_logps(logits, labels, temperature) if labels is not None else None
+        return logps, logits
+
+    def _autocast(self) -> Any:
+        if self.plan.mixed_precision == "bf16" and not self.plan.uses_fsdp:
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return _null_context()
+
+    @contextmanager
+    def _lora_disabled(self, disable: bool) -> Iterator[None]:
+        if disable and self.is_peft:
+            with self.model.disable_adapter():
+                yield
+        else:
+            yield
+
+    def _prepare(self, inputs: Any, require_labels: bool) -> dict[str, torch.Tensor]:
+        """Validates a batch completely before anything runs, and moves it to the device."""
+        if isinstance(inputs, Mapping) and inputs and all(isinstance(v, np.ndarray) for v in inputs.values()):
+            columns = dict(inputs)
+            if "attention_mask" not in columns and "input_ids" in columns:
+                columns["attention_mask"] = np.ones_like(columns["input_ids"])
+            columns, _ = collate(columns)
+        else:
+            columns, _ = collate(inputs)
+        if require_labels and "labels" not in columns:
+            raise InvalidArgument("inputs need 'labels' for forward_backward (labels[t] is the target of position t)")
+        ids = columns["input_ids"]
+        if ids.min() < 0 or ids.max() >= self.vocab_size:
+            bad = int(ids[(ids < 0) | (ids >= self.vocab_size)][0])
+            raise InvalidArgument(f"inputs.input_ids holds token id {bad}, outside the vocabulary [0, {self.vocab_size})")
+        mask = columns["attention_mask"]
+        if not np.isin(mask, (0, 1)).all():
+            raise InvalidArgument("inputs.attention_mask must hold only 0 and 1")
+        if "labels" in columns:
+            labels = columns["labels"]
+            bad_labels = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= self.vocab_size))
+            if bad_labels.any():
+                raise InvalidArgument(
+                    f"inputs.labels holds {int(labels[bad_labels][0])}: labels must be in [0, {self.vocab_size}) or -100"
+                )
+        batch: dict[str, torch.Tensor] = {}
+        for key, value in columns.items():
+            if key not in TOKEN_KEYS and value.dtype.kind == "f" and not np.isfinite(value).all():
+                raise InvalidArgument(f"inputs.{key} holds NaN or infinity")
+            batch[key] = torch.as_tensor(np.ascontiguousarray(value), device=self.device)
+        if "labels" in batch:
+            batch["loss_mask"] = (batch["labels"] != IGNORE_INDEX).float()
+        return batch
+
+    # ------------------------------------------------------------- stepping
+
+    def clip_grad_norm(
+        self,
+        max_grad_norm: float = 1.0,
+        norm_type: float = 2.0,
+        adapter_name: str | None = None,
+        gradient_accumulation_steps: int | None = None,
+    ) -> float | None:
+        """Normalises the window's gradients and clips them; None before the window is complete."""
+        group = self.group(adapter_name)
+        if not group.window_complete(gradient_accumulation_steps):
+            return None
+        self._remember_gas(group, gradient_accumulation_steps)
+        with self._collective("clip_grad_norm"):
+            self._normalize(group)
+            group.last_grad_norm = self._clip(group, max_grad_norm, norm_type)
+        return group.last_grad_norm
+
+    def step(
+        self,
+        adapter_name: str | None = None,
+        gradient_accumulation_steps: int | None = None,
+        optim_params: Mapping[str, Any] | None = None,
+    ) -> bool:
+        """Applies the optimizer at the end of the window (normalising first if clip_grad_norm was skipped)."""
+        group = self.group(adapter_name)
+        optimizer = group.require_optimizer()
+        if not group.window_complete(gradient_accumulation_steps):
+            return False
+        self._remember_gas(group, gradient_accumulation_steps)
+        with self._collective("step"):
+            self._normalize(group)
+            _override(optimizer, optim_params)
+            optimizer.step()
+        group.optimizer_step += 1
+        return True
+
+    def zero_grad(self, adapter_name: str | None = None, gradient_accumulation_steps: int | None = None) -> bool:
+        group = self.group(adapter_name)
+        optimizer = group.require_optimizer()
+        if not group.window_complete(gradient_accumulation_steps):
+            return False
+        optimizer.zero_grad(set_to_none=True)
+        group.window_tokens = 0
+        group.normalized = False
+        return True
+
+    def lr_step(self, adapter_name: str | None = None, gradient_accumulation_steps: int | None = None) -> bool:
+        group = self.group(adapter_name)
+        group.require_optimizer()
+        if not group.window_complete(gradient_accumulation_steps):
+            return False
+        if group.scheduler is not None:
+            group.scheduler.step()
+        return True
+
+    def clip_grad_and_step(
+        self,
+        max_grad_norm: float = 1.0,
+        norm_type: float = 2.0,
+        adapter_name: str | None = None,
+        gradient_accumulation_steps: int | None = None,
+        optim_params: Mapping[str, Any] | None = None,
+    ) -> StepResult:
+        """clip_grad_norm, step, zero_grad and lr_step; the optimizer steps on micro-batches k, 2k, ..."""
+        group = self.group(adapter_name)
+        optimizer = group.require_optimizer()
+        if gradient_accumulation_steps:
+            _positive_int(gradient_accumulation_steps, "gradient_accumulation_steps")
+        _check_norm(max_grad_norm, norm_type)
+        if not group.window_complete(gradient_accumulation_steps):
+            if gradient_accumulation_steps:
+                group.gradient_accumulation_steps = gradient_accumulation_steps
+            return StepResult(False, optimizer_step=group.optimizer_step, micro_step=group.micro_step)
+        grad_norm = self.clip_grad_norm(max_grad_norm, norm_type, group.name, gradient_accumulation_steps)
+        lr = float(optimizer.param_groups[0]["lr"])
+        self.step(group.name, gradient_accumulation_steps, optim_params)
+        if optim_params and "lr" in optim_params:
+            lr = float(optim_params["lr"])
+        self.zero_grad(group.name, gradient_accumulation_steps)
+        self.lr_step(group.name, gradient_accumulation_steps)
+        return StepResult(True, float(grad_norm or 0.0), lr, group.optimizer_step, group.micro_step)
+
+    def _remember_gas(self, group: Group, gradient_accumulation_steps: int | None) -> None:
+        if gradient_accumulation_steps:
+            group.gradient_accumulation_steps = gradient_accumulation_steps
+
+    def _normalize(self, group: Group) -> None:
+        """Turns the accumulated token-sum gradients into the global token-mean gradient, once per window."""
+        if group.normalized:
+            return
+        tokens = torch.tensor([group.window_tokens], dtype=torch.float64, device=self.device)
+        if self.mesh.world_size > 1:
+            dist.all_reduce(tokens)
+        # DDP and FSDP average gradients over the data ranks; undo that and divide by the global count.
+        scale = self.mesh.data_world_size / max(float(tokens.item()), 1.0)
+        for _, param in self._group_parameters(group):
+            if param.grad is not None:
+                param.grad.mul_(scale)
+        group.normalized = True
+
+    def _clip(self, group: Group, max_grad_norm: float, norm_type: float) -> float:
+        params = [p for _, p in self._group_parameters(group) if p.grad is not None]
+        if not params:
+            return 0.0
+        limit = max_grad_norm if max_grad_norm and max_grad_norm > 0 else math.inf
+        total = torch.nn.utils.clip_grad_norm_(params, limit, norm_type=norm_type or 2.0)
+        if hasattr(total, "full_tensor"):
+            total = total.full_tensor()
+        return float(total)
+
+    # ------------------------------------------------------------ wrapping
+
+    def _activate(self, group: Group) -> None:
+        """Makes the group's adapter the active one (its parameters trainable, the others frozen)."""
+        if self.is_peft and group.name:
+            self.model.set_adapter(group.name)
+            for name in self.adapter_names:
+                trainable = name == group.name and self.groups[name].trainable
+                for _, param in self._group_parameters(self.groups[name]):
+                    param.requires_grad_(trainable)
+
+    def _ensure_wrapped(self) -> nn.Module:
+        if self.wrapped is not None:
+            return self.wrapped
+        trainable_adapters = [n for n in self.adapter_names if self.groups[n].trainable]
+        before = {n: [id(p) for _, p in self._group_parameters(g)] for n, g in self.groups.items()}
+        if self.mesh.world_size > 1 and not self.plan.uses_fsdp:
+            # DDP registers the parameters that require grad when it is built: register every adapter's.
+            for name in trainable_adapters:
+                for _, param in self._group_parameters(self.groups[name]):
+                    param.requires_grad_(True)
+        with self._collective("wrap"):
+            self.wrapped = strategies.wrap(self.model, self.plan, several_adapters=len(trainable_adapters) > 1)
+        if self.plan.uses_fsdp:
+            self._rebind_optimizers(before)
+        return self.wrapped
+
+    def _rebind_optimizers(self, before: dict[str, list[int]]) -> None:
+        """fully_shard replaces parameters with sharded ones: point existing optimizers at them."""
+        named = dict(self.model.named_parameters())
+        for group in self.groups.values():
+            if group.optimizer is None:
+                continue
+            if group.optimizer.state:
+                raise FailedPrecondition("cannot shard a model whose optimizer already has state")
+            for param_group, names in zip(group.optimizer.param_groups, group.param_names):
+                param_group["params"] = [named[n] for n in names]
+
+    @contextmanager
+    def _collective(self, what: str) -> Iterator[None]:
+        """Turns a failed collective (a peer rank died or timed out) into Aborted."""
+        try:
+            yield
+        except dist.DistBackendError as error:
+            raise Aborted(f"{what}: a collective with the other ranks failed: {error}".splitlines()[0]) from error
+        except RuntimeError as error:
+            text = str(error)
+            if any(marker in text for marker in ("Gloo", "gloo", "NCCL", "Connection closed", "Timed out")):
+                raise Aborted(f"{what}: a collective with the other ranks failed: {text.splitlines()[0]}") from error
+            raise
+
+    # ----------------------------------------------------------- checkpoints
+
+    def _full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Every parameter and buffer, gathered whole from shards (a collective under FSDP)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        with self._collective("gather state dict"):
+            return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def save(
+        self,
+        name: str | None = None,
+        output_dir: str | None = None,
+        adapter_name: str | None = None,
+        interval: int = 1,
+        save_optimizer: bool = False,
+        consumed_train_samples: int = 0,
+    ) -> str | None:
+        """Writes a checkpoint directory atomically (rank 0 writes, all ranks gather); returns its path."""
+        group = self.group(adapter_name)
+        _positive_int(interval, "interval")
+        if group.optimizer_step % interval != 0:
+            return None
+        name = name or f"checkpoint-step-{group.optimizer_step}"
+        target = ckpt.confine(self.output_root, output_dir or "", name)
+        if group.name == FULL_MODEL and self.is_peft:
+            raise FailedPrecondition(
+                "the model has LoRA adapters: save one with save(adapter_name=...); the base weights are unchanged"
+            )
+        state = self._full_state_dict()
+        optimizer_state = self._optimizer_state(group) if save_optimizer else None
+        if self.rank == 0:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with ckpt.AtomicDirectory(target) as tmp:
+                self._write_weights(group, state, tmp)
+                if optimizer_state is not None:
+                    ckpt.save_object(tmp / ckpt.OPTIMIZER_FILE, optimizer_state)
+                    if group.scheduler is not None:
+                        ckpt.save_object(tmp / ckpt.SCHEDULER_FILE, group.scheduler.state_dict())
+                    ckpt.save_object(tmp / ckpt.RNG_FILE, ckpt.rng_state())
+                    ckpt.write_json(
+                        tmp / ckpt.TRAINER_STATE,
+                        {
+                            "checkpoint_version": ckpt.CHECKPOINT_VERSION,
+                            "adapter_name": group.name,
+                            "cur_step": group.optimizer_step,
+                            "micro_step": group.micro_step,
+                            "gradient_accumulation_steps": group.gradient_accumulation_steps,
+                            "consumed_train_samples": int(consumed_train_samples),
+                            "world_size": self.mesh.world_size,
+                        },
+                    )
+        self._barrier("save")
+        return str(target)
+
+    def export_weights(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
+        """The group's weights as saved (PEFT names for an adapter); whole on rank 0, empty on the others."""
+        group = self.group(adapter_name)
+        state = self._full_state_dict()
+        if group.name == FULL_MODEL:
+            return state
+        pattern = ckpt.adapter_param_pattern(group.name)
+        return {ckpt.to_peft_key(k, group.name): v for k, v in state.items() if pattern.search(k)}
+
+    def _write_weights(self, group: Group, state: dict[str, torch.Tensor], directory: pathlib.Path) -> None:
+        if group.name == FULL_MODEL:
+            self.model.save_pretrained(directory, state_dict=state, safe_serialization=True)
+            return
+        pattern = ckpt.adapter_param_pattern(group.name)
+        weights = {ckpt.to_peft_key(k, group.name): v for k, v in state.items() if pattern.search(k)}
+        ckpt.save_tensors(directory / ckpt.ADAPTER_WEIGHTS, weights)
+        config = self.model.peft_config[group.name]
+        config.base_model_name_or_path = self.model_id or None
+        config.save_pretrained(str(directory))
+
+    def _optimizer_state(self, group: Group) -> dict[str, Any]:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        optimizer = group.require_optimizer()
+        self._ensure_wrapped()
+        with self._collective("gather optimizer state"):
+            return get_optimizer_state_dict(
+                self.model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+            )
+
+    def _barrier(self, what: str) -> None:
+        if self.mesh.world_size > 1:
+            with self._collective(what):
+                dist.barrier()
+
+    def _checkpoint_dir(self, name: str, output_dir: str | None) -> pathlib.Path:
+        path = ckpt.confine(self.output_root, output_dir or "", name)
+        if not path.is_dir():
+            raise NotFound(f"checkpoint {str(path)!r} does not exist")
+        return path
+
+    def load(
+        self,
+        name: str,
+        output_dir: str | None = None,
+        adapter_name: str | None = None,
+        load_optimizer: bool = False,
+    ) -> str:
+        """Loads a checkpoint's weights (adapter, or full model) and optionally its optimizer state."""
+        group = self.group(adapter_name)
+        path = self._checkpoint_dir(name, output_dir)
+        self._load_weights(group, path)
+        if load_optimizer:
+            self._load_optimizer(group, path)
+        return str(path)
+
+    def _load_weights(self, group: Group, path: pathlib.Path) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        if group.name == FULL_MODEL:
+            if self.is_peft:
+                raise FailedPrecondition("the model has LoRA adapters: load an adapter with adapter_name=...")
+            files = sorted(path.glob("*.safetensors"))
+            if not files:
+                raise NotFound(f"no *.safetensors weights in {str(path)!r}")
+            saved: dict[str, torch.Tensor] = {}
+            for file in files:
+                saved.update(ckpt.load_tensors(file))
+            expected = {k for k in self.model.state_dict() if k in saved or not k.endswith("lm_head.weight")}
+            wanted = {k: saved[k] for k in expected if k in saved}
+        else:
+            saved = ckpt.load_tensors(path / ckpt.ADAPTER_WEIGHTS)
+            pattern = ckpt.adapter_param_pattern(group.name)
+            wanted = {}
+            for key in self.model.state_dict():
+                if pattern.search(key):
+                    peft_key = ckpt.to_peft_key(key, group.name)
+                    if peft_key not in saved:
+                        raise InvalidArgument(f"checkpoint {str(path)!r} lacks {peft_key!r} for adapter {group.name!r}")
+                    wanted[key] = saved[peft_key]
+        current = self.model.state_dict()
+        for key, value in wanted.items():
+            if tuple(value.shape) != tuple(current[key].shape):
+                raise InvalidArgument(
+                    f"checkpoint {str(path)!r}: {key} has shape {list(value.shape)}, the model has {list(current[key].shape)}"
+                )
+        with self._collective("load weights"):
+            set_model_state_dict(self.model, wanted, options=StateDictOptions(full_state_dict=True, strict=False))
+
+    def _load_optimizer(self, group: Group, path: pathlib.Path) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        optimizer = group.require_optimizer()
+        state = ckpt.load_object(path / ckpt.OPTIMIZER_FILE)
+        self._ensure_wrapped()
+        with self._collective("load optimizer state"):
+            set_optimizer_state_dict(
+                self.model, optimizer, optim_state_dict=state, options=StateDictOptions(full_state_dict=True)
+            )
+        if group.scheduler is not None and (path / ckpt.SCHEDULER_FILE).is_file():
+            group.scheduler.load_state_dict(ckpt.load_object(path / ckpt.SCHEDULER_FILE))
+
+    def resume_from_checkpoint(
+        self, checkpoint_dir: str, resume_only_model: bool = False, adapter_name: str | None = None
+    ) -> dict[str, int]:
+        """Restores weights, and unless resume_only_model, optimizer, scheduler, RNG and counters."""
+        group = self.group(adapter_name)
+        path = self._checkpoint_dir(checkpoint_dir, None)
+        state = ckpt.read_json(path / ckpt.TRAINER_STATE)
+        if state.get("checkpoint_version") != ckpt.CHECKPOINT_VERSION:
+            raise InvalidArgument(f"{str(path)!r}: unsupported checkpoint_version {state.get('checkpoint_version')!r}")
+        self._load_weights(group, path)
+        if not resume_only_model:
+            self._load_optimizer(group, path)
+            ckpt.set_rng_state(ckpt.load_object(path / ckpt.RNG_FILE))
+            group.optimizer_step = int(state["cur_step"])
+            group.micro_step = int(state.get("micro_step", group.optimizer_step * state["gradient_accumulation_steps"]))
+            group.gradient_accumulation_steps = int(state["gradient_accumulation_steps"])
+            group.window_tokens = 0
+            group.normalized = False
+        return {
+            "cur_step": int(state["cur_step"]),
+            "consumed_train_samples": int(state.get("consumed_train_samples", 0)),
+            "gradient_accumulation_steps": int(state["gradient_accumulation_steps"]),
+        }
+
+    # ---------------------------------------------------------------- status
+
+    def get_train_configs(self, adapter_name: str | None = None) -> dict[str, Any]:
+        group = self.group(adapter_name)
+        configs: dict[str, Any] = {
+            "group": group.name,
+            "model": self.model_id or type(self.model).__name__,
+            "strategy": self.plan.describe(),
+            "mixed_precision": self.plan.mixed_precision,
+            "mesh": str(self.mesh),
+            "gradient_accumulation_steps": group.gradient_accumulation_steps,
+            "optimizer": group.optimizer_spec,
+            "lr_scheduler": group.scheduler_spec,
+            "loss": group.loss_name,
+            "optimizer_step": group.optimizer_step,
+            "micro_step": group.micro_step,
+            "trainable_parameters": sum(p.numel() for _, p in self._group_parameters(group)) if group.trainable else 0,
+        }
+        if group.name:
+            configs["lora"] = json.loads(json.dumps(self.model.peft_config[group.name].to_dict(), default=str))
+        return configs
+
+    def close(self) -> None:
+        """Leaves the process group and drops the model (the worker can then Init again)."""
+        self.wrapped = None
+        self.groups.clear()
+        strategies.destroy_process_group()
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def _parse_device(device: str) -> torch.device:
+    try:
+        parsed = torch.device(device or "cpu")
+    except RuntimeError:
+        raise InvalidArgument(f"device {device!r} is not a device; use 'cpu' or 'cuda:N'") from None
+    if parsed.type not in ("cpu", "cuda"):
+        raise InvalidArgument(f"device {device!r}: only 'cpu' and 'cuda' are supported")
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise FailedPrecondition(f"device {device!r} was asked for but this worker has no CUDA device")
+        if parsed.index is None:
+            parsed = torch.device("cuda", torch.cuda.current_device())
+    return parsed
+
+
+def _build_model(
+    model_cls: Any, model_id: str | None, config: Any, seed: int | None, trust_remote_code: bool, kwargs: dict[str, Any]
+) -> nn.Module:
+    import transformers
+
+    if seed is not None:
+        transformers.set_seed(int(seed))
+    name = model_cls if isinstance(model_cls, str) else getattr(model_cls, "__name__", None) or "AutoModelForCausalLM"
+    if name not in MODEL_CLASSES:
+        raise NotFound(f"unknown model class {name!r}; available: {list(MODEL_CLASSES)}")
+    cls = getattr(transformers, name)
+    if isinstance(config, (dict, str)):
+        config = _config_from(config, trust_remote_code)
+    if model_id:
+        if not os.path.isdir(model_id):
+            raise NotFound(
+                f"model_id {model_id!r} is not a local directory; this worker loads models from local "
+                "paths only (download the model first, or pass a config to build one from scratch)"
+            )
+        extra = {"config": config} if config is not None else {}
+        try:
+            return cls.from_pretrained(model_id, trust_remote_code=trust_remote_code, use_safetensors=True, **extra, **kwargs)
+        except (OSError, ValueError, TypeError) as error:
+            raise InvalidArgument(f"cannot load model_id {model_id!r}: {error}") from None
+    if config is None:
+        raise InvalidArgument("give model_id (a local model directory) or config (to build a model from scratch)")
+    try:
+        if cls is transformers.AutoModelForCausalLM:
+            return cls.from_config(config, trust_remote_code=trust_remote_code, **kwargs)
+        return cls._from_config(config, **kwargs)
+    except (ValueError, TypeError) as error:
+        raise InvalidArgument(f"cannot build {name} from the config: {error}") from None
+
+
+def _config_from(config: dict[str, Any] | str, trust_remote_code: bool) -> Any:
+    import transformers
+
+    values = json.loads(config) if isinstance(config, str) else dict(config)
+    model_type = values.pop("model_type", None)
+    if not model_type:
+        raise InvalidArgument("config needs a 'model_type' (e.g. 'qwen2', 'llama')")
+    try:
+        return transformers.AutoConfig.for_model(model_type, **values)
+    except (ValueError, KeyError) as error:
+        raise InvalidArgument(f"config: {error}") from None
+
+
+def _no_decay(name: str) -> bool:
+    lowered = name.lower()
+    return lowered.endswith(".bias") or "norm" in lowered
+
+
+def _adapter_seed(adapter_name: str) -> int:
+    """The same LoRA initialisation on every rank, whatever ran before."""
+    return int.from_bytes(adapter_name.encode()[:6].ljust(6, b"\0"), "little") ^ 0x7A1F
+
+
+def _positive_int(value: Any, name: str) -> None:
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+        raise InvalidArgument(f"{name} must be a positive integer, got {value!r}")
+
+
+def _positive_float(value: Any, name: str) -> None:
+    if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise InvalidArgument(f"{name} must be a positive number, got {value!r}")
+
+
+def _non_negative(value: Any, name: str, strictly: bool = False) -> None:
+    if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0 or (strictly and value == 0):
+        raise InvalidArgument(f"{name} must be a {'positive' if strictly else 'non-negative'} number, got {value!r}")
+
+
+def _check_norm(max_grad_norm: float, norm_type: float) -> None:
+    if not isinstance(max_grad_norm, (int, float)) or math.isnan(max_grad_norm):
+        raise InvalidArgument(f"max_grad_norm must be a number, got {max_grad_norm!r}")
+    if not isinstance(norm_type, (int, float)) or math.isnan(norm_type) or norm_type < 0:
+        raise InvalidArgument(f"norm_type must be a positive number, got {norm_type!r}")
+
+
+def _override(optimizer: torch.optim.Optimizer, optim_params: Mapping[str, Any] | None) -> None:
+    if not optim_params:
+        return
+    unknown = set(optim_params) - {"lr", "weight_decay", "eps", "betas"}
+    if unknown:
+        raise InvalidArgument(f"optim_params: unknown keys {sorted(unknown)}; allowed: lr, weight_decay, eps, betas")
+    for param_group in optimizer.param_groups:
+        for key, value in optim_params.items():
+            if key == "weight_decay" and param_group["weight_decay"] == 0.0:
+                continue  # biases and norms never decay
+            param_group[key] = tuple(value) if key == "betas" else float(value)
+
+
+def _warmup_scheduler(optimizer: torch.optim.Optimizer, name: str, kwargs: dict[str, Any]) -> Any:
+    unknown = set(kwargs) - {"num_warmup_steps", "num_training_steps", "min_lr_ratio"}
+    if unknown or "num_training_steps" not in kwargs:
+        raise InvalidArgument(f"{name} takes num_warmup_steps, num_training_steps (required), min_lr_ratio; got {sorted(kwargs)}")
+    warmup = int(kwargs.get("num_warmup_steps", 0))
+    total = int(kwargs["num_training_steps"])
+    floor = float(kwargs.get("min_lr_ratio", 0.0))
+    if warmup < 0 or total < 1 or warmup > total or not 0 <= floor <= 1:
+        raise InvalidArgument(f"{name}: need 0 <= num_warmup_steps <= num_training_steps, num_training_steps >= 1")
+    cosine = name == "CosineWarmupScheduler"
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        decay = 0.5 * (1.0 + math.cos(math.pi * progress)) if cosine else 1.0 - progress
+        return floor + (1.0 - floor) * decay
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+@contextmanager
+def _null_context() -> Iterator[None]:
+    yield

@@ -1,0 +1,462 @@
+"""WorkerService servicer: transport only. Decodes a request, calls one model method, encodes the result.
+
+Model calls run on one executor thread in arrival order; gRPC threads only decode and wait.
+Every mutating request's sequence number is checked here, so a retried call returns the
+stored result instead of running twice (an optimizer step is never applied twice).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from google.protobuf import json_format, struct_pb2
+
+from twinkle_client import __version__, tensors
+from twinkle_client._proto import worker_pb2, worker_pb2_grpc
+from twinkle_client.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, TwinkleError
+from twinkle_client.mesh import DeviceMesh
+from twinkle_worker.model import ForwardResult, TransformersModel
+from twinkle_worker.strategies import Rendezvous
+
+log = logging.getLogger(__name__)
+
+STRATEGY_NAMES = {
+    worker_pb2.STRATEGY_UNSPECIFIED: "accelerate",
+    worker_pb2.STRATEGY_ACCELERATE: "accelerate",
+    worker_pb2.STRATEGY_NATIVE_FSDP: "native_fsdp",
+}
+PRECISION_NAMES = {
+    worker_pb2.MIXED_PRECISION_UNSPECIFIED: "bf16",
+    worker_pb2.MIXED_PRECISION_NO: "no",
+    worker_pb2.MIXED_PRECISION_BF16: "bf16",
+    worker_pb2.MIXED_PRECISION_FP16: "fp16",
+    worker_pb2.MIXED_PRECISION_FP8: "fp8",
+}
+DEFAULT_CHUNK_BYTES = 1 << 20
+
+
+@dataclass
+class WorkerOptions:
+    """How the worker process was started (command-line flags)."""
+
+    host: str = "127.0.0.1"
+    device: str = "cpu"
+    output_root: str = "outputs"
+    allow_remote_code: bool = False
+
+
+def struct_to_dict(struct: struct_pb2.Struct) -> dict[str, Any]:
+    """A Struct as keyword arguments; whole numbers become ints (JSON has only doubles)."""
+
+    def fix(value: Any) -> Any:
+        if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+            return int(value)
+        if isinstance(value, list):
+            return [fix(v) for v in value]
+        if isinstance(value, dict):
+            return {k: fix(v) for k, v in value.items()}
+        return value
+
+    return {key: fix(value) for key, value in json_format.MessageToDict(struct).items()}
+
+
+def dict_to_struct(values: dict[str, Any]) -> struct_pb2.Struct:
+    struct = struct_pb2.Struct()
+    struct.update(values)
+    return struct
+
+
+def lora_config(message: worker_pb2.LoraConfig) -> Any:
+    from peft import LoraConfig
+
+    if message.r < 1:
+        raise InvalidArgument(f"lora_config.r must be >= 1, got {message.r}")
+    if message.lora_alpha < 0 or not 0 <= message.lora_dropout < 1:
+        raise InvalidArgument("lora_config: lora_alpha must be >= 0 and lora_dropout in [0, 1)")
+    targets: Any = list(message.target_modules) or "all-linear"
+    if targets == ["all-linear"]:
+        targets = "all-linear"
+    try:
+        return LoraConfig(
+            r=message.r,
+            lora_alpha=message.lora_alpha or 2 * message.r,
+            lora_dropout=message.lora_dropout,
+            target_modules=targets,
+            bias=message.bias or "none",
+            use_rslora=message.use_rslora,
+            modules_to_save=list(message.modules_to_save) or None,
+            task_type="CAUSAL_LM",
+            **struct_to_dict(message.extra),
+        )
+    except (TypeError, ValueError) as error:
+        raise InvalidArgument(f"lora_config: {error}") from None
+
+
+def encode_forward(result: ForwardResult) -> worker_pb2.ForwardOutput:
+    output = worker_pb2.ForwardOutput(loss_sum=result.loss_sum, num_tokens=result.num_tokens, loss=result.loss)
+    tensors.map_to_proto(result.outputs, output.outputs)
+    return output
+
+
+def free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.bind((host, 0))
+        return int(probe.getsockname()[1])
+
+
+class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
+    """Serves one rank. Holds the model, the call sequence and nothing else."""
+
+    def __init__(self, options: WorkerOptions) -> None:
+        self.options = options
+        self.model: TransformersModel | None = None
+        self.rank = 0
+        self.world_size = 1
+        self.mesh = DeviceMesh.single()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+        self._sequence_lock = threading.Lock()
+        self._last_sequence = 0
+        self._last_result: Any = None
+        self._session_id = ""
+        os.makedirs(options.output_root, exist_ok=True)
+
+    # ------------------------------------------------------------ plumbing
+
+    def _name(self) -> str:
+        return f"rank {self.rank} ({self.options.host}, pid {os.getpid()})"
+
+    def _run(self, context: grpc.ServicerContext, call: worker_pb2.CallContext | None, fn: Callable[[], Any]) -> Any:
+        """Runs fn on the model thread, once per sequence number; errors become gRPC statuses."""
+        number = call.sequence_number if call is not None else 0
+        try:
+            with self._sequence_lock:
+                if number and number == self._last_sequence and self._last_result is not None:
+                    outcome = self._last_result
+                else:
+                    if number and number != self._last_sequence + 1:
+                        raise FailedPrecondition(
+                            f"sequence number {number} does not follow the last executed {self._last_sequence}; "
+                            "send calls in order (a retry repeats the last number)"
+                        )
+                    outcome = self._execute(fn)
+                    if number:
+                        self._last_sequence, self._last_result = number, outcome
+        except TwinkleError as error:
+            outcome = error
+        if isinstance(outcome, BaseException):
+            self._abort(context, outcome)
+        return outcome
+
+    def _execute(self, fn: Callable[[], Any]) -> Any:
+        """The result of fn, or the exception it raised (stored, so a retry sees the same error)."""
+        try:
+            return self._executor.submit(fn).result()
+        except TwinkleError as error:
+            return error
+        except MemoryError as error:
+            return ResourceExhausted(f"out of memory: {error}")
+        except Exception as error:  # a bug: keep serving, say so
+            if type(error).__name__ == "OutOfMemoryError":
+                return ResourceExhausted(f"out of device memory: {error}".splitlines()[0])
+            log.exception("internal error on %s", self._name())
+            return error
+
+    def _abort(self, context: grpc.ServicerContext, error: BaseException) -> None:
+        code = error.code if isinstance(error, TwinkleError) else grpc.StatusCode.INTERNAL
+        text = str(error) if isinstance(error, TwinkleError) else f"internal error ({type(error).__name__}: {error}); see the worker log"
+        context.abort(code, f"{self._name()}: {text}")
+
+    def _model(self) -> TransformersModel:
+        if self.model is None:
+            raise FailedPrecondition("the worker has no model: call Init first")
+        return self.model
+
+    @staticmethod
+    def _optional(message: Any, field: str) -> Any:
+        return getattr(message, field) if message.HasField(field) else None
+
+    # --------------------------------------------------------------- RPCs
+
+    def Init(self, request: worker_pb2.InitRequest, context: grpc.ServicerContext) -> worker_pb2.InitResponse:
+        def init() -> worker_pb2.InitResponse:
+            if self.model is not None:
+                raise FailedPrecondition("the worker is already initialised; call Reset first to start a new job")
+            mesh = DeviceMesh(tuple(request.mesh.dim_names), tuple(request.mesh.dim_sizes)) if request.mesh.dim_names else DeviceMesh.single()
+            rendezvous = Rendezvous(
+                request.rendezvous.master_addr or "127.0.0.1",
+                request.rendezvous.master_port,
+                request.rendezvous.timeout_seconds,
+            )
+            self.rank, self.world_size, self.mesh = request.rank, mesh.world_size, mesh
+            self.model = TransformersModel(
+                model_cls=request.model_class or None,
+                model_id=request.model_id or None,
+                config=request.config_json or None,
+                device_mesh=mesh,
+                mixed_precision=PRECISION_NAMES.get(request.mixed_precision, "bf16"),
+                strategy=STRATEGY_NAMES.get(request.strategy, "accelerate"),
+                ddp_config=struct_to_dict(request.ddp_config),
+                fsdp_config=struct_to_dict(request.fsdp_config),
+                grad_scaler_config=struct_to_dict(request.grad_scaler_config),
+                rank=request.rank,
+                device=request.device or self.options.device,
+                rendezvous=rendezvous,
+                seed=request.seed,
+                output_root=self.options.output_root,
+                trust_remote_code=request.trust_remote_code,
+                allow_remote_code=self.options.allow_remote_code,
+                **struct_to_dict(request.model_kwargs),
+            )
+            model = self.model
+            return worker_pb2.InitResponse(
+                num_parameters=sum(p.numel() for p in model.model.parameters()),
+                strategy_description=model.plan.describe(),
+                data_rank=mesh.data_rank(request.rank),
+                data_world_size=mesh.data_world_size,
+                vocab_size=model.vocab_size,
+            )
+
+        with self._sequence_lock:
+            # Init starts a new sequence: its own number becomes the last executed one.
+            self._last_sequence = max(0, request.context.sequence_number - 1)
+            self._last_result = None
+            self._session_id = request.context.session_id
+        return self._run(context, request.context, init)
+
+    def Reset(self, request: worker_pb2.ResetRequest, context: grpc.ServicerContext) -> worker_pb2.ResetResponse:
+        def reset() -> worker_pb2.ResetResponse:
+            if self.model is not None:
+                self.model.close()
+                self.model = None
+            self.rank, self.world_size, self.mesh = 0, 1, DeviceMesh.single()
+            return worker_pb2.ResetResponse()
+
+        response = self._run(context, None, reset)
+        with self._sequence_lock:
+            self._last_sequence, self._last_result, self._session_id = 0, None, ""
+        return response
+
+    def AddAdapter(self, request: worker_pb2.AddAdapterRequest, context: grpc.ServicerContext) -> worker_pb2.AddAdapterResponse:
+        def add() -> worker_pb2.AddAdapterResponse:
+            source = request.WhichOneof("source")
+            if source is None:
+                raise InvalidArgument("AddAdapter needs lora_config or pretrained_path")
+            config = lora_config(request.lora_config) if source == "lora_config" else request.pretrained_path
+            count = self._model().add_adapter_to_model(
+                request.adapter_name, config, not request.frozen, request.gradient_accumulation_steps or 1
+            )
+            return worker_pb2.AddAdapterResponse(num_trainable_parameters=count)
+
+        return self._run(context, request.context, add)
+
+    def SetOptimizer(self, request: worker_pb2.SetOptimizerRequest, context: grpc.ServicerContext) -> worker_pb2.SetOptimizerResponse:
+        def set_optimizer() -> worker_pb2.SetOptimizerResponse:
+            lr = self._optional(request, "lr")
+            weight_decay = self._optional(request, "weight_decay")
+            count = self._model().set_optimizer(
+                request.optimizer or "AdamW",
+                lr=1e-5 if lr is None else lr,
+                weight_decay=0.01 if weight_decay is None else weight_decay,
+                adapter_name=request.adapter_name,
+                **struct_to_dict(request.kwargs),
+            )
+            return worker_pb2.SetOptimizerResponse(num_parameters=count)
+
+        return self._run(context, request.context, set_optimizer)
+
+    def SetLrScheduler(self, request: worker_pb2.SetLrSchedulerRequest, context: grpc.ServicerContext) -> worker_pb2.SetLrSchedulerResponse:
+        def set_scheduler() -> worker_pb2.SetLrSchedulerResponse:
+            lr = self._model().set_lr_scheduler(request.scheduler, request.adapter_name, **struct_to_dict(request.kwargs))
+            return worker_pb2.SetLrSchedulerResponse(lr=lr)
+
+        return self._run(context, request.context, set_scheduler)
+
+    def SetLoss(self, request: worker_pb2.SetLossRequest, context: grpc.ServicerContext) -> worker_pb2.SetLossResponse:
+        def set_loss() -> worker_pb2.SetLossResponse:
+            self._model().set_loss(request.loss or "CrossEntropyLoss", request.adapter_name, **struct_to_dict(request.kwargs))
+            return worker_pb2.SetLossResponse()
+
+        return self._run(context, request.context, set_loss)
+
+    def ForwardBackward(self, request: worker_pb2.ForwardBackwardRequest, context: grpc.ServicerContext) -> worker_pb2.ForwardBackwardResponse:
+        def forward_backward() -> worker_pb2.ForwardBackwardResponse:
+            model = self._model()
+            if not request.inputs.tensors:
+                raise InvalidArgument("inputs is empty: send input_ids, attention_mask and labels")
+            inputs = tensors.map_to_numpy(request.inputs)
+            result = model.forward_backward(
+                inputs,
+                request.adapter_name,
+                request.temperature or 1.0,
+                request.return_logits,
+                request.gradient_accumulation_steps or None,
+            )
+            group = model.group(request.adapter_name)
+            return worker_pb2.ForwardBackwardResponse(output=encode_forward(result), micro_step=group.micro_step)
+
+        return self._run(context, request.context, forward_backward)
+
+    def ForwardOnly(self, request: worker_pb2.ForwardOnlyRequest, context: grpc.ServicerContext) -> worker_pb2.ForwardOnlyResponse:
+        def forward_only() -> worker_pb2.ForwardOnlyResponse:
+            model = self._model()
+            if not request.inputs.tensors:
+                raise InvalidArgument("inputs is empty: send at least input_ids")
+            inputs = tensors.map_to_numpy(request.inputs)
+            result = model.forward_only(
+                inputs, request.adapter_name, request.temperature or 1.0, request.return_logits, request.disable_lora
+            )
+            return worker_pb2.ForwardOnlyResponse(output=encode_forward(result))
+
+        return self._run(context, request.context, forward_only)
+
+    def ClipGradNorm(self, request: worker_pb2.ClipGradNormRequest, context: grpc.ServicerContext) -> worker_pb2.ClipGradNormResponse:
+        def clip() -> worker_pb2.ClipGradNormResponse:
+            norm = self._model().clip_grad_norm(
+                request.max_grad_norm, request.norm_type or 2.0, request.adapter_name, request.gradient_accumulation_steps or None
+            )
+            return worker_pb2.ClipGradNormResponse(applied=norm is not None, grad_norm=norm or 0.0)
+
+        return self._run(context, request.context, clip)
+
+    def Step(self, request: worker_pb2.StepRequest, context: grpc.ServicerContext) -> worker_pb2.StepResponse:
+        def step() -> worker_pb2.StepResponse:
+            model = self._model()
+            applied = model.step(request.adapter_name, request.gradient_accumulation_steps or None, optim_params(request.optim_params))
+            return worker_pb2.StepResponse(applied=applied, optimizer_step=model.group(request.adapter_name).optimizer_step)
+
+        return self._run(context, request.context, step)
+
+    def ZeroGrad(self, request: worker_pb2.ZeroGradRequest, context: grpc.ServicerContext) -> worker_pb2.ZeroGradResponse:
+        def zero_grad() -> worker_pb2.ZeroGradResponse:
+            applied = self._model().zero_grad(request.adapter_name, request.gradient_accumulation_steps or None)
+            return worker_pb2.ZeroGradResponse(applied=applied)
+
+        return self._run(context, request.context, zero_grad)
+
+    def LrStep(self, request: worker_pb2.LrStepRequest, context: grpc.ServicerContext) -> worker_pb2.LrStepResponse:
+        def lr_step() -> worker_pb2.LrStepResponse:
+            model = self._model()
+            applied = model.lr_step(request.adapter_name, request.gradient_accumulation_steps or None)
+            optimizer = model.group(request.adapter_name).require_optimizer()
+            return worker_pb2.LrStepResponse(applied=applied, lr=float(optimizer.param_groups[0]["lr"]))
+
+        return self._run(context, request.context, lr_step)
+
+    def ClipGradAndStep(self, request: worker_pb2.ClipGradAndStepRequest, context: grpc.ServicerContext) -> worker_pb2.ClipGradAndStepResponse:
+        def clip_and_step() -> worker_pb2.ClipGradAndStepResponse:
+            result = self._model().clip_grad_and_step(
+                request.max_grad_norm,
+                request.norm_type or 2.0,
+                request.adapter_name,
+                request.gradient_accumulation_steps or None,
+                optim_params(request.optim_params),
+            )
+            return worker_pb2.ClipGradAndStepResponse(
+                applied=result.applied,
+                grad_norm=result.grad_norm,
+                lr=result.lr,
+                optimizer_step=result.optimizer_step,
+                micro_step=result.micro_step,
+            )
+
+        return self._run(context, request.context, clip_and_step)
+
+    def Save(self, request: worker_pb2.SaveRequest, context: grpc.ServicerContext) -> worker_pb2.SaveResponse:
+        def save() -> worker_pb2.SaveResponse:
+            path = self._model().save(
+                request.name or None,
+                request.output_dir or None,
+                request.adapter_name,
+                request.interval or 1,
+                request.save_optimizer,
+                request.consumed_train_samples,
+            )
+            return worker_pb2.SaveResponse(saved=path is not None, path=path or "")
+
+        return self._run(context, request.context, save)
+
+    def Load(self, request: worker_pb2.LoadRequest, context: grpc.ServicerContext) -> worker_pb2.LoadResponse:
+        def load() -> worker_pb2.LoadResponse:
+            if not request.name:
+                raise InvalidArgument("name: give the checkpoint to load")
+            path = self._model().load(request.name, request.output_dir or None, request.adapter_name, request.load_optimizer)
+            return worker_pb2.LoadResponse(path=path)
+
+        return self._run(context, request.context, load)
+
+    def ResumeFromCheckpoint(
+        self, request: worker_pb2.ResumeFromCheckpointRequest, context: grpc.ServicerContext
+    ) -> worker_pb2.ResumeFromCheckpointResponse:
+        def resume() -> worker_pb2.ResumeFromCheckpointResponse:
+            if not request.checkpoint_dir:
+                raise InvalidArgument("checkpoint_dir: give the checkpoint to resume from")
+            state = self._model().resume_from_checkpoint(request.checkpoint_dir, request.resume_only_model, request.adapter_name)
+            return worker_pb2.ResumeFromCheckpointResponse(**state)
+
+        return self._run(context, request.context, resume)
+
+    def GetTrainConfigs(self, request: worker_pb2.GetTrainConfigsRequest, context: grpc.ServicerContext) -> worker_pb2.GetTrainConfigsResponse:
+        def configs() -> worker_pb2.GetTrainConfigsResponse:
+            values = self._model().get_train_configs(request.adapter_name)
+            summary = "\n".join(f"{key}: {value}" for key, value in values.items())
+            return worker_pb2.GetTrainConfigsResponse(summary=summary, configs=dict_to_struct(values))
+
+        return self._run(context, None, configs)
+
+    def GetStatus(self, request: worker_pb2.GetStatusRequest, context: grpc.ServicerContext) -> worker_pb2.GetStatusResponse:
+        model = self.model  # read without queueing behind a long model call
+        return worker_pb2.GetStatusResponse(
+            initialized=model is not None,
+            rank=self.rank,
+            world_size=self.world_size,
+            mesh=worker_pb2.DeviceMesh(dim_names=self.mesh.dim_names, dim_sizes=self.mesh.dim_sizes),
+            model=(model.model_id or type(model.model).__name__) if model else "",
+            device=str(model.device) if model else self.options.device,
+            groups=list(model.groups) if model else [],
+            last_sequence_number=self._last_sequence,
+            pid=os.getpid(),
+            version=__version__,
+            session_id=self._session_id,
+            free_port=free_port(self.options.host),
+            vocab_size=model.vocab_size if model else 0,
+        )
+
+    def ExportWeights(self, request: worker_pb2.ExportWeightsRequest, context: grpc.ServicerContext) -> Iterator[worker_pb2.ExportWeightsResponse]:
+        chunk = request.chunk_bytes or DEFAULT_CHUNK_BYTES
+        if chunk < 1024 or chunk > 64 << 20:
+            self._abort(context, InvalidArgument(f"chunk_bytes must be in [1024, 64 MiB], got {chunk}"))
+        state = self._run(context, None, lambda: self._model().export_weights(request.adapter_name))
+        for name, value in state.items():
+            encoded = tensors.to_proto(value)
+            data = memoryview(encoded.data)
+            total = len(data)
+            for offset in range(0, max(total, 1), chunk):
+                piece = worker_pb2.ExportWeightsResponse(total_bytes=total, offset=offset, data=bytes(data[offset : offset + chunk]))
+                if offset == 0:
+                    piece.name, piece.dtype = name, encoded.dtype
+                    piece.shape.extend(encoded.shape)
+                yield piece
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)
+
+
+def optim_params(message: worker_pb2.OptimParams) -> dict[str, Any] | None:
+    values: dict[str, Any] = {}
+    for field in ("lr", "weight_decay", "eps"):
+        if message.HasField(field):
+            values[field] = getattr(message, field)
+    if message.betas:
+        if len(message.betas) != 2:
+            raise InvalidArgument(f"optim_params.betas must have 2 values, got {len(message.betas)}")
+        values["betas"] = tuple(message.betas)
+    return values or None
+
