@@ -8,7 +8,7 @@ address. Used by twinkle_client.model.
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from typing import Any
 
@@ -44,17 +44,32 @@ class Coordinator:
         with self._lock:
             self._sequence = [first - 1] * self.size
 
-    def submit(self, method: str, requests: Sequence[Any], ranks: Sequence[int] | None = None, sequenced: bool = True) -> list[Future[Any]]:
-        """Starts `method` on each rank (requests[i] goes to ranks[i]) without waiting."""
+    def submit(
+        self,
+        method: str,
+        requests: Sequence[Any],
+        ranks: Sequence[int] | None = None,
+        sequenced: bool = True,
+        frames: Callable[[Any], Iterator[Any]] | None = None,
+    ) -> list[Future[Any]]:
+        """Starts `method` on each rank (requests[i] goes to ranks[i]) without waiting.
+
+        With `frames`, `method` is a streaming RPC: frames(request) yields the messages to
+        send, and the future's result is the list of messages received.
+        """
         ranks = list(range(self.size)) if ranks is None else list(ranks)
-        futures = []
+        futures: list[Any] = []
         with self._lock:  # numbers and sends in one order, so every worker sees calls in the same order
             for rank, request in zip(ranks, requests):
                 if sequenced:
                     self._sequence[rank] += 1
-                    request.context.sequence_number = self._sequence[rank]
+                    context = request.header.context if frames is not None else request.context
+                    context.sequence_number = self._sequence[rank]
                 call = getattr(self.stubs[rank], method)
-                futures.append(call.future(request, timeout=self.timeout, metadata=self.metadata))
+                if frames is not None:
+                    futures.append(_StreamCall(call(frames(request), timeout=self.timeout, metadata=self.metadata)))
+                else:
+                    futures.append(call.future(request, timeout=self.timeout, metadata=self.metadata))
         return futures
 
     def gather(self, method: str, futures: Sequence[Any], ranks: Sequence[int] | None = None) -> list[Any]:
@@ -95,3 +110,19 @@ class Coordinator:
     def close(self) -> None:
         for channel in self.channels:
             channel.close()
+
+
+class _StreamCall:
+    """A response-streaming call seen as a future: result() is every message received."""
+
+    def __init__(self, call: Any) -> None:
+        self._call = call
+        self._messages: list[Any] | None = None
+
+    def result(self) -> list[Any]:
+        if self._messages is None:
+            self._messages = list(self._call)
+        return self._messages
+
+    def cancel(self) -> bool:
+        return bool(self._call.cancel())

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from twinkle_client import cluster, tensors
+from twinkle_client import cluster, streaming, tensors
 from twinkle_client._proto import worker_pb2
 from twinkle_client.batch import collate, take_rows
 from twinkle_client.coordinator import Coordinator
@@ -39,6 +39,12 @@ PRECISIONS = {
     "fp8": worker_pb2.MIXED_PRECISION_FP8,
 }
 _STRUCT_FIELDS = ("ddp_config", "fsdp_config", "grad_scaler_config")
+# Batches bigger than this (or asking for logits back) travel as streams of 1 MiB chunks.
+STREAM_THRESHOLD_BYTES = 1 << 20
+_STREAM_TYPES = {
+    "ForwardBackward": (worker_pb2.ForwardBackwardStreamRequest, worker_pb2.ForwardBackwardStreamResponse),
+    "ForwardOnly": (worker_pb2.ForwardOnlyStreamRequest, worker_pb2.ForwardOnlyStreamResponse),
+}
 
 
 class TransformersModel:
@@ -69,6 +75,7 @@ class TransformersModel:
         **kwargs: Any,
     ) -> None:
         self.mesh = device_mesh or DeviceMesh.single()
+        self.stream_threshold_bytes = STREAM_THRESHOLD_BYTES
         seed = kwargs.pop("seed", None)
         device = kwargs.pop("device", "cpu")
         output_root = kwargs.pop("output_root", None)
@@ -230,22 +237,36 @@ class TransformersModel:
                 f"batch of {batch_size} samples is smaller than the data world size {data_world} of {self.mesh}: "
                 f"send at least {data_world} samples"
             )
-        bounds = slice_bounds(batch_size, data_world)
-        slices = [tensors.map_to_proto(take_rows(columns, start, stop)) for start, stop in bounds]
-        requests = []
+        slices = [take_rows(columns, start, stop) for start, stop in slice_bounds(batch_size, data_world)]
+        payload = sum(array.nbytes for array in columns.values())
+        stream = payload > self.stream_threshold_bytes or template.return_logits
+        requests: list[Any] = []
         for rank in range(self.mesh.world_size):
             request = type(template)()
             request.CopyFrom(template)
-            request.inputs.CopyFrom(slices[self.mesh.data_rank(rank)])
-            requests.append(request)
-        futures = self.coordinator.submit(method, requests)
+            rank_slice = slices[self.mesh.data_rank(rank)]
+            if stream:
+                requests.append(streaming.prepare(request, request.inputs, rank_slice))
+            else:
+                tensors.map_to_proto(rank_slice, request.inputs)
+                requests.append(request)
+        stream_type = _STREAM_TYPES[method] if stream else None
+        frames = (lambda outgoing: streaming.frames(outgoing, stream_type[0])) if stream_type else None
+        futures = self.coordinator.submit(method + "Stream" if stream else method, requests, frames=frames)
         as_list = not isinstance(inputs, Mapping)
         width = next(iter(columns.values())).shape[1]
         collect = self.mesh.collect_ranks()
 
         def merge() -> dict[str, Any]:
             replies = self.coordinator.gather(method, futures)
-            return _merge_outputs([replies[rank].output for rank in collect], lengths, width, as_list)
+            outputs = []
+            for rank in collect:
+                if stream:
+                    header, arrays = streaming.receive(replies[rank], lambda response: response.output.outputs)
+                    outputs.append((header.output, arrays))
+                else:
+                    outputs.append((replies[rank].output, tensors.map_to_numpy(replies[rank].output.outputs)))
+            return _merge_outputs(outputs, lengths, width, as_list)
 
         return _LazyFuture(merge)
 
@@ -448,14 +469,17 @@ def _copies(request: Any, count: int) -> list[Any]:
     return copies
 
 
-def _merge_outputs(outputs: Sequence[Any], lengths: list[int], width: int, as_list: bool) -> dict[str, Any]:
-    """Global token-mean loss and per-sample outputs in the caller's order (slices are in data-rank order)."""
-    loss_sum = sum(output.loss_sum for output in outputs)
-    num_tokens = sum(output.num_tokens for output in outputs)
+def _merge_outputs(outputs: Sequence[tuple[Any, dict[str, np.ndarray]]], lengths: list[int], width: int, as_list: bool) -> dict[str, Any]:
+    """Global token-mean loss and per-sample outputs in the caller's order (slices are in data-rank order).
+
+    `outputs` holds, per data rank, the ForwardOutput scalars and its decoded tensors.
+    """
+    loss_sum = sum(output.loss_sum for output, _ in outputs)
+    num_tokens = sum(output.num_tokens for output, _ in outputs)
     merged: dict[str, Any] = {"loss": loss_sum / num_tokens if num_tokens else 0.0, "num_tokens": num_tokens}
-    keys = outputs[0].outputs.tensors.keys() if outputs else []
+    keys = outputs[0][1].keys() if outputs else []
     for key in keys:
-        parts = [tensors.to_numpy(output.outputs.tensors[key], key) for output in outputs]
+        parts = [arrays[key] for _, arrays in outputs]
         if as_list:
             rows = [row for part in parts for row in part]
             merged[key] = [row[:length] for row, length in zip(rows, lengths)]

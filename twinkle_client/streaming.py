@@ -1,11 +1,13 @@
-"""Reassembly of chunked tensor streams (ExportWeights) into numpy arrays.
+"""Chunked tensor streams: ExportWeights reassembly, and the header + raw-bytes framing of
+ForwardBackwardStream / ForwardOnlyStream (both directions).
 
-Used by TransformersModel.export_weights; the chunk rules are in docs/protocol.md.
+Used by the client (twinkle_client.model) and the worker servicer; the rules are in docs/protocol.md.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -35,3 +37,66 @@ def assemble_weights(chunks: Iterable[Any]) -> dict[str, np.ndarray]:
     if current is not None:
         raise InvalidArgument(f"stream: tensor {current.name!r} is incomplete")
     return weights
+
+
+# --- header + raw-bytes framing (ForwardBackwardStream, ForwardOnlyStream) -------------------
+
+CHUNK_BYTES = 1 << 20
+
+
+@dataclass
+class Outgoing:
+    """A message to stream: `header` holds the tensors' dtype and shape, `arrays` their bytes."""
+
+    header: Any
+    arrays: list[np.ndarray]
+
+
+def prepare(header: Any, tensor_map: tensor_pb2.TensorMap, values: Mapping[str, Any]) -> Outgoing:
+    """Fills tensor_map (inside header) with dtype/shape only; keeps the arrays for the data frames."""
+    arrays = []
+    for key in sorted(values):
+        arrays.append(tensors.encode_header(values[key], tensor_map.tensors[key]))
+    return Outgoing(header, arrays)
+
+
+def frames(outgoing: Outgoing, message_type: Any, chunk_bytes: int = CHUNK_BYTES) -> Iterator[Any]:
+    """The header message, then each array's bytes in chunks (one copy: into the chunk)."""
+    yield message_type(header=outgoing.header)
+    for array in outgoing.arrays:
+        view = memoryview(array.reshape(-1)).cast("B")
+        for start in range(0, len(view), chunk_bytes):
+            yield message_type(data=view[start : start + chunk_bytes].tobytes())
+
+
+def receive(messages: Iterable[Any], tensor_map_of: Callable[[Any], tensor_pb2.TensorMap]) -> tuple[Any, dict[str, np.ndarray]]:
+    """Reads a header and its data frames; returns the header and its tensors as numpy arrays."""
+    iterator = iter(messages)
+    first = next(iterator, None)
+    if first is None or first.WhichOneof("part") != "header":
+        raise InvalidArgument("stream: the first message must be the header")
+    header = first.header
+    tensor_map = tensor_map_of(header)
+    keys = sorted(tensor_map.tensors)
+    sizes = [tensors.byte_size(tensor_map.tensors[key]) for key in keys]
+    buffer = bytearray(sum(sizes))
+    view = memoryview(buffer)
+    filled = 0
+    for message in iterator:
+        if message.WhichOneof("part") != "data":
+            raise InvalidArgument("stream: only data messages may follow the header")
+        end = filled + len(message.data)
+        if end > len(buffer):
+            raise InvalidArgument(f"stream: more data than the header's tensors hold ({len(buffer)} bytes)")
+        view[filled:end] = message.data
+        filled = end
+    if filled != len(buffer):
+        raise InvalidArgument(f"stream: {filled} bytes received, the header's tensors hold {len(buffer)}")
+    arrays: dict[str, np.ndarray] = {}
+    offset = 0
+    for key, size in zip(keys, sizes):
+        message = tensor_map.tensors[key]
+        shaped = tensor_pb2.Tensor(dtype=message.dtype, shape=message.shape)
+        arrays[key] = tensors.from_buffer(shaped, view[offset : offset + size], key)
+        offset += size
+    return header, arrays

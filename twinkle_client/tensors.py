@@ -49,6 +49,12 @@ def _is_torch(value: Any) -> bool:
 def to_proto(value: Any, out: tensor_pb2.Tensor | None = None) -> tensor_pb2.Tensor:
     """Encodes a numpy array, torch tensor, nested list or scalar."""
     message = out if out is not None else tensor_pb2.Tensor()
+    message.data = encode_header(value, message).tobytes()
+    return message
+
+
+def encode_header(value: Any, message: tensor_pb2.Tensor) -> np.ndarray:
+    """Sets dtype and shape; returns the value as a contiguous little-endian array (no copy when it already is one)."""
     if _is_torch(value):
         import torch
 
@@ -59,8 +65,7 @@ def to_proto(value: Any, out: tensor_pb2.Tensor | None = None) -> tensor_pb2.Ten
             array = tensor.contiguous().view(torch.int16).numpy().view(np.uint16)
             message.dtype = DataType.DATA_TYPE_BFLOAT16
             message.shape[:] = array.shape
-            message.data = array.astype("<u2", copy=False).tobytes()
-            return message
+            return np.ascontiguousarray(array, dtype="<u2")
         value = tensor.numpy()
     array = np.asarray(value)
     wire = _WIRE_OF.get(array.dtype.name)
@@ -68,8 +73,17 @@ def to_proto(value: Any, out: tensor_pb2.Tensor | None = None) -> tensor_pb2.Ten
         raise InvalidArgument(f"tensor dtype {array.dtype} cannot be sent; use one of {sorted(_WIRE_OF)}")
     message.dtype = wire
     message.shape[:] = array.shape
-    message.data = np.ascontiguousarray(array, dtype=_NUMPY_OF[wire]).tobytes()
-    return message
+    return np.ascontiguousarray(array, dtype=_NUMPY_OF[wire])
+
+
+def byte_size(message: tensor_pb2.Tensor) -> int:
+    """Bytes the tensor's data must have, from its dtype and shape."""
+    np_dtype = _NUMPY_OF.get(message.dtype)
+    if np_dtype is None:
+        raise InvalidArgument(f"unknown or unspecified dtype {message.dtype}")
+    if any(size < 0 for size in message.shape):
+        raise InvalidArgument(f"negative size in shape {list(message.shape)}")
+    return int(np.prod(message.shape, dtype=np.int64)) * np_dtype.itemsize
 
 
 def to_numpy(message: tensor_pb2.Tensor, name: str = "tensor") -> np.ndarray:
@@ -87,6 +101,17 @@ def to_numpy(message: tensor_pb2.Tensor, name: str = "tensor") -> np.ndarray:
             f"{DataType.Name(message.dtype)} ({count * np_dtype.itemsize} bytes expected)"
         )
     array = np.frombuffer(message.data, dtype=np_dtype).reshape(shape)
+    if message.dtype == DataType.DATA_TYPE_BFLOAT16:
+        array = (array.astype(np.uint32) << 16).view(np.float32)
+    return array
+
+
+def from_buffer(message: tensor_pb2.Tensor, buffer: Any, name: str = "tensor") -> np.ndarray:
+    """Decodes dtype/shape of `message` over an external buffer (no copy; writable if the buffer is)."""
+    np_dtype = _NUMPY_OF.get(message.dtype)
+    if np_dtype is None:
+        raise InvalidArgument(f"{name}: unknown or unspecified dtype {message.dtype}")
+    array = np.frombuffer(buffer, dtype=np_dtype).reshape(tuple(message.shape))
     if message.dtype == DataType.DATA_TYPE_BFLOAT16:
         array = (array.astype(np.uint32) << 16).view(np.float32)
     return array

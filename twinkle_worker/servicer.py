@@ -19,7 +19,7 @@ from typing import Any
 import grpc
 from google.protobuf import json_format, struct_pb2
 
-from twinkle_client import __version__, tensors
+from twinkle_client import __version__, streaming, tensors
 from twinkle_client._proto import worker_pb2, worker_pb2_grpc
 from twinkle_client.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, TwinkleError
 from twinkle_client.mesh import DeviceMesh
@@ -41,6 +41,8 @@ PRECISION_NAMES = {
     worker_pb2.MIXED_PRECISION_FP8: "fp8",
 }
 DEFAULT_CHUNK_BYTES = 1 << 20
+# How long a call that arrived before its predecessor waits for it (pipelined calls).
+SEQUENCE_WAIT_SECONDS = 600.0
 
 
 @dataclass
@@ -100,10 +102,9 @@ def lora_config(message: worker_pb2.LoraConfig) -> Any:
         raise InvalidArgument(f"lora_config: {error}") from None
 
 
-def encode_forward(result: ForwardResult) -> worker_pb2.ForwardOutput:
-    output = worker_pb2.ForwardOutput(loss_sum=result.loss_sum, num_tokens=result.num_tokens, loss=result.loss)
-    tensors.map_to_proto(result.outputs, output.outputs)
-    return output
+def forward_header(result: ForwardResult) -> worker_pb2.ForwardOutput:
+    """The scalars of a forward; the caller adds the tensors (inline, or streamed)."""
+    return worker_pb2.ForwardOutput(loss_sum=result.loss_sum, num_tokens=result.num_tokens, loss=result.loss)
 
 
 def free_port(host: str) -> int:
@@ -122,7 +123,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         self.world_size = 1
         self.mesh = DeviceMesh.single()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
-        self._sequence_lock = threading.Lock()
+        # Pipelined calls can reach handler threads out of order: each waits here for its turn.
+        self._sequence_lock = threading.Condition()
         self._last_sequence = 0
         self._last_result: Any = None
         self._session_id = ""
@@ -138,6 +140,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         number = call.sequence_number if call is not None else 0
         try:
             with self._sequence_lock:
+                if number > self._last_sequence + 1:
+                    self._sequence_lock.wait_for(lambda: number <= self._last_sequence + 1, timeout=SEQUENCE_WAIT_SECONDS)
                 if number and number == self._last_sequence and self._last_result is not None:
                     outcome = self._last_result
                 else:
@@ -149,6 +153,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                     outcome = self._execute(fn)
                     if number:
                         self._last_sequence, self._last_result = number, outcome
+                        self._sequence_lock.notify_all()
         except TwinkleError as error:
             outcome = error
         if isinstance(outcome, BaseException):
@@ -287,35 +292,74 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         return self._run(context, request.context, set_loss)
 
     def ForwardBackward(self, request: worker_pb2.ForwardBackwardRequest, context: grpc.ServicerContext) -> worker_pb2.ForwardBackwardResponse:
-        def forward_backward() -> worker_pb2.ForwardBackwardResponse:
+        response, arrays = self._forward_backward(request, context, None)
+        tensors.map_to_proto(arrays, response.output.outputs)
+        return response
+
+    def ForwardBackwardStream(
+        self, request_iterator: Iterator[worker_pb2.ForwardBackwardStreamRequest], context: grpc.ServicerContext
+    ) -> Iterator[worker_pb2.ForwardBackwardStreamResponse]:
+        request, inputs = self._receive(request_iterator, context, lambda header: header.inputs)
+        response, arrays = self._forward_backward(request, context, inputs)
+        outgoing = streaming.prepare(response, response.output.outputs, arrays)
+        yield from streaming.frames(outgoing, worker_pb2.ForwardBackwardStreamResponse)
+
+    def _forward_backward(
+        self, request: worker_pb2.ForwardBackwardRequest, context: grpc.ServicerContext, inputs: dict[str, Any] | None
+    ) -> tuple[worker_pb2.ForwardBackwardResponse, dict[str, Any]]:
+        def forward_backward() -> tuple[worker_pb2.ForwardBackwardResponse, dict[str, Any]]:
             model = self._model()
-            if not request.inputs.tensors:
+            batch = inputs if inputs is not None else tensors.map_to_numpy(request.inputs)
+            if not batch:
                 raise InvalidArgument("inputs is empty: send input_ids, attention_mask and labels")
-            inputs = tensors.map_to_numpy(request.inputs)
             result = model.forward_backward(
-                inputs,
+                batch,
                 request.adapter_name,
                 request.temperature or 1.0,
                 request.return_logits,
                 request.gradient_accumulation_steps or None,
             )
             group = model.group(request.adapter_name)
-            return worker_pb2.ForwardBackwardResponse(output=encode_forward(result), micro_step=group.micro_step)
+            response = worker_pb2.ForwardBackwardResponse(output=forward_header(result), micro_step=group.micro_step)
+            return response, result.outputs
 
         return self._run(context, request.context, forward_backward)
 
     def ForwardOnly(self, request: worker_pb2.ForwardOnlyRequest, context: grpc.ServicerContext) -> worker_pb2.ForwardOnlyResponse:
-        def forward_only() -> worker_pb2.ForwardOnlyResponse:
+        response, arrays = self._forward_only(request, context, None)
+        tensors.map_to_proto(arrays, response.output.outputs)
+        return response
+
+    def ForwardOnlyStream(
+        self, request_iterator: Iterator[worker_pb2.ForwardOnlyStreamRequest], context: grpc.ServicerContext
+    ) -> Iterator[worker_pb2.ForwardOnlyStreamResponse]:
+        request, inputs = self._receive(request_iterator, context, lambda header: header.inputs)
+        response, arrays = self._forward_only(request, context, inputs)
+        outgoing = streaming.prepare(response, response.output.outputs, arrays)
+        yield from streaming.frames(outgoing, worker_pb2.ForwardOnlyStreamResponse)
+
+    def _forward_only(
+        self, request: worker_pb2.ForwardOnlyRequest, context: grpc.ServicerContext, inputs: dict[str, Any] | None
+    ) -> tuple[worker_pb2.ForwardOnlyResponse, dict[str, Any]]:
+        def forward_only() -> tuple[worker_pb2.ForwardOnlyResponse, dict[str, Any]]:
             model = self._model()
-            if not request.inputs.tensors:
+            batch = inputs if inputs is not None else tensors.map_to_numpy(request.inputs)
+            if not batch:
                 raise InvalidArgument("inputs is empty: send at least input_ids")
-            inputs = tensors.map_to_numpy(request.inputs)
             result = model.forward_only(
-                inputs, request.adapter_name, request.temperature or 1.0, request.return_logits, request.disable_lora
+                batch, request.adapter_name, request.temperature or 1.0, request.return_logits, request.disable_lora
             )
-            return worker_pb2.ForwardOnlyResponse(output=encode_forward(result))
+            return worker_pb2.ForwardOnlyResponse(output=forward_header(result)), result.outputs
 
         return self._run(context, request.context, forward_only)
+
+    def _receive(self, messages: Iterator[Any], context: grpc.ServicerContext, tensor_map_of: Callable[[Any], Any]) -> tuple[Any, dict[str, Any]]:
+        """A streamed request's header and tensors; bad framing is INVALID_ARGUMENT."""
+        try:
+            return streaming.receive(messages, tensor_map_of)
+        except TwinkleError as error:
+            self._abort(context, error)
+            raise  # not reached: abort raises
 
     def ClipGradNorm(self, request: worker_pb2.ClipGradNormRequest, context: grpc.ServicerContext) -> worker_pb2.ClipGradNormResponse:
         def clip() -> worker_pb2.ClipGradNormResponse:

@@ -531,3 +531,35 @@ class ExportWeightsResponse(_message.Message):
     offset: int
     data: bytes
     def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[_tensor_pb2.DataType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., total_bytes: _Optional[int] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class ForwardBackwardStreamRequest(_message.Message):
+    __slots__ = ("header", "data")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    header: ForwardBackwardRequest
+    data: bytes
+    def __init__(self, header: _Optional[_Union[ForwardBackwardRequest, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class ForwardBackwardStreamResponse(_message.Message):
+    __slots__ = ("header", "data")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    header: ForwardBackwardResponse
+    data: bytes
+    def __init__(self, header: _Optional[_Union[ForwardBackwardResponse, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class ForwardOnlyStreamRequest(_message.Message):
+    __slots__ = ("header", "data")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    header: ForwardOnlyRequest
+    data: bytes
+    def __init__(self, header: _Optional[_Union[ForwardOnlyRequest, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class ForwardOnlyStreamResponse(_message.Message):
+    __slots__ = ("header", "data")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    header: ForwardOnlyResponse
+    data: bytes
+    def __init__(self, header: _Optional[_Union[ForwardOnlyResponse, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...

@@ -140,6 +140,16 @@ class WorkerServiceStub:
                 request_serializer=twinkle_dot_worker_dot_v1_dot_worker__pb2.ExportWeightsRequest.SerializeToString,
                 response_deserializer=twinkle_dot_worker_dot_v1_dot_worker__pb2.ExportWeightsResponse.FromString,
                 _registered_method=True)
+        self.ForwardBackwardStream = channel.stream_stream(
+                '/twinkle.worker.v1.WorkerService/ForwardBackwardStream',
+                request_serializer=twinkle_dot_worker_dot_v1_dot_worker__pb2.ForwardBackwardStreamRequest.SerializeToString,
+                response_deserializer=twinkle_dot_worker_dot_v1_dot_worker__pb2.ForwardBackwardStreamResponse.FromString,
+                _registered_method=True)
+        self.ForwardOnlyStream = channel.stream_stream(
+                '/twinkle.worker.v1.WorkerService/ForwardOnlyStream',
+                request_serializer=twinkle_dot_worker_dot_v1_dot_worker__pb2.ForwardOnlyStreamRequest.SerializeToString,
+                response_deserializer=twinkle_dot_worker_dot_v1_dot_worker__pb2.ForwardOnlyStreamResponse.FromString,
+                _registered_method=True)
 
 
 class WorkerServiceServicer:
@@ -288,6 +298,21 @@ class WorkerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ForwardBackwardStream(self, request_iterator, context):
+        """ForwardBackward for big payloads: the request and the response travel as a header
+        followed by the raw tensor bytes in chunks (see ForwardBackwardStreamRequest).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ForwardOnlyStream(self, request_iterator, context):
+        """ForwardOnly for big payloads (e.g. with return_logits), streamed like ForwardBackwardStream.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -385,6 +410,16 @@ def add_WorkerServiceServicer_to_server(servicer, server):
                     servicer.ExportWeights,
                     request_deserializer=twinkle_dot_worker_dot_v1_dot_worker__pb2.ExportWeightsRequest.FromString,
                     response_serializer=twinkle_dot_worker_dot_v1_dot_worker__pb2.ExportWeightsResponse.SerializeToString,
+            ),
+            'ForwardBackwardStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.ForwardBackwardStream,
+                    request_deserializer=twinkle_dot_worker_dot_v1_dot_worker__pb2.ForwardBackwardStreamRequest.FromString,
+                    response_serializer=twinkle_dot_worker_dot_v1_dot_worker__pb2.ForwardBackwardStreamResponse.SerializeToString,
+            ),
+            'ForwardOnlyStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.ForwardOnlyStream,
+                    request_deserializer=twinkle_dot_worker_dot_v1_dot_worker__pb2.ForwardOnlyStreamRequest.FromString,
+                    response_serializer=twinkle_dot_worker_dot_v1_dot_worker__pb2.ForwardOnlyStreamResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -910,6 +945,60 @@ class WorkerService:
             '/twinkle.worker.v1.WorkerService/ExportWeights',
             twinkle_dot_worker_dot_v1_dot_worker__pb2.ExportWeightsRequest.SerializeToString,
             twinkle_dot_worker_dot_v1_dot_worker__pb2.ExportWeightsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ForwardBackwardStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/twinkle.worker.v1.WorkerService/ForwardBackwardStream',
+            twinkle_dot_worker_dot_v1_dot_worker__pb2.ForwardBackwardStreamRequest.SerializeToString,
+            twinkle_dot_worker_dot_v1_dot_worker__pb2.ForwardBackwardStreamResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ForwardOnlyStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/twinkle.worker.v1.WorkerService/ForwardOnlyStream',
+            twinkle_dot_worker_dot_v1_dot_worker__pb2.ForwardOnlyStreamRequest.SerializeToString,
+            twinkle_dot_worker_dot_v1_dot_worker__pb2.ForwardOnlyStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,
