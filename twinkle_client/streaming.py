@@ -64,7 +64,7 @@ def frames(outgoing: Outgoing, message_type: Any, chunk_bytes: int = CHUNK_BYTES
     """The header message, then each array's bytes in chunks (one copy: into the chunk)."""
     yield message_type(header=outgoing.header)
     for array in outgoing.arrays:
-        view = memoryview(array.reshape(-1)).cast("B")
+        view = memoryview(array.reshape(-1)).cast("B")  # type: ignore[arg-type]
         for start in range(0, len(view), chunk_bytes):
             yield message_type(data=view[start : start + chunk_bytes].tobytes())
 

@@ -29,7 +29,7 @@ _NUMPY_OF: dict[int, np.dtype] = {
     DataType.DATA_TYPE_UINT8: np.dtype("u1"),
     DataType.DATA_TYPE_BOOL: np.dtype("?"),
 }
-_WIRE_OF: dict[str, int] = {
+_WIRE_OF: dict[str, Any] = {
     "float32": DataType.DATA_TYPE_FLOAT32,
     "float64": DataType.DATA_TYPE_FLOAT64,
     "float16": DataType.DATA_TYPE_FLOAT16,
@@ -128,7 +128,7 @@ def to_torch(message: tensor_pb2.Tensor, name: str = "tensor") -> Any:
     return torch.from_numpy(array.copy() if not array.flags.writeable else array)
 
 
-def _reinterpret(message: tensor_pb2.Tensor, dtype: int) -> tensor_pb2.Tensor:
+def _reinterpret(message: tensor_pb2.Tensor, dtype: Any) -> tensor_pb2.Tensor:
     return tensor_pb2.Tensor(dtype=dtype, shape=message.shape, data=message.data)
 
 
