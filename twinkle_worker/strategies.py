@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from twinkle_client.errors import FailedPrecondition, InvalidArgument
+from twinkle_client.errors import FailedPrecondition, InvalidArgument, Unavailable
 from twinkle_client.mesh import DeviceMesh
 
 log = logging.getLogger(__name__)
@@ -102,14 +102,21 @@ def init_process_group(plan: StrategyPlan, rank: int, rendezvous: Rendezvous) ->
     if plan.device.type == "cuda":
         torch.cuda.set_device(plan.device)
         kwargs["device_id"] = plan.device
-    dist.init_process_group(
-        backend=backend_for(plan.device),
-        init_method=f"tcp://{rendezvous.master_addr}:{rendezvous.master_port}",
-        rank=rank,
-        world_size=world,
-        timeout=timeout,
-        **kwargs,
-    )
+    address = f"{rendezvous.master_addr}:{rendezvous.master_port}"
+    try:
+        dist.init_process_group(
+            backend=backend_for(plan.device),
+            init_method=f"tcp://{address}",
+            rank=rank,
+            world_size=world,
+            timeout=timeout,
+            **kwargs,
+        )
+    except (dist.DistStoreError, dist.DistNetworkError) as error:
+        raise Unavailable(
+            f"rank {rank} could not meet the other {world - 1} rank(s) at {address} within "
+            f"{timeout.total_seconds():.0f} s (is every rank's Init in flight?): {str(error).splitlines()[0]}"
+        ) from None
 
 
 def destroy_process_group() -> None:
@@ -182,3 +189,17 @@ def no_gradient_sync(wrapped: nn.Module, sync: bool) -> Any:
     if hasattr(wrapped, "set_requires_gradient_sync"):
         wrapped.set_requires_gradient_sync(sync)
     return contextlib.nullcontext()
+
+
+def agree(ok: bool, device: torch.device) -> list[int]:
+    """Every rank says whether it can go ahead with the current call; returns the ranks that cannot.
+
+    One small all_gather. A rank that refused a call (bad input, unknown name) still takes
+    part, so its peers learn it at once instead of waiting in the call's first collective
+    until the process-group timeout.
+    """
+    world = dist.get_world_size()
+    flag = torch.tensor([0 if ok else 1], dtype=torch.int32, device=device)
+    flags = [torch.zeros(1, dtype=torch.int32, device=device) for _ in range(world)]
+    dist.all_gather(flags, flag)
+    return [rank for rank, value in enumerate(flags) if int(value.item())]

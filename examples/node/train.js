@@ -3,10 +3,11 @@
 // Trains a LoRA adapter on a mesh of Twinkle workers from Node, speaking only
 // the protocol in protos/ (docs/protocol.md): Init, AddAdapter, SetOptimizer,
 // ForwardBackward + ClipGradAndStep per micro-batch, a ForwardOnly evaluation,
-// Save, and optionally ExportWeights. Prints one JSON object per line.
+// Save, optionally ExportWeights, and Reset to release the workers at the end
+// (also after a failure). Prints one JSON object per line.
 //
 //   node train.js --workers 127.0.0.1:50051,127.0.0.1:50052 --mesh dp=2 \
-//                 --data job.json [--seed 0] [--token T] [--export-weights out.safetensors]
+//                 --data job.json [--seed 0] [--token T] [--export-weights out.safetensors] [--stream]
 //
 // job.json: {"batches": [[{"input_ids": [...], "labels": [...]}, ...], ...],
 //            "model": {...}, "lora": {...}, "optimizer": {...}, "train": {...}, "save": {...}}
@@ -87,8 +88,10 @@ function inputsByRank(mesh, samples) {
 }
 
 // The global loss of a micro-batch: token-loss sums over the collect ranks
-// (one per data rank) divided by their token count.
-function mergeOutputs(mesh, outputs) {
+// (one per data rank) divided by their token count. Per-sample logps come back
+// in data-rank order, which is the original sample order; each row is trimmed
+// to its sample's length (slices are padded to their own longest sample).
+function mergeOutputs(mesh, outputs, samples) {
   let lossSum = 0;
   let numTokens = 0;
   const logps = [];
@@ -99,7 +102,10 @@ function mergeOutputs(mesh, outputs) {
     const tensor = output.outputs?.tensors?.logps;
     if (tensor) {
       const { shape, values } = decodeTensor(tensor);
-      for (let row = 0; row < shape[0]; row++) logps.push(values.slice(row * shape[1], (row + 1) * shape[1]));
+      for (let row = 0; row < shape[0]; row++) {
+        const length = samples[logps.length].input_ids.length;
+        logps.push(values.slice(row * shape[1], row * shape[1] + length));
+      }
     }
   }
   return { loss: numTokens > 0 ? lossSum / numTokens : 0, lossSum, numTokens, logps };
@@ -137,7 +143,13 @@ function exportWeights(worker, adapterName) {
   return new Promise((resolve, reject) => {
     const tensors = {};
     let current = null;
-    const stream = worker.client.ExportWeights({ adapter_name: adapterName, chunk_bytes: 0 }, worker.metadata());
+    // The export is a collective: it carries the owner's session (never a sequence number).
+    const request = {
+      adapter_name: adapterName,
+      chunk_bytes: 0,
+      context: { sequence_number: '0', session_id: worker.sessionId },
+    };
+    const stream = worker.client.ExportWeights(request, worker.metadata());
     stream.on('data', (piece) => {
       if (piece.name && piece.name !== current?.name) {
         current = {
@@ -188,6 +200,10 @@ async function train(args) {
     timeoutSeconds: Number(args.timeout),
   });
   const adapterName = job.adapter_name;
+  // --stream sends batches and receives outputs as raw bytes after a header
+  // (the framing for payloads too big for one message); same results.
+  const forwardBackward = args.stream ? 'ForwardBackwardStream' : 'ForwardBackward';
+  const forwardOnly = args.stream ? 'ForwardOnlyStream' : 'ForwardOnly';
   try {
     // Rank 0 hosts the rendezvous: ask it for a port that is free on its host.
     const masterAddr = hostOf(addresses[0]).replace(/^\[|\]$/g, '');
@@ -205,16 +221,6 @@ async function train(args) {
       rank,
       rendezvous: { master_addr: masterAddr, master_port: masterPort, timeout_seconds: 120 },
     }));
-    // Token ids are checked against the model's vocabulary before any collective
-    // runs: a bad id on one rank must not leave the others waiting in an all-reduce.
-    const vocabSize = Number(init[0].vocab_size);
-    for (const [index, samples] of job.batches.entries()) {
-      for (const sample of samples) {
-        if (vocabSize > 0 && sample.input_ids.some((id) => id < 0 || id >= vocabSize)) {
-          throw new Error(`batch ${index}: token ids must lie in [0, ${vocabSize})`);
-        }
-      }
-    }
     init.forEach((response, rank) =>
       emit('init', {
         rank,
@@ -224,6 +230,18 @@ async function train(args) {
         strategy: response.strategy_description,
       }),
     );
+    // Token ids and labels are checked against the model's vocabulary before any
+    // collective runs: a bad id on one rank must not leave the others waiting in
+    // an all-reduce.
+    const vocabSize = Number(init[0].vocab_size);
+    const outside = (id) => id < 0 || id >= vocabSize;
+    for (const [index, samples] of job.batches.entries()) {
+      for (const sample of samples) {
+        if (sample.input_ids.some(outside) || sample.labels.some((label) => label !== -100 && outside(label))) {
+          throw new Error(`batch ${index}: token ids and labels must lie in [0, ${vocabSize}) (labels: or -100)`);
+        }
+      }
+    }
 
     const { extra, ...lora } = job.lora;
     const adapter = await coordinator.all('AddAdapter', () => ({
@@ -244,12 +262,12 @@ async function train(args) {
 
     for (const [index, samples] of job.batches.entries()) {
       const inputsFor = inputsByRank(mesh, samples);
-      const forward = await coordinator.all('ForwardBackward', (rank) => ({
+      const forward = await coordinator.all(forwardBackward, (rank) => ({
         adapter_name: adapterName,
         inputs: inputsFor(rank),
         gradient_accumulation_steps: job.train.gradient_accumulation_steps,
       }));
-      const merged = mergeOutputs(mesh, forward.map((response) => response.output));
+      const merged = mergeOutputs(mesh, forward.map((response) => response.output), samples);
       const step = await coordinator.all('ClipGradAndStep', () => ({
         adapter_name: adapterName,
         max_grad_norm: job.train.max_grad_norm,
@@ -267,11 +285,11 @@ async function train(args) {
       });
     }
 
-    const evaluation = await coordinator.all('ForwardOnly', (rank) => ({
+    const evaluation = await coordinator.all(forwardOnly, (rank) => ({
       adapter_name: adapterName,
       inputs: inputsByRank(mesh, job.batches[0])(rank),
     }));
-    const evaluated = mergeOutputs(mesh, evaluation.map((response) => response.output));
+    const evaluated = mergeOutputs(mesh, evaluation.map((response) => response.output), job.batches[0]);
     emit('eval', { loss: evaluated.loss, num_tokens: evaluated.numTokens, logps: evaluated.logps });
 
     const saved = await coordinator.all('Save', () => ({
@@ -283,20 +301,21 @@ async function train(args) {
 
     if (args['export-weights']) {
       // Every rank is asked at once (under FSDP the export gathers shards in a
-      // collective); the ranks stream the same weights, rank 0's are written.
+      // collective); rank 0 streams the weights, the others send nothing.
       const exported = await Promise.all(coordinator.workers.map((worker) => exportWeights(worker, adapterName)));
       const tensors = exported[0];
       writeSafetensors(args['export-weights'], tensors);
       emit('exported', { file: args['export-weights'], tensors: Object.keys(tensors).length });
     }
   } finally {
+    for (const error of await coordinator.release()) process.stderr.write(`release: ${error.message}\n`);
     coordinator.close();
   }
 }
 
 const USAGE = `usage: node train.js --workers HOST:PORT[,HOST:PORT...] --data JOB.json
        [--mesh dp=N[,fsdp=N,tp=N,...]] [--seed N] [--token TOKEN] [--master-port P]
-       [--timeout SECONDS] [--export-weights FILE.safetensors]`;
+       [--timeout SECONDS] [--export-weights FILE.safetensors] [--stream]`;
 
 async function main() {
   const { values } = parseArgs({
@@ -309,6 +328,7 @@ async function main() {
       'master-port': { type: 'string' },
       timeout: { type: 'string', default: '600' },
       'export-weights': { type: 'string' },
+      stream: { type: 'boolean', default: false },
       help: { type: 'boolean', short: 'h' },
     },
   });

@@ -1,7 +1,8 @@
-"""Fixtures for the cross-language tests: Node and buf from examples/node, and real worker processes.
+"""Fixtures for the cross-language tests: Node and buf from examples/node, and Reset helpers.
 
-The workers are started once per session (two CPU ranks on free ports, awaited through the
-health service) and Reset after each test, so every test starts from uninitialised workers.
+The workers are tests/conftest.py's session pool `two_workers` (two CPU ranks on free ports,
+awaited through the health service); tests here Reset them before and after use, so every
+test starts from uninitialised workers.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 NODE_DIR = REPO / "examples" / "node"
 TRAIN_JS = NODE_DIR / "train.js"
 BUF = NODE_DIR / "node_modules" / ".bin" / "buf"
-WORKER_COUNT = 2
 
 
 @pytest.fixture(scope="session")
@@ -60,29 +60,13 @@ def buf(node_modules: pathlib.Path) -> str:
     return str(BUF)
 
 
-@pytest.fixture(scope="session")
-def output_root(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
-    return tmp_path_factory.mktemp("worker-outputs")
-
-
-@pytest.fixture(scope="session")
-def worker_pool(output_root: pathlib.Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    """Two `python -m twinkle_worker` processes on 127.0.0.1, serving (health SERVING) before use."""
-    from twinkle_client.local import LocalWorkers
-
-    with LocalWorkers(
-        WORKER_COUNT, device="cpu", output_root=output_root, threads=1, log_dir=tmp_path_factory.mktemp("worker-logs")
-    ) as pool:
-        yield pool
-
-
 def _reset_all(addresses: list[str]) -> None:
-    """Sends Reset to every worker concurrently (a worker that is not initialised just answers)."""
+    """Force-Resets every worker concurrently: whoever owned it, it is uninitialised afterwards."""
     from twinkle_client._proto import worker_pb2, worker_pb2_grpc
 
     def reset(address: str) -> None:
         with grpc.insecure_channel(address) as channel:
-            worker_pb2_grpc.WorkerServiceStub(channel).Reset(worker_pb2.ResetRequest(), timeout=60)
+            worker_pb2_grpc.WorkerServiceStub(channel).Reset(worker_pb2.ResetRequest(force=True), timeout=60)
 
     with ThreadPoolExecutor(len(addresses)) as pool:
         list(pool.map(reset, addresses))
@@ -94,11 +78,11 @@ def reset_workers() -> Callable[[list[str]], None]:
 
 
 @pytest.fixture
-def workers(worker_pool: Any) -> Iterator[list[str]]:
-    """Addresses of the pool's workers, uninitialised at the start of the test and Reset after it."""
-    _reset_all(worker_pool.addresses)
-    yield list(worker_pool.addresses)
-    _reset_all(worker_pool.addresses)
+def workers(two_workers: Any) -> Iterator[list[str]]:
+    """Addresses of the two pool workers, uninitialised at the start of the test and Reset after it."""
+    _reset_all(two_workers.addresses)
+    yield list(two_workers.addresses)
+    _reset_all(two_workers.addresses)
 
 
 @pytest.fixture(scope="session")

@@ -46,7 +46,7 @@ def buf_curl(buf: str, address: str, *args: str) -> subprocess.CompletedProcess[
     return run_buf(buf, "curl", "--protocol", "grpc", "--http2-prior-knowledge", *args, f"http://{address}")
 
 
-def test_buf_curl_lists_services_and_calls_get_status(buf: str, worker_pool: Any, workers: list[str]) -> None:
+def test_buf_curl_lists_services_and_calls_get_status(buf: str, two_workers: Any, workers: list[str]) -> None:
     """The commands of docs/protocol.md section 13, against a real worker."""
     address = workers[0]
     listed = buf_curl(buf, address, "--list-services")
@@ -68,7 +68,7 @@ def test_buf_curl_lists_services_and_calls_get_status(buf: str, worker_pool: Any
     )
     assert status.returncode == 0, status.stderr
     reply = json.loads(status.stdout)
-    assert int(reply["pid"]) == worker_pool.processes[0].pid
+    assert int(reply["pid"]) == two_workers.processes[0].pid
     assert reply["initialized"] is False
     assert 0 < reply["freePort"] < 65536
 

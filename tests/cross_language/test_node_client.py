@@ -81,9 +81,8 @@ def job() -> dict[str, Any]:
     }
 
 
-@pytest.fixture(scope="module")
-def python_reference(job: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """The same job through the Python TransformersModel in this process: one rank, whole batches."""
+def train_in_process(job: dict[str, Any], output_root: pathlib.Path) -> dict[str, Any]:
+    """The job through twinkle_worker.model.TransformersModel in this process: one rank, whole batches."""
     from peft import LoraConfig
 
     from twinkle_worker.model import TransformersModel
@@ -93,26 +92,25 @@ def python_reference(job: dict[str, Any], tmp_path_factory: pytest.TempPathFacto
         config=job["model"]["config_json"],
         mixed_precision="no",
         seed=SEED,
-        output_root=tmp_path_factory.mktemp("reference"),
+        output_root=output_root,
     )
-    model.add_adapter_to_model(
-        ADAPTER,
+    try:
         # peft spells "all linear layers" as a string; the protocol as a one-element list.
-        LoraConfig(task_type="CAUSAL_LM", bias="none", **dict(LORA, target_modules="all-linear")),
-        gradient_accumulation_steps=GRADIENT_ACCUMULATION_STEPS,
-    )
-    model.set_optimizer("AdamW", lr=LR, weight_decay=0.0, adapter_name=ADAPTER)
-    losses, grad_norms, applied = [], [], []
-    for samples in job["batches"]:
-        result = model.forward_backward(samples, adapter_name=ADAPTER)
-        losses.append(result.loss_sum / result.num_tokens)
-        step = model.clip_grad_and_step(MAX_GRAD_NORM, adapter_name=ADAPTER)
-        grad_norms.append(step.grad_norm)
-        applied.append(step.applied)
-    evaluation = model.forward_only(job["batches"][0], adapter_name=ADAPTER)
-    logps = evaluation.outputs["logps"].numpy()
+        lora = LoraConfig(task_type="CAUSAL_LM", bias="none", **dict(LORA, target_modules="all-linear"))
+        model.add_adapter_to_model(ADAPTER, lora, gradient_accumulation_steps=GRADIENT_ACCUMULATION_STEPS)
+        model.set_optimizer("AdamW", lr=LR, weight_decay=0.0, adapter_name=ADAPTER)
+        losses, grad_norms, applied = [], [], []
+        for samples in job["batches"]:
+            result = model.forward_backward(samples, adapter_name=ADAPTER)
+            losses.append(result.loss_sum / result.num_tokens)
+            step = model.clip_grad_and_step(MAX_GRAD_NORM, adapter_name=ADAPTER)
+            grad_norms.append(step.grad_norm)
+            applied.append(step.applied)
+        evaluation = model.forward_only(job["batches"][0], adapter_name=ADAPTER)
+        logps = evaluation.outputs["logps"].numpy()
+    finally:
+        model.close()
     lengths = [len(sample["input_ids"]) for sample in job["batches"][0]]
-    model.close()
     return {
         "losses": losses,
         "grad_norms": grad_norms,
@@ -122,17 +120,98 @@ def python_reference(job: dict[str, Any], tmp_path_factory: pytest.TempPathFacto
     }
 
 
+def train_with_python_client(job: dict[str, Any], addresses: list[str]) -> dict[str, Any]:
+    """The job through the Python client, twinkle_client.TransformersModel, on the given workers."""
+    from twinkle_client.mesh import DeviceMesh
+    from twinkle_client.model import TransformersModel
+
+    model = TransformersModel(
+        model_cls="Qwen2ForCausalLM",
+        config=job["model"]["config_json"],
+        device_mesh=DeviceMesh.from_sizes(dp_size=len(addresses)),
+        mixed_precision="no",
+        seed=SEED,
+        addresses=addresses,
+    )
+    try:
+        model.add_adapter_to_model(ADAPTER, LORA, gradient_accumulation_steps=GRADIENT_ACCUMULATION_STEPS)
+        model.set_optimizer("AdamW", lr=LR, weight_decay=0.0, adapter_name=ADAPTER)
+        losses, grad_norms, applied = [], [], []
+        for samples in job["batches"]:
+            losses.append(model.forward_backward(samples, adapter_name=ADAPTER)["loss"])
+            step = model.clip_grad_and_step(MAX_GRAD_NORM, adapter_name=ADAPTER)
+            grad_norms.append(step["grad_norm"] or 0.0)
+            applied.append(step["applied"])
+        evaluation = model.forward_only(job["batches"][0], adapter_name=ADAPTER)
+    finally:
+        model.close()
+    return {
+        "losses": losses,
+        "grad_norms": grad_norms,
+        "applied": applied,
+        "eval_loss": evaluation["loss"],
+        "eval_logps": [np.asarray(row).tolist() for row in evaluation["logps"]],
+    }
+
+
+@pytest.fixture(scope="module")
+def in_process(job: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    return train_in_process(job, tmp_path_factory.mktemp("in-process"))
+
+
+@pytest.fixture(scope="module")
+def python_one_rank(job: dict[str, Any], two_workers: Any, reset_workers: Any) -> dict[str, Any]:
+    reset_workers(two_workers.addresses)
+    return train_with_python_client(job, two_workers.addresses[:1])
+
+
+@pytest.fixture(scope="module")
+def python_two_ranks(job: dict[str, Any], two_workers: Any, reset_workers: Any) -> dict[str, Any]:
+    reset_workers(two_workers.addresses)
+    return train_with_python_client(job, two_workers.addresses[:2])
+
+
+def get_statuses(addresses: list[str]) -> list[Any]:
+    import grpc
+
+    from twinkle_client._proto import worker_pb2, worker_pb2_grpc
+
+    statuses = []
+    for address in addresses:
+        with grpc.insecure_channel(address) as channel:
+            stub = worker_pb2_grpc.WorkerServiceStub(channel)
+            statuses.append(stub.GetStatus(worker_pb2.GetStatusRequest(), timeout=30))
+    return statuses
+
+
 def train_with_node(
-    run_node: Any, workers: list[str], job: dict[str, Any], directory: pathlib.Path, output_dir: str, mesh: str
+    run_node: Any,
+    workers: list[str],
+    job: dict[str, Any],
+    directory: pathlib.Path,
+    output_dir: str,
+    mesh: str,
+    *extra: str,
 ) -> dict[str, Any]:
     job = dict(job, save=dict(job["save"], output_dir=output_dir))
     job_file = directory / f"{output_dir}.json"
     job_file.write_text(json.dumps(job))
     exported = directory / f"{output_dir}-exported.safetensors"
     code, events, stderr = run_node(
-        "--workers", ",".join(workers), "--mesh", mesh, "--data", str(job_file), "--export-weights", str(exported)
+        "--workers",
+        ",".join(workers),
+        "--mesh",
+        mesh,
+        "--data",
+        str(job_file),
+        "--export-weights",
+        str(exported),
+        *extra,
     )
     assert code == 0, f"train.js failed ({code}):\n{stderr}\nevents: {events}"
+    # train.js releases the workers (Reset with its session) when it is done.
+    for status in get_statuses(workers):
+        assert not status.initialized and status.session_id == "", status
     by_kind: dict[str, list[dict[str, Any]]] = {}
     for event in events:
         by_kind.setdefault(event["event"], []).append(event)
@@ -140,23 +219,40 @@ def train_with_node(
 
 
 @pytest.fixture(scope="module")
-def node_one_rank(run_node: Any, worker_pool: Any, reset_workers: Any, job: dict[str, Any], tmp_path_factory: Any) -> dict[str, Any]:
-    reset_workers(worker_pool.addresses)
+def node_one_rank(
+    run_node: Any, two_workers: Any, reset_workers: Any, job: dict[str, Any], tmp_path_factory: Any
+) -> dict[str, Any]:
+    reset_workers(two_workers.addresses)
     try:
         directory = tmp_path_factory.mktemp("node1")
-        return train_with_node(run_node, worker_pool.addresses[:1], job, directory, "node-1-rank", "dp=1")
+        return train_with_node(run_node, two_workers.addresses[:1], job, directory, "node-1-rank", "dp=1")
     finally:
-        reset_workers(worker_pool.addresses)
+        reset_workers(two_workers.addresses)
 
 
 @pytest.fixture(scope="module")
-def node_two_ranks(run_node: Any, worker_pool: Any, reset_workers: Any, job: dict[str, Any], tmp_path_factory: Any) -> dict[str, Any]:
-    reset_workers(worker_pool.addresses)
+def node_two_ranks(
+    run_node: Any, two_workers: Any, reset_workers: Any, job: dict[str, Any], tmp_path_factory: Any
+) -> dict[str, Any]:
+    reset_workers(two_workers.addresses)
     try:
         directory = tmp_path_factory.mktemp("node2")
-        return train_with_node(run_node, worker_pool.addresses[:2], job, directory, "node-2-ranks", "dp=2")
+        return train_with_node(run_node, two_workers.addresses[:2], job, directory, "node-2-ranks", "dp=2")
     finally:
-        reset_workers(worker_pool.addresses)
+        reset_workers(two_workers.addresses)
+
+
+@pytest.fixture(scope="module")
+def node_two_ranks_streamed(
+    run_node: Any, two_workers: Any, reset_workers: Any, job: dict[str, Any], tmp_path_factory: Any
+) -> dict[str, Any]:
+    reset_workers(two_workers.addresses)
+    try:
+        directory = tmp_path_factory.mktemp("node2s")
+        addresses = two_workers.addresses[:2]
+        return train_with_node(run_node, addresses, job, directory, "node-2-ranks-streamed", "dp=2", "--stream")
+    finally:
+        reset_workers(two_workers.addresses)
 
 
 def assert_matches_reference(run: dict[str, Any], reference: dict[str, Any]) -> None:
@@ -165,30 +261,45 @@ def assert_matches_reference(run: dict[str, Any], reference: dict[str, Any]) -> 
     np.testing.assert_allclose([s["loss"] for s in steps], reference["losses"], rtol=RTOL)
     assert [s["applied"] for s in steps] == reference["applied"] == [False, True] * (MICRO_BATCHES // 2)
     applied_norms = [s["grad_norm"] for s in steps if s["applied"]]
-    reference_norms = [n for n, a in zip(reference["grad_norms"], reference["applied"]) if a]
+    reference_norms = [n for n, a in zip(reference["grad_norms"], reference["applied"], strict=True) if a]
     np.testing.assert_allclose(applied_norms, reference_norms, rtol=RTOL)
     assert steps[-1]["optimizer_step"] == MICRO_BATCHES // GRADIENT_ACCUMULATION_STEPS
     evaluation = run["events"]["eval"][0]
     np.testing.assert_allclose(evaluation["loss"], reference["eval_loss"], rtol=RTOL)
     # Per-sample outputs come back in the original sample order, whatever rank computed them.
     assert len(evaluation["logps"]) == BATCH
-    for node_row, reference_row in zip(evaluation["logps"], reference["eval_logps"]):
-        np.testing.assert_allclose(node_row[: len(reference_row)], reference_row, rtol=RTOL, atol=1e-6)
+    for node_row, reference_row in zip(evaluation["logps"], reference["eval_logps"], strict=True):
+        assert len(node_row) == len(reference_row)
+        np.testing.assert_allclose(node_row, reference_row, rtol=RTOL, atol=1e-6)
 
 
-def test_node_one_rank_losses_equal_python(node_one_rank: dict[str, Any], python_reference: dict[str, Any]) -> None:
-    assert_matches_reference(node_one_rank, python_reference)
+def test_node_one_rank_losses_equal_python(
+    node_one_rank: dict[str, Any], python_one_rank: dict[str, Any], in_process: dict[str, Any]
+) -> None:
+    assert_matches_reference(node_one_rank, python_one_rank)
+    assert_matches_reference(node_one_rank, in_process)
 
 
 def test_node_two_ranks_slices_by_data_rank_and_equals_python(
-    node_two_ranks: dict[str, Any], python_reference: dict[str, Any]
+    node_two_ranks: dict[str, Any], python_two_ranks: dict[str, Any], in_process: dict[str, Any]
 ) -> None:
     inits = node_two_ranks["events"]["init"]
     assert [(e["rank"], e["data_rank"], e["data_world_size"]) for e in inits] == [(0, 0, 2), (1, 1, 2)]
-    assert_matches_reference(node_two_ranks, python_reference)
+    # The same as the Python client on the same two workers, and as one process on whole batches.
+    assert_matches_reference(node_two_ranks, python_two_ranks)
+    assert_matches_reference(node_two_ranks, in_process)
     # Tokens over both ranks add up to the whole micro-batch's label tokens.
-    for step, samples in zip(node_two_ranks["events"]["step"], make_batches()):
+    for step, samples in zip(node_two_ranks["events"]["step"], make_batches(), strict=True):
         assert step["num_tokens"] == sum(sum(1 for t in s["labels"] if t != -100) for s in samples)
+
+
+def test_node_streamed_calls_equal_unary_ones(
+    node_two_ranks_streamed: dict[str, Any], node_two_ranks: dict[str, Any], python_two_ranks: dict[str, Any]
+) -> None:
+    """ForwardBackwardStream / ForwardOnlyStream framing, written in Node: the same numbers as unary calls."""
+    assert_matches_reference(node_two_ranks_streamed, python_two_ranks)
+    assert node_two_ranks_streamed["events"]["step"] == node_two_ranks["events"]["step"]
+    assert node_two_ranks_streamed["events"]["eval"] == node_two_ranks["events"]["eval"]
 
 
 @pytest.mark.parametrize("run_name", ["node_one_rank", "node_two_ranks"])
@@ -217,7 +328,9 @@ def test_saved_adapter_loads_with_peft_and_reproduces_the_loss(
     labels = torch.tensor([s["labels"] + [-100] * (width - len(s["labels"])) for s in samples])
     with torch.no_grad():
         logits = model(input_ids=ids, attention_mask=mask).logits.float()
-    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+    loss = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100
+    )
     np.testing.assert_allclose(loss.item(), run["events"]["eval"][0]["loss"], rtol=RTOL)
 
     # What the worker streamed (ExportWeights) is byte for byte what it saved, and it was trained.
@@ -290,12 +403,14 @@ console.log(JSON.stringify(out));
     result = subprocess.run(
         [node, "-e", script, json.dumps(specs)], cwd=NODE_DIR, capture_output=True, text=True, timeout=60, check=True
     )
-    for sizes, got in zip(MESHES, json.loads(result.stdout)):
+    for sizes, got in zip(MESHES, json.loads(result.stdout), strict=True):
         mesh = DeviceMesh.from_sizes(**sizes)
         assert (tuple(got["dims"]), tuple(got["sizes"])) == (mesh.dim_names, mesh.dim_sizes), sizes
         assert got["dataRanks"] == [mesh.data_rank(r) for r in range(mesh.world_size)], sizes
         assert got["collect"] == mesh.collect_ranks(), sizes
-        expected = [[list(b) for b in slice_bounds(n, mesh.data_world_size)] for n in (7, 8, 13) if n >= mesh.data_world_size]
+        expected = [
+            [list(b) for b in slice_bounds(n, mesh.data_world_size)] for n in (7, 8, 13) if n >= mesh.data_world_size
+        ]
         assert got["slices"] == expected, sizes
 
 

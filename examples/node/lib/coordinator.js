@@ -4,9 +4,11 @@
 // sends a call to all ranks concurrently, and retries a call that did not
 // arrive with the same sequence number (the worker runs it at most once).
 
+const crypto = require('node:crypto');
 const path = require('node:path');
 const grpc = require('@grpc/grpc-js');
 const protoLoader = require('@grpc/proto-loader');
+const { framedCall, splitTensorMap } = require('./streaming');
 
 const PROTO_ROOT = path.resolve(__dirname, '..', '..', '..', 'protos');
 
@@ -58,9 +60,10 @@ class RankError extends Error {
 }
 
 class Worker {
-  constructor(Service, rank, address, { token, timeoutSeconds, retries }) {
+  constructor(Service, rank, address, { token, timeoutSeconds, retries, sessionId }) {
     this.rank = rank;
     this.address = address;
+    this.sessionId = sessionId;
     this.client = new Service(address, grpc.credentials.createInsecure(), {
       'grpc.max_send_message_length': 64 * 1024 * 1024,
       'grpc.max_receive_message_length': 64 * 1024 * 1024,
@@ -86,6 +89,16 @@ class Worker {
     });
   }
 
+  // ForwardBackwardStream / ForwardOnlyStream: the request's `inputs` and the
+  // response's `output.outputs` travel as raw bytes after a header message.
+  framed(method, request) {
+    const call = this.client[method](this.metadata(), {
+      deadline: new Date(Date.now() + this.timeoutSeconds * 1000),
+    });
+    const { header, chunks } = splitTensorMap(request.inputs);
+    return framedCall(call, { ...request, inputs: header }, chunks, (response) => response.output.outputs);
+  }
+
   waitForReady(seconds) {
     return new Promise((resolve, reject) => {
       this.client.waitForReady(new Date(Date.now() + seconds * 1000), (error) =>
@@ -99,11 +112,12 @@ class Worker {
   // ready again. A number the worker already ran returns its stored result.
   async mutate(method, request) {
     this.lastSequenceNumber += 1;
-    const context = { sequence_number: String(this.lastSequenceNumber), session_id: '' };
+    const context = { sequence_number: String(this.lastSequenceNumber), session_id: this.sessionId };
     const full = { ...request, context };
+    const send = method.endsWith('Stream') ? () => this.framed(method, full) : () => this.unary(method, full);
     for (let attempt = 0; ; attempt++) {
       try {
-        return await this.unary(method, full);
+        return await send();
       } catch (error) {
         if (error.code !== grpc.status.UNAVAILABLE || attempt >= this.retries) {
           throw new RankError(this.rank, this.address, method, error);
@@ -127,15 +141,18 @@ class Worker {
 }
 
 class Coordinator {
-  // addresses[r] serves global rank r of `mesh`.
+  // addresses[r] serves global rank r of `mesh`. The session id marks this
+  // client as the owner of the workers from Init until release() (Reset).
   constructor(addresses, mesh, { token = '', timeoutSeconds = 600, retries = 2 } = {}) {
     if (addresses.length !== mesh.worldSize) {
       throw new Error(`mesh of ${mesh.worldSize} ranks needs ${mesh.worldSize} workers, got ${addresses.length}`);
     }
     const Service = loadWorkerService();
     this.mesh = mesh;
+    this.sessionId = crypto.randomUUID().replace(/-/g, '');
     this.workers = addresses.map(
-      (address, rank) => new Worker(Service, rank, address, { token, timeoutSeconds, retries }),
+      (address, rank) =>
+        new Worker(Service, rank, address, { token, timeoutSeconds, retries, sessionId: this.sessionId }),
     );
   }
 
@@ -153,6 +170,15 @@ class Coordinator {
 
   async queryAll(method, request) {
     return Promise.all(this.workers.map((worker) => worker.query(method, request)));
+  }
+
+  // Ends this client's session on every rank (Reset drops the model), so that
+  // another client can Init the workers without waiting for the lease to lapse.
+  // Best effort: returns the errors instead of throwing them.
+  async release() {
+    const context = { sequence_number: '0', session_id: this.sessionId };
+    const settled = await Promise.allSettled(this.workers.map((worker) => worker.query('Reset', { context })));
+    return settled.filter((result) => result.status === 'rejected').map((result) => result.reason);
   }
 
   close() {
