@@ -18,18 +18,24 @@ import time
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from twinkle_client.coordinator import ChannelSecurity, wait_ready
 from twinkle_client.errors import Unavailable
 
 LISTENING = "twinkle-worker listening on "
 
 
-def wait_serving(address: str, timeout: float) -> None:
-    """Blocks until the worker's health service answers SERVING (or raises Unavailable)."""
-    with grpc.insecure_channel(address) as channel:
+def wait_serving(address: str, timeout: float, security: ChannelSecurity | None = None) -> None:
+    """Blocks until the worker's health service answers SERVING (or raises Unavailable).
+
+    The health service needs no token; with TLS, `security` holds the certificates to reach it.
+    """
+    with (security or ChannelSecurity()).channel(address) as channel:
         try:
-            grpc.channel_ready_future(channel).result(timeout=timeout)
-            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout)
-        except (grpc.FutureTimeoutError, grpc.RpcError) as error:
+            if not wait_ready(channel, timeout):
+                raise Unavailable(f"worker {address} did not accept a connection within {timeout:.0f} s")
+            request = health_pb2.HealthCheckRequest(service="")
+            reply = health_pb2_grpc.HealthStub(channel).Check(request, timeout=timeout)
+        except grpc.RpcError as error:
             raise Unavailable(f"worker {address} did not become ready within {timeout:.0f} s: {error}") from None
     if reply.status != health_pb2.HealthCheckResponse.SERVING:
         raise Unavailable(f"worker {address} is not serving (health status {reply.status})")
@@ -47,11 +53,21 @@ class LocalWorkers:
         start_timeout: float = 120.0,
         extra_args: list[str] | None = None,
         log_dir: str | os.PathLike[str] | None = None,
+        env: dict[str, str] | None = None,
+        security: ChannelSecurity | None = None,
+        host: str = "127.0.0.1",
+        base_port: int | None = None,
     ) -> None:
+        """extra_args go to every worker's command line (e.g. ["--token-file", path, "--tls-cert", ...]),
+        env into its environment (e.g. {"TWINKLE_WORKER_TOKEN": token}); `security` is how to reach
+        the health service when the workers serve TLS. Rank i listens on `host`, port base_port + i
+        (twinkle-launch), or on a free port when base_port is None."""
         self.log_dir = pathlib.Path(log_dir or tempfile.mkdtemp(prefix="twinkle-workers-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.output_root = str(pathlib.Path(output_root or os.getcwd()).resolve())
         threads = threads or max(1, (os.cpu_count() or 1) // count)
+        self.extra_env = dict(env or {})
+        self.host, self.base_port = host, base_port
         self.processes: list[subprocess.Popen[str]] = []
         self.addresses: list[str] = []
         self._closed = False
@@ -63,7 +79,7 @@ class LocalWorkers:
             for rank, process in enumerate(self.processes):
                 self.addresses.append(self._read_address(rank, process, deadline))
             for address in self.addresses:
-                wait_serving(address, max(1.0, deadline - time.monotonic()))
+                wait_serving(address, max(1.0, deadline - time.monotonic()), security)
         except BaseException:
             self.close()
             raise
@@ -72,13 +88,13 @@ class LocalWorkers:
         log = open(self.log_dir / f"worker-{rank}.log", "w")  # noqa: SIM115 - owned by the process
         command = [
             sys.executable, "-m", "twinkle_worker",
-            "--host", "127.0.0.1", "--port", "0",
+            "--host", self.host, "--port", str(self.base_port + rank if self.base_port else 0),
             "--device", device if device != "cuda" else f"cuda:{rank}",
             "--output-root", self.output_root,
             "--threads", str(threads),
             *extra_args,
         ]  # fmt: skip
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **self.extra_env)
         return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, text=True, env=env)
 
     def _read_address(self, rank: int, process: subprocess.Popen[str], deadline: float) -> str:
