@@ -8,6 +8,10 @@ either a path to a file or the JSON itself:
 
 `workers` are listed in global-rank order. `master_addr`/`master_port` (optional) fix the
 torch.distributed rendezvous; by default rank 0's host and a port rank 0 reports free.
+`token_env` names the environment variable holding the workers' bearer token. With TLS:
+`tls_root_cert` (PEM path of the CA that signed the workers' certificates), and for mutual
+TLS `tls_client_cert` + `tls_client_key`; `tls_server_name` overrides the name checked
+against the workers' certificates.
 With no TWINKLE_CLUSTER set, a TransformersModel starts local workers itself (embedded default).
 """
 
@@ -33,6 +37,14 @@ class WorkerGroup:
     master_addr: str | None = None
     master_port: int | None = None
     token_env: str | None = None
+    tls_root_cert: str | None = None
+    tls_client_cert: str | None = None
+    tls_client_key: str | None = None
+    tls_server_name: str | None = None
+
+    def token(self) -> str | None:
+        """The bearer token from the variable named by token_env (None when unset or empty)."""
+        return (os.environ.get(self.token_env) or None) if self.token_env else None
 
 
 def load_config(source: str | None = None) -> dict[str, Any] | None:
@@ -71,7 +83,11 @@ def resolve(remote_group: str | None, source: str | None = None) -> WorkerGroup 
     if not workers or not all(isinstance(w, str) and ":" in w for w in workers):
         raise InvalidArgument(f"cluster group {name!r} needs 'workers': a list of 'host:port' in rank order")
     port = entry.get("master_port")
-    return WorkerGroup(name, tuple(workers), entry.get("master_addr"), int(port) if port else None, entry.get("token_env"))
+    tls = {key: entry.get(key) for key in ("tls_root_cert", "tls_client_cert", "tls_client_key", "tls_server_name")}
+    if bool(tls["tls_client_cert"]) != bool(tls["tls_client_key"]):
+        raise InvalidArgument(f"cluster group {name!r}: tls_client_cert and tls_client_key go together")
+    master_addr = entry.get("master_addr")
+    return WorkerGroup(name, tuple(workers), master_addr, int(port) if port else None, entry.get("token_env"), **tls)
 
 
 def host_of(address: str) -> str:

@@ -1,18 +1,36 @@
 """Coordinator: sends one call to every rank of the mesh concurrently and collects the replies.
 
 Each rank gets its own sequence number stream (one per worker, 1, 2, 3, ... since Init),
-so a worker can tell a retry from a new call. Errors come back naming the rank and its
-address. Used by twinkle_client.model.
+so a worker can tell a retry from a new call, and every call carries this client's session
+id, so a worker driven by another client refuses it. Errors come back naming the rank and
+its address. Used by twinkle_client.model.
+
+Failures, in short (docs/reliability.md has the whole model):
+
+- UNAVAILABLE (connection lost or refused) on an idempotent call (a sequenced one: the
+  worker deduplicates it; or a read-only one) is retried on the same rank with the same
+  number once the channel is ready again, for at most `retry_seconds`.
+- A sequenced call whose outcome stayed unknown (UNAVAILABLE after the retries,
+  DEADLINE_EXCEEDED, CANCELLED) is resent with its number before the next sequenced call,
+  so the worker's sequence has no gap and the call runs exactly once.
+- gather raises as soon as a rank is gone (UNAVAILABLE, DEADLINE_EXCEEDED), without waiting
+  for the others; after any other failure it gives the other ranks `abort_grace_seconds` to
+  report theirs, then names the ranks that never answered.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import threading
+import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from twinkle_client._proto import worker_pb2_grpc
 from twinkle_client.errors import TwinkleError, from_status
@@ -20,20 +38,106 @@ from twinkle_client.errors import TwinkleError, from_status
 MAX_MESSAGE_BYTES = 256 << 20
 # Codes that say a rank failed because another one did; the other rank's error is the cause.
 _CONSEQUENTIAL = (grpc.StatusCode.ABORTED, grpc.StatusCode.CANCELLED)
+# Outcomes that leave a sequenced call unconfirmed: it may or may not have run.
+_IN_DOUBT = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED)
+# Unsequenced calls that are safe to repeat.
+IDEMPOTENT = frozenset({"GetStatus", "GetTrainConfigs", "Reset"})
+MAX_ATTEMPTS = 3
+# Codes that say a rank is gone (no answer came): reported without waiting for the other ranks.
+_GONE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+@dataclass(frozen=True)
+class ChannelSecurity:
+    """How the client reaches its workers: a bearer token, and TLS (PEM bytes).
+
+    TLS is on when `tls` is set or any certificate is given; `root_certificates` is the CA
+    that signed the workers' certificates (None: the system's roots); `certificate_chain` and
+    `private_key` are this client's certificate for mutual TLS; `server_name` overrides the
+    name checked against the workers' certificates (for workers reached by IP address).
+    """
+
+    token: str | None = field(default=None, repr=False)
+    root_certificates: bytes | None = field(default=None, repr=False)
+    certificate_chain: bytes | None = field(default=None, repr=False)
+    private_key: bytes | None = field(default=None, repr=False)
+    server_name: str | None = None
+    tls: bool = False
+
+    @classmethod
+    def from_files(
+        cls,
+        token: str | None = None,
+        root_cert: str | None = None,
+        client_cert: str | None = None,
+        client_key: str | None = None,
+        server_name: str | None = None,
+        tls: bool = False,
+    ) -> ChannelSecurity:
+        """Reads the PEM files named (paths); None leaves a part out."""
+
+        def read(path: str | None) -> bytes | None:
+            if not path:
+                return None
+            with open(path, "rb") as handle:
+                return handle.read()
+
+        return cls(token or None, read(root_cert), read(client_cert), read(client_key), server_name, tls)
+
+    @property
+    def uses_tls(self) -> bool:
+        return self.tls or self.root_certificates is not None or self.certificate_chain is not None
+
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {self.token}"),) if self.token else ()
+
+    def channel(self, address: str, options: Sequence[tuple[str, Any]] = ()) -> grpc.Channel:
+        """A channel to `address`: TLS when configured, plaintext otherwise."""
+        if not self.uses_tls:
+            return grpc.insecure_channel(address, options=list(options))
+        credentials = grpc.ssl_channel_credentials(self.root_certificates, self.private_key, self.certificate_chain)
+        extra = [("grpc.ssl_target_name_override", self.server_name)] if self.server_name else []
+        return grpc.secure_channel(address, credentials, options=[*options, *extra])
 
 
 class Coordinator:
     """Channels and stubs to the workers of a mesh, in global-rank order."""
 
-    def __init__(self, addresses: Sequence[str], metadata: Sequence[tuple[str, str]] = (), timeout: float | None = None) -> None:
-        options = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES), ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
+    def __init__(
+        self,
+        addresses: Sequence[str],
+        metadata: Sequence[tuple[str, str]] = (),
+        timeout: float | None = None,
+        *,
+        security: ChannelSecurity | None = None,
+        session_id: str | None = None,
+        retry_seconds: float = 5.0,
+        abort_grace_seconds: float = 10.0,
+    ) -> None:
+        options = [
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ]
+        self.security = security or ChannelSecurity()
         self.addresses = list(addresses)
-        self.channels = [grpc.insecure_channel(address, options=options) for address in self.addresses]
+        self.channels = [self.security.channel(address, options) for address in self.addresses]
         self.stubs = [worker_pb2_grpc.WorkerServiceStub(channel) for channel in self.channels]
-        self.metadata = tuple(metadata)
+        self.metadata = tuple(metadata) + self.security.metadata()
         self.timeout = timeout
+        self.session_id = session_id or uuid.uuid4().hex
+        self.retry_seconds = retry_seconds
+        self.abort_grace_seconds = abort_grace_seconds
         self._sequence = [0] * len(self.addresses)
-        self._lock = threading.Lock()
+        self._in_doubt: list[dict[int, _RankCall]] = [{} for _ in self.addresses]
+        self._lock = threading.RLock()  # held while numbering and sending
+        self._doubt_lock = threading.Lock()  # guards _in_doubt (gRPC callback threads update it)
+        # One Health.Watch held open per channel keeps gRPC's polling thread for the channel alive:
+        # with no call in flight, every .future() starts a thread of its own and ends it (about half
+        # of a call's client CPU; docs/performance.md). The worker answers it without a thread.
+        self._keep_warm = [
+            health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(), wait_for_ready=True)
+            for channel in self.channels
+        ]
 
     @property
     def size(self) -> int:
@@ -41,8 +145,9 @@ class Coordinator:
 
     def restart_sequence(self, first: int = 1) -> None:
         """Init starts every worker's sequence again at `first`."""
-        with self._lock:
+        with self._lock, self._doubt_lock:
             self._sequence = [first - 1] * self.size
+            self._in_doubt = [{} for _ in self.addresses]
 
     def submit(
         self,
@@ -51,45 +156,76 @@ class Coordinator:
         ranks: Sequence[int] | None = None,
         sequenced: bool = True,
         frames: Callable[[Any], Iterator[Any]] | None = None,
-    ) -> list[Future[Any]]:
+        timeout: float | None = None,
+    ) -> list[Any]:
         """Starts `method` on each rank (requests[i] goes to ranks[i]) without waiting.
 
         With `frames`, `method` is a streaming RPC: frames(request) yields the messages to
-        send, and the future's result is the list of messages received.
+        send, and the future's result is the list of messages received. `timeout` (seconds)
+        overrides the coordinator's per-call timeout for these calls.
         """
         ranks = list(range(self.size)) if ranks is None else list(ranks)
-        futures: list[Any] = []
+        calls: list[_RankCall] = []
         with self._lock:  # numbers and sends in one order, so every worker sees calls in the same order
-            for rank, request in zip(ranks, requests):
-                if sequenced:
-                    self._sequence[rank] += 1
-                    context = request.header.context if frames is not None else request.context
-                    context.sequence_number = self._sequence[rank]
-                call = getattr(self.stubs[rank], method)
-                if frames is not None:
-                    futures.append(_StreamCall(call(frames(request), timeout=self.timeout, metadata=self.metadata)))
-                else:
-                    futures.append(call.future(request, timeout=self.timeout, metadata=self.metadata))
-        return futures
+            if sequenced:
+                self._confirm_in_doubt()
+            for rank, request in zip(ranks, requests, strict=False):
+                message = request.header if frames is not None else request
+                context = message.context if "context" in message.DESCRIPTOR.fields_by_name else None
+                number = 0
+                if context is not None:
+                    context.session_id = self.session_id
+                    if sequenced:
+                        self._sequence[rank] += 1
+                        number = context.sequence_number = self._sequence[rank]
+                call = _RankCall(self, rank, method, request, number, frames, timeout)
+                call.start()
+                calls.append(call)
+        return calls
 
     def gather(self, method: str, futures: Sequence[Any], ranks: Sequence[int] | None = None) -> list[Any]:
-        """Waits for every rank; raises the root-cause error, naming the rank and its address."""
-        ranks = list(range(self.size)) if ranks is None else list(ranks)
-        results: list[Any] = []
-        errors: list[tuple[int, grpc.RpcError]] = []
-        for rank, future in zip(ranks, futures):
-            try:
-                results.append(future.result())
-            except grpc.RpcError as error:
-                errors.append((rank, error))
-                results.append(None)
-        if errors:
-            raise self._error(method, errors)
-        return results
+        """Waits for every rank; raises the root-cause error, naming the rank and its address.
 
-    def call(self, method: str, requests: Sequence[Any], ranks: Sequence[int] | None = None, sequenced: bool = True) -> list[Any]:
+        A rank that is gone (UNAVAILABLE, DEADLINE_EXCEEDED) is reported at once, without
+        waiting for the others' collectives to time out. After any other failure the others
+        get abort_grace_seconds to report theirs (ranks refusing the same request answer
+        together, and the lowest rank is named; ranks waiting on a dead peer fail fast), then
+        the ranks still silent are named as hung or dead.
+        """
+        ranks = list(range(self.size)) if ranks is None else list(ranks)
+        outcomes = {id(future.outcome): (rank, future) for rank, future in zip(ranks, futures, strict=False)}
+        pending = {future.outcome for future in futures}
+        deadline: float | None = None
+        while pending:
+            timeout = None if deadline is None else max(0.0, deadline - _now())
+            done, pending = concurrent.futures.wait(
+                pending, timeout=timeout, return_when=concurrent.futures.FIRST_EXCEPTION
+            )
+            if not done:  # the grace ran out: the ranks still pending are hung or dead
+                break
+            errors = _errors(outcomes, [f for f in futures if f.outcome.done()])
+            if any(error.code() in _GONE for _, error in errors):
+                pending = set()
+                break
+            if errors and deadline is None:
+                deadline = _now() + self.abort_grace_seconds
+        errors = _errors(outcomes, [f for f in futures if f.outcome.done()])
+        silent = [rank for rank, future in zip(ranks, futures, strict=False) if not future.outcome.done()]
+        gone = any(error.code() in _GONE for _, error in errors)
+        if errors or silent:
+            raise self._error(method, errors, [] if gone else silent)
+        return [future.outcome.result() for future in futures]
+
+    def call(
+        self,
+        method: str,
+        requests: Sequence[Any],
+        ranks: Sequence[int] | None = None,
+        sequenced: bool = True,
+        timeout: float | None = None,
+    ) -> list[Any]:
         """submit + gather."""
-        return self.gather(method, self.submit(method, requests, ranks, sequenced), ranks)
+        return self.gather(method, self.submit(method, requests, ranks, sequenced, timeout=timeout), ranks)
 
     def broadcast(self, method: str, request: Any, sequenced: bool = True) -> list[Any]:
         """The same request to every rank (a copy each, since sequence numbers differ per rank)."""
@@ -98,31 +234,216 @@ class Coordinator:
             copy.CopyFrom(request)
         return self.call(method, requests, sequenced=sequenced)
 
-    def _error(self, method: str, errors: list[tuple[int, grpc.RpcError]]) -> TwinkleError:
+    def _error(self, method: str, errors: list[tuple[int, grpc.RpcError]], silent: list[int]) -> TwinkleError:
         causes = [item for item in errors if item[1].code() not in _CONSEQUENTIAL] or errors
+        if not causes:  # nothing failed but some ranks never answered
+            ranks = ", ".join(f"{rank} ({self.addresses[rank]})" for rank in silent)
+            return from_status(grpc.StatusCode.UNAVAILABLE, f"{method}: rank(s) {ranks} did not answer")
         rank, error = causes[0]
         details = error.details() or str(error.code())
         prefix = f"{method} failed on rank {rank} ({self.addresses[rank]})"
-        if len(errors) > 1:
-            prefix += f" and {len(errors) - 1} other rank(s)"
+        others = len(errors) - 1
+        if others:
+            prefix += f" and {others} other rank(s)"
+        if silent:
+            prefix += (
+                f"; rank(s) {silent} did not answer within {self.abort_grace_seconds:.0f} s after that: "
+                "they are probably hung or dead"
+            )
         return from_status(error.code(), f"{prefix}: {details}")
 
+    # ------------------------------------------------------- in-doubt calls
+
+    def _record(self, call: _RankCall, error: grpc.RpcError | None) -> None:
+        """Remembers a sequenced call whose outcome is unknown, forgets one whose outcome came back."""
+        if not call.number:
+            return
+        with self._doubt_lock:
+            doubts = self._in_doubt[call.rank]
+            if error is not None and error.code() in _IN_DOUBT:
+                doubts[call.number] = call
+            else:
+                doubts.pop(call.number, None)
+
+    def _confirm_in_doubt(self) -> None:
+        """Resends every unconfirmed sequenced call with its own number (the worker runs it if it
+        never arrived, or returns its stored outcome), all ranks at once; raises if one stays unknown."""
+        with self._doubt_lock:
+            doubts = [(rank, call) for rank, calls in enumerate(self._in_doubt) for _, call in sorted(calls.items())]
+        if not doubts:
+            return
+        for rank in sorted({rank for rank, _ in doubts}):
+            if not wait_ready(self.channels[rank], self.retry_seconds):
+                numbers = sorted(call.number for doubt_rank, call in doubts if doubt_rank == rank)
+                raise from_status(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"rank {rank} ({self.addresses[rank]}) is unreachable and its call(s) {numbers} were never "
+                    "confirmed; nothing new was sent. If the worker died: Reset the survivors, restart it, Init "
+                    "and resume from a checkpoint",
+                ) from None
+        again = []
+        for rank, call in doubts:
+            resend = _RankCall(self, rank, call.method, call.request, call.number, call.frames)  # the default timeout
+            resend.start()
+            again.append(resend)
+        for resend in again:
+            error = resend.outcome.exception()
+            if isinstance(error, grpc.RpcError) and error.code() in _IN_DOUBT:
+                raise from_status(
+                    error.code(),
+                    f"call {resend.number} ({resend.method}) on rank {resend.rank} ({self.addresses[resend.rank]}) "
+                    f"is still unconfirmed ({error.details()}); nothing new was sent",
+                )
+
     def close(self) -> None:
+        for watch in self._keep_warm:
+            watch.cancel()
         for channel in self.channels:
             channel.close()
 
 
-class _StreamCall:
-    """A response-streaming call seen as a future: result() is every message received."""
+class _RankCall:
+    """One call on one rank, seen as a future (`outcome`); retries UNAVAILABLE when idempotent."""
 
-    def __init__(self, call: Any) -> None:
-        self._call = call
-        self._messages: list[Any] | None = None
+    def __init__(
+        self,
+        owner: Coordinator,
+        rank: int,
+        method: str,
+        request: Any,
+        number: int,
+        frames: Callable[[Any], Iterator[Any]] | None,
+        timeout: float | None = None,
+    ) -> None:
+        self.owner, self.rank, self.method, self.request, self.number, self.frames = (
+            owner,
+            rank,
+            method,
+            request,
+            number,
+            frames,
+        )
+        self.timeout = timeout if timeout is not None else owner.timeout
+        self.outcome: Future[Any] = Future()
+        self._attempts = 0
+        self._cancelled = False
+        self._call: Any = None
+        self._first_error: grpc.RpcError | None = None
 
-    def result(self) -> list[Any]:
-        if self._messages is None:
-            self._messages = list(self._call)
-        return self._messages
+    @property
+    def idempotent(self) -> bool:
+        return self.number > 0 or self.method in IDEMPOTENT
+
+    def start(self, wait_for_ready: bool = False) -> None:
+        self._attempts += 1
+        stub = getattr(self.owner.stubs[self.rank], self.method)
+        options = {"timeout": self.timeout, "metadata": self.owner.metadata, "wait_for_ready": wait_for_ready}
+        try:
+            if self.frames is None:
+                self._call = stub.future(self.request, **options)
+            else:
+                self._call = stub(self.frames(self.request), **options)
+        except ValueError as error:  # the channel was closed (the client is closing)
+            self._settle(None, _LocalError(grpc.StatusCode.CANCELLED, f"not sent: {error}"))
+            return
+        if self.frames is None:
+            self._call.add_done_callback(self._unary_done)
+        else:
+            threading.Thread(target=self._drain, args=(self._call,), daemon=True, name="twinkle-stream").start()
+
+    def _unary_done(self, call: Any) -> None:
+        try:
+            self._settle(call.result(), None)
+        except grpc.RpcError as error:
+            self._settle(None, error)
+        except grpc.FutureCancelledError:
+            self._settle(None, _LocalError(grpc.StatusCode.CANCELLED, "cancelled by the client"))
+
+    def _drain(self, call: Any) -> None:
+        try:
+            self._settle(list(call), None)
+        except grpc.RpcError as error:
+            self._settle(None, error)
+
+    def _settle(self, value: Any, error: grpc.RpcError | None) -> None:
+        if (
+            error is not None
+            and error.code() == grpc.StatusCode.UNAVAILABLE
+            and self.idempotent
+            and not self._cancelled
+        ):
+            self._first_error = self._first_error or error
+            if self._attempts < MAX_ATTEMPTS:
+                threading.Thread(target=self._retry, daemon=True, name="twinkle-retry").start()
+                return
+        if error is not None and self._first_error is not None and error.code() in _IN_DOUBT:
+            error = self._first_error  # the first failure says more than the retry's
+        self.owner._record(self, error)
+        if error is not None:
+            self.outcome.set_exception(error)
+        else:
+            self.outcome.set_result(value)
+
+    def _retry(self) -> None:
+        """Waits (bounded) for the channel to be ready again, then resends the same request."""
+        if not wait_ready(self.owner.channels[self.rank], self.owner.retry_seconds):
+            self._attempts = MAX_ATTEMPTS
+            self._settle(None, self._first_error)
+            return
+        self.start()
 
     def cancel(self) -> bool:
-        return bool(self._call.cancel())
+        """Stops waiting; a sequenced call stays unconfirmed and is resent before the next one."""
+        self._cancelled = True
+        cancelled = bool(self._call.cancel()) if self._call is not None else False
+        if cancelled:  # recorded now, not in gRPC's callback thread: the next submit must see it
+            self.owner._record(self, _LocalError(grpc.StatusCode.CANCELLED, "cancelled by the client"))
+        return cancelled
+
+    def done(self) -> bool:
+        return self.outcome.done()
+
+    def result(self, timeout: float | None = None) -> Any:
+        return self.outcome.result(timeout)
+
+    def add_done_callback(self, callback: Callable[[Any], None]) -> None:
+        self.outcome.add_done_callback(lambda _: callback(self))
+
+
+class _LocalError(grpc.RpcError):  # type: ignore[misc]
+    """A failure decided on the client (a cancelled future, a closed channel), as an RpcError with a code."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self._code, self._details = code, details
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+
+def _errors(outcomes: dict[int, tuple[int, _RankCall]], done: Sequence[_RankCall]) -> list[tuple[int, grpc.RpcError]]:
+    found = []
+    for call in done:
+        error = call.outcome.exception()
+        if isinstance(error, grpc.RpcError):
+            found.append((outcomes[id(call.outcome)][0], error))
+    return sorted(found, key=lambda item: item[0])
+
+
+def wait_ready(channel: grpc.Channel, timeout: float) -> bool:
+    """Whether the worker behind `channel` answers within timeout seconds (a health check that waits
+    for the connection; unlike grpc.channel_ready_future it leaves no polling thread behind)."""
+    try:
+        health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout, wait_for_ready=True)
+        return True
+    except grpc.RpcError:
+        return False
+    except ValueError:  # the channel was closed
+        return False
+
+
+def _now() -> float:
+    return time.monotonic()

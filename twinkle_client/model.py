@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 import random
-import uuid
+import secrets
 import weakref
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future
@@ -26,7 +26,7 @@ import numpy as np
 from twinkle_client import cluster, streaming, tensors
 from twinkle_client._proto import worker_pb2
 from twinkle_client.batch import collate, take_rows
-from twinkle_client.coordinator import Coordinator
+from twinkle_client.coordinator import ChannelSecurity, Coordinator
 from twinkle_client.errors import InvalidArgument
 from twinkle_client.local import LocalWorkers, wait_serving
 from twinkle_client.mesh import DeviceMesh, slice_bounds
@@ -57,7 +57,14 @@ class TransformersModel:
     (seconds per call, default none), `rendezvous_timeout` (seconds any collective may
     wait, default 300), `trust_remote_code` (default False), `addresses` (worker
     addresses in rank order, instead of a cluster config: for schedulers that place
-    workers themselves).
+    workers themselves). Security (docs/reliability.md): `token` (bearer token; default the
+    cluster config's token_env; embedded workers get a random one), `tls_root_cert`,
+    `tls_client_cert`, `tls_client_key` (PEM paths; default the cluster config's),
+    `tls_server_name`. Failures: `retry_seconds` (how long an unreachable worker is retried
+    before its error is raised, default 5), `abort_grace_seconds` (how long to wait for the
+    other ranks once one rank's collective failed, default 10), `lease_seconds` (how long this
+    client may stay silent before another client may take its workers over; default the
+    workers' --lease-seconds).
     """
 
     def __init__(
@@ -82,6 +89,12 @@ class TransformersModel:
         timeout = kwargs.pop("timeout", None)
         rendezvous_timeout = float(kwargs.pop("rendezvous_timeout", 300.0))
         trust_remote_code = bool(kwargs.pop("trust_remote_code", False))
+        token = kwargs.pop("token", None)
+        tls_files = {key: kwargs.pop(key, None) for key in ("tls_root_cert", "tls_client_cert", "tls_client_key")}
+        tls_server_name = kwargs.pop("tls_server_name", None)
+        lease_seconds = float(kwargs.pop("lease_seconds", 0.0))
+        retry_seconds = float(kwargs.pop("retry_seconds", 5.0))
+        abort_grace_seconds = float(kwargs.pop("abort_grace_seconds", 10.0))
         if strategy not in STRATEGIES:
             raise InvalidArgument(f"strategy {strategy!r} is unknown; use one of {sorted(STRATEGIES)}")
         if mixed_precision not in PRECISIONS:
@@ -89,25 +102,43 @@ class TransformersModel:
         addresses_given = kwargs.pop("addresses", None)
         group = cluster.resolve(remote_group) if addresses_given is None else cluster.WorkerGroup("addresses", tuple(addresses_given))
         self.local: LocalWorkers | None = None
-        metadata: list[tuple[str, str]] = []
         if group is None:
-            self.local = LocalWorkers(self.mesh.world_size, device=device, output_root=output_root)
+            token = token or secrets.token_urlsafe(24)  # other local users cannot drive embedded workers
+            self.local = LocalWorkers(
+                self.mesh.world_size, device=device, output_root=output_root, env={"TWINKLE_WORKER_TOKEN": token}
+            )
+            security = ChannelSecurity(token=token)
             addresses = self.local.addresses
             master_addr, master_port = "127.0.0.1", None
         else:
             addresses = list(group.workers)
             master_addr, master_port = group.master_addr or cluster.host_of(addresses[0]), group.master_port
-            if group.token_env and os.environ.get(group.token_env):
-                metadata.append(("authorization", f"Bearer {os.environ[group.token_env]}"))
+            security = ChannelSecurity.from_files(
+                token=token or group.token(),
+                root_cert=tls_files["tls_root_cert"] or group.tls_root_cert,
+                client_cert=tls_files["tls_client_cert"] or group.tls_client_cert,
+                client_key=tls_files["tls_client_key"] or group.tls_client_key,
+                server_name=tls_server_name or group.tls_server_name,
+            )
             for address in addresses:
-                wait_serving(address, timeout=60.0)
+                wait_serving(address, timeout=60.0, security=security)
         if len(addresses) != self.mesh.world_size:
             raise InvalidArgument(f"{self.mesh} has {self.mesh.world_size} ranks but the remote group has {len(addresses)} workers")
-        self.coordinator = Coordinator(addresses, metadata, timeout)
+        self.coordinator = Coordinator(
+            addresses,
+            (),
+            timeout,
+            security=security,
+            retry_seconds=retry_seconds,
+            abort_grace_seconds=abort_grace_seconds,
+        )
         self._finalizer = weakref.finalize(self, _shutdown, self.coordinator, self.local)
-        self.session_id = uuid.uuid4().hex
+        self.session_id = self.coordinator.session_id  # the lease: this client owns the workers until close()
         if master_port is None and self.mesh.world_size > 1:
-            master_port = self.coordinator.stubs[0].GetStatus(worker_pb2.GetStatusRequest(), timeout=30).free_port
+            status = self.coordinator.stubs[0].GetStatus(
+                worker_pb2.GetStatusRequest(), timeout=30, metadata=self.coordinator.metadata
+            )
+            master_port = status.free_port
         request = worker_pb2.InitRequest(
             model_id=model_id or "",
             model_class=_class_name(model_cls),
@@ -119,6 +150,7 @@ class TransformersModel:
             rendezvous=worker_pb2.Rendezvous(master_addr=master_addr, master_port=master_port or 0, timeout_seconds=rendezvous_timeout),
             seed=random.randrange(2**31) if seed is None else int(seed),
             trust_remote_code=trust_remote_code,
+            lease_seconds=lease_seconds,
         )
         for name, value in zip(_STRUCT_FIELDS, (ddp_config, fsdp_config, grad_scaler_config)):
             if value:
@@ -133,7 +165,11 @@ class TransformersModel:
             copy.rank = rank
             requests.append(copy)
         self.coordinator.restart_sequence()
-        replies = self.coordinator.call("Init", requests)
+        try:
+            replies = self.coordinator.call("Init", requests)
+        except BaseException:
+            self.close()  # releases the ranks whose Init succeeded
+            raise
         self.vocab_size = replies[0].vocab_size
         self.strategy_description = replies[0].strategy_description
         self.num_parameters = replies[0].num_parameters
@@ -401,6 +437,7 @@ class TransformersModel:
     def export_weights(self, adapter_name: str | None = None, chunk_bytes: int = 1 << 20) -> dict[str, np.ndarray]:
         """The group's weights as numpy arrays (names as in a saved checkpoint), streamed in chunks."""
         request = worker_pb2.ExportWeightsRequest(adapter_name=adapter_name or "", chunk_bytes=chunk_bytes)
+        request.context.session_id = self.session_id
         streams = [stub.ExportWeights(request, metadata=self.coordinator.metadata) for stub in self.coordinator.stubs]
         from twinkle_client.streaming import assemble_weights
 
@@ -454,7 +491,8 @@ def _shutdown(coordinator: Coordinator, local: LocalWorkers | None) -> None:
         local.close()
     else:
         try:
-            coordinator.call("Reset", _copies(worker_pb2.ResetRequest(), coordinator.size), sequenced=False)
+            resets = _copies(worker_pb2.ResetRequest(), coordinator.size)
+            coordinator.call("Reset", resets, sequenced=False, timeout=30.0)
         except Exception:  # the workers may be gone already; nothing to release then
             pass
     coordinator.close()

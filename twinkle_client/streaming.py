@@ -14,7 +14,7 @@ import numpy as np
 
 from twinkle_client import tensors
 from twinkle_client._proto import tensor_pb2
-from twinkle_client.errors import InvalidArgument
+from twinkle_client.errors import InvalidArgument, ResourceExhausted
 
 
 def assemble_weights(chunks: Iterable[Any]) -> dict[str, np.ndarray]:
@@ -31,8 +31,10 @@ def assemble_weights(chunks: Iterable[Any]) -> dict[str, np.ndarray]:
             raise InvalidArgument("stream: chunk out of order")
         buffer += chunk.data
         if len(buffer) == current.total_bytes:
-            message = tensor_pb2.Tensor(dtype=current.dtype, shape=current.shape, data=bytes(buffer))
-            weights[current.name] = tensors.to_numpy(message, current.name)
+            message = tensor_pb2.Tensor(dtype=current.dtype, shape=current.shape)
+            if tensors.byte_size(message) != len(buffer):
+                raise InvalidArgument(f"stream: tensor {current.name!r}: {len(buffer)} bytes do not match its shape")
+            weights[current.name] = tensors.from_buffer(message, buffer, current.name)  # no copy of the bytes
             current = None
     if current is not None:
         raise InvalidArgument(f"stream: tensor {current.name!r} is incomplete")
@@ -69,8 +71,13 @@ def frames(outgoing: Outgoing, message_type: Any, chunk_bytes: int = CHUNK_BYTES
             yield message_type(data=view[start : start + chunk_bytes].tobytes())
 
 
-def receive(messages: Iterable[Any], tensor_map_of: Callable[[Any], tensor_pb2.TensorMap]) -> tuple[Any, dict[str, np.ndarray]]:
-    """Reads a header and its data frames; returns the header and its tensors as numpy arrays."""
+def receive(
+    messages: Iterable[Any], tensor_map_of: Callable[[Any], tensor_pb2.TensorMap], max_bytes: int | None = None
+) -> tuple[Any, dict[str, np.ndarray]]:
+    """Reads a header and its data frames; returns the header and its tensors as numpy arrays.
+
+    A header whose tensors would hold more than max_bytes is RESOURCE_EXHAUSTED before anything is allocated.
+    """
     iterator = iter(messages)
     first = next(iterator, None)
     if first is None or first.WhichOneof("part") != "header":
@@ -79,16 +86,19 @@ def receive(messages: Iterable[Any], tensor_map_of: Callable[[Any], tensor_pb2.T
     tensor_map = tensor_map_of(header)
     keys = sorted(tensor_map.tensors)
     sizes = [tensors.byte_size(tensor_map.tensors[key]) for key in keys]
+    if max_bytes is not None and sum(sizes) > max_bytes:
+        raise ResourceExhausted(f"stream: the header's tensors hold {sum(sizes)} bytes; at most {max_bytes} allowed")
     buffer = bytearray(sum(sizes))
     view = memoryview(buffer)
     filled = 0
     for message in iterator:
         if message.WhichOneof("part") != "data":
             raise InvalidArgument("stream: only data messages may follow the header")
-        end = filled + len(message.data)
+        data = message.data  # each read of a bytes field copies it: read once
+        end = filled + len(data)
         if end > len(buffer):
             raise InvalidArgument(f"stream: more data than the header's tensors hold ({len(buffer)} bytes)")
-        view[filled:end] = message.data
+        view[filled:end] = data
         filled = end
     if filled != len(buffer):
         raise InvalidArgument(f"stream: {filled} bytes received, the header's tensors hold {len(buffer)}")

@@ -6,6 +6,7 @@ any language can produce and read these bytes.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -83,7 +84,7 @@ def byte_size(message: tensor_pb2.Tensor) -> int:
         raise InvalidArgument(f"unknown or unspecified dtype {message.dtype}")
     if any(size < 0 for size in message.shape):
         raise InvalidArgument(f"negative size in shape {list(message.shape)}")
-    return int(np.prod(message.shape, dtype=np.int64)) * np_dtype.itemsize
+    return math.prod(int(size) for size in message.shape) * np_dtype.itemsize  # Python ints: no overflow
 
 
 def to_numpy(message: tensor_pb2.Tensor, name: str = "tensor") -> np.ndarray:
@@ -94,7 +95,7 @@ def to_numpy(message: tensor_pb2.Tensor, name: str = "tensor") -> np.ndarray:
     shape = tuple(message.shape)
     if any(size < 0 for size in shape):
         raise InvalidArgument(f"{name}: negative size in shape {list(shape)}")
-    count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    count = math.prod(int(size) for size in shape)  # Python ints: a huge shape cannot wrap around to match
     if len(message.data) != count * np_dtype.itemsize:
         raise InvalidArgument(
             f"{name}: {len(message.data)} bytes do not match shape {list(shape)} of "

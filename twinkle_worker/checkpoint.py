@@ -1,24 +1,32 @@
 """Checkpoint files: adapters in PEFT's format, full models in transformers' format, optimizer
-state, RNG and trainer_state.json; atomic directory writes and path confinement.
+state, RNG and trainer_state.json; atomic directory writes, manifests and path confinement.
 
 Used by twinkle_worker.model. Nothing here runs a collective: the model gathers first.
+
+A checkpoint directory is complete when its manifest.json (every file's size and sha256,
+written last) matches its files. A save writes into a hidden sibling directory and swaps
+it into place with one rename, so a crash mid-save leaves the previous checkpoint whole
+and no directory that load would accept.
 """
 
 from __future__ import annotations
 
+import ctypes
+import hashlib
 import json
 import os
 import pathlib
 import random
 import re
 import shutil
+import socket
 import uuid
 from typing import Any
 
 import numpy as np
 import torch
 
-from twinkle_client.errors import InvalidArgument, NotFound, PermissionDenied
+from twinkle_client.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -26,11 +34,35 @@ OPTIMIZER_FILE = "optimizer.pt"
 SCHEDULER_FILE = "scheduler.pt"
 RNG_FILE = "rng_state.pt"
 TRAINER_STATE = "trainer_state.json"
+MANIFEST = "manifest.json"
 CHECKPOINT_VERSION = 1
+# Files whose presence marks a directory as a checkpoint that a save may replace.
+_CHECKPOINT_MARKERS = (MANIFEST, ADAPTER_CONFIG, "config.json", TRAINER_STATE)
+# Test hook (never set in production): the path of a FIFO. When it exists at the moment a
+# save has written its files (but not yet its manifest, nor swapped the directory in), the
+# save opens it and reads it to the end before going on, so a test can hold a save in the
+# middle (to kill the worker, or send it SIGTERM) without sleeps.
+PAUSE_HOOK_ENV = "TWINKLE_TEST_PAUSE_IN_SAVE"
+# The hidden directories a save works in (.NAME.tmp-HOST-PID-XXXXXXXX) or swaps out (.old-).
+_WORKING_DIRECTORY = re.compile(r"^\..+\.(tmp|old)-.+-\d+-[0-9a-f]{8}$")
+_MAX_PATH_BYTES = 4096
+_MAX_NAME_BYTES = 255
 
 
-def confine(root: pathlib.Path, *parts: str) -> pathlib.Path:
-    """root/parts..., refused when it resolves outside root (`..`, absolute paths elsewhere, symlinks out)."""
+def confine(root: pathlib.Path, *parts: str, allow_root: bool = True) -> pathlib.Path:
+    """root/parts..., refused when it resolves outside root (`..`, absolute paths elsewhere, symlinks out).
+
+    With allow_root=False the root itself is refused too (a save must never replace the root).
+    """
+    for part in parts:
+        if "\0" in part:
+            raise InvalidArgument(f"path {part!r} contains a NUL byte")
+        if len(part.encode()) > _MAX_PATH_BYTES or any(
+            len(piece.encode()) > _MAX_NAME_BYTES for piece in part.split("/")
+        ):
+            raise InvalidArgument(
+                f"path {part[:64]!r}... is too long ({_MAX_NAME_BYTES} bytes a name, {_MAX_PATH_BYTES} in all)"
+            )
     root = root.resolve()
     path = root
     for part in parts:
@@ -39,6 +71,8 @@ def confine(root: pathlib.Path, *parts: str) -> pathlib.Path:
     resolved = path.resolve()
     if resolved != root and root not in resolved.parents:
         raise PermissionDenied(f"path {str(path)!r} is outside the worker's output root {str(root)!r}")
+    if resolved == root and not allow_root:
+        raise InvalidArgument(f"path {str(path)!r} is the output root itself; name a directory under it")
     return resolved
 
 
@@ -48,18 +82,28 @@ def adapter_param_pattern(adapter_name: str) -> re.Pattern[str]:
 
 
 def to_peft_key(model_key: str, adapter_name: str) -> str:
-    """PEFT's saved name of an adapter parameter: the `.{adapter}` segment removed."""
-    return adapter_param_pattern(adapter_name).sub(lambda m: "." + m.group(1), model_key)
+    """PEFT's saved name of an adapter parameter: the `.{adapter}` segment removed, and for a
+    modules_to_save copy the `.modules_to_save` segment too (`lm_head.modules_to_save.a.weight`
+    is saved as `lm_head.weight`), as peft's save_pretrained writes and its loader expects."""
+    return adapter_param_pattern(adapter_name).sub(
+        lambda m: "" if m.group(1) == "modules_to_save" else "." + m.group(1), model_key
+    )
 
 
 class AtomicDirectory:
-    """Write into a hidden sibling directory; `commit` swaps it into place with renames."""
+    """Write into a hidden sibling directory; on a clean exit write the manifest and swap it into place.
+
+    The swap is one atomic rename: renameat2(RENAME_EXCHANGE) when the target exists (Linux),
+    so at every instant the target is either the old complete checkpoint or the new one.
+    """
 
     def __init__(self, target: pathlib.Path) -> None:
         self.target = target
-        self.tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.tmp = target.parent / f".{target.name}.tmp-{_owner_tag()}-{uuid.uuid4().hex[:8]}"
 
     def __enter__(self) -> pathlib.Path:
+        check_replaceable(self.target)
+        sweep_stale(self.target.parent)
         self.tmp.mkdir(parents=True)
         return self.tmp
 
@@ -67,21 +111,157 @@ class AtomicDirectory:
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return
-        _fsync_tree(self.tmp)
-        old = None
-        if self.target.exists():
-            old = self.target.parent / f".{self.target.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(self.target, old)
-        os.rename(self.tmp, self.target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        try:
+            _pause_for_test()
+            write_manifest(self.tmp)
+            _fsync_tree(self.tmp)
+            if self.target.exists() and _exchange(self.tmp, self.target):
+                shutil.rmtree(self.tmp, ignore_errors=True)  # now holds the previous checkpoint
+            else:
+                _replace_by_renames(self.tmp, self.target)
+            _fsync_directory(self.target.parent)
+        except BaseException:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            raise
+
+
+def check_replaceable(target: pathlib.Path) -> None:
+    """A save may create target, or replace a checkpoint there; never a file or someone else's directory."""
+    if not target.exists() and not target.is_symlink():
+        return
+    if not target.is_dir() or target.is_symlink():
+        raise FailedPrecondition(f"{str(target)!r} exists and is not a checkpoint directory; choose another name")
+    if any(target.iterdir()) and not any((target / marker).is_file() for marker in _CHECKPOINT_MARKERS):
+        raise FailedPrecondition(
+            f"{str(target)!r} is a non-empty directory that is not a checkpoint; a save will not replace it"
+        )
+
+
+def _owner_tag() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def sweep_stale(parent: pathlib.Path) -> None:
+    """Removes hidden tmp/old directories that saves of dead processes on this host left behind."""
+    if not parent.is_dir():
+        return
+    host = socket.gethostname()
+    pattern = re.compile(rf"^\..+\.(tmp|old)-{re.escape(host)}-(\d+)-[0-9a-f]{{8}}$")
+    for entry in parent.iterdir():
+        match = pattern.match(entry.name)
+        if match and not _alive(int(match.group(2))):
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _exchange(source: pathlib.Path, target: pathlib.Path) -> bool:
+    """Atomically swaps two paths (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    result = renameat2(at_fdcwd, os.fsencode(source), at_fdcwd, os.fsencode(target), rename_exchange)
+    return result == 0
+
+
+def _replace_by_renames(source: pathlib.Path, target: pathlib.Path) -> None:
+    """Fallback swap: target -> hidden old, source -> target. A crash between the two renames
+    leaves the previous checkpoint complete under its hidden .old name (see docs/reliability.md)."""
+    old = None
+    if target.exists():
+        old = target.parent / f".{target.name}.old-{_owner_tag()}-{uuid.uuid4().hex[:8]}"
+        os.rename(target, old)
+    os.rename(source, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _pause_for_test() -> None:
+    fifo = os.environ.get(PAUSE_HOOK_ENV)
+    if fifo and os.path.exists(fifo):
+        with open(fifo, "rb") as handle:  # blocks until the test opens the FIFO for writing
+            handle.read()  # returns when the test closes it
 
 
 def _fsync_tree(directory: pathlib.Path) -> None:
-    for path in directory.iterdir():
+    for path in sorted(directory.rglob("*")):
         if path.is_file():
             with open(path, "rb") as handle:
                 os.fsync(handle.fileno())
+    _fsync_directory(directory)
+
+
+def _fsync_directory(directory: pathlib.Path) -> None:
+    descriptor = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _sha256(path: pathlib.Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(directory: pathlib.Path) -> None:
+    """manifest.json: every file under directory with its size and sha256. Written last."""
+    files = {
+        path.relative_to(directory).as_posix(): {"size": path.stat().st_size, "sha256": _sha256(path)}
+        for path in sorted(directory.rglob("*"))
+        if path.is_file() and path.name != MANIFEST
+    }
+    text = json.dumps({"checkpoint_version": CHECKPOINT_VERSION, "files": files}, indent=2, sort_keys=True)
+    (directory / MANIFEST).write_text(text)
+
+
+def verify_manifest(directory: pathlib.Path, required: bool = True) -> None:
+    """Refuses a checkpoint whose files do not match its manifest (or that has none, when required)."""
+    if _WORKING_DIRECTORY.match(directory.name):
+        raise FailedPrecondition(f"{str(directory)!r} is the hidden working directory of a save, not a checkpoint")
+    manifest = directory / MANIFEST
+    if not manifest.is_file():
+        if required:
+            raise FailedPrecondition(
+                f"{str(directory)!r} is not a complete checkpoint: it has no {MANIFEST} (a save that did not "
+                "finish, or a directory not written by a Twinkle worker; load a PEFT adapter with AddAdapter)"
+            )
+        return
+    try:
+        files = json.loads(manifest.read_text())["files"]
+        entries = [(str(name), int(entry["size"]), str(entry["sha256"])) for name, entry in files.items()]
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        raise FailedPrecondition(
+            f"{str(directory)!r}: {MANIFEST} is unreadable ({error}); the checkpoint is damaged"
+        ) from None
+    for name, size, digest in entries:
+        path = (directory / name).resolve()
+        if directory.resolve() not in path.parents:
+            raise FailedPrecondition(f"{str(directory)!r}: {MANIFEST} names {name!r}, outside the checkpoint")
+        if not path.is_file():
+            raise FailedPrecondition(f"{str(directory)!r} is damaged: {name} is listed in {MANIFEST} but missing")
+        if path.stat().st_size != size:
+            raise FailedPrecondition(
+                f"{str(directory)!r} is damaged: {name} has {path.stat().st_size} bytes, {MANIFEST} says {size}"
+            )
+        if _sha256(path) != digest:
+            raise FailedPrecondition(f"{str(directory)!r} is damaged: {name} does not match its sha256 in {MANIFEST}")
 
 
 def save_tensors(path: pathlib.Path, tensors: dict[str, torch.Tensor]) -> None:

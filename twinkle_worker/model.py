@@ -12,6 +12,8 @@ batch, and the gradient norm is that global gradient's norm.
 
 from __future__ import annotations
 
+import errno
+import functools
 import json
 import logging
 import math
@@ -28,7 +30,15 @@ import torch.distributed as dist
 from torch import nn
 
 from twinkle_client.batch import IGNORE_INDEX, TOKEN_KEYS, collate
-from twinkle_client.errors import Aborted, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+from twinkle_client.errors import (
+    Aborted,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    TwinkleError,
+)
 from twinkle_client.mesh import DeviceMesh
 from twinkle_worker import checkpoint as ckpt
 from twinkle_worker import strategies
@@ -116,6 +126,21 @@ class Group:
         return self.optimizer
 
 
+def agreed_call(method: Any) -> Any:
+    """Marks a method that runs collectives. On a mesh of several ranks, every rank says whether
+    it passed its checks (strategies.agree) before the first collective or state change, so a
+    call refused on one rank (bad input, unknown name) fails on every rank at once, with no
+    state changed and no rank left waiting in a collective until the process-group timeout.
+    """
+
+    @functools.wraps(method)
+    def wrapper(self: TransformersModel, *args: Any, **kwargs: Any) -> Any:
+        with self.agreement():
+            return method(self, *args, **kwargs)
+
+    return wrapper
+
+
 class TransformersModel:
     """One rank's model. All methods of all ranks must be called in the same order."""
 
@@ -171,6 +196,11 @@ class TransformersModel:
         self.groups: dict[str, Group] = {FULL_MODEL: Group(FULL_MODEL)}
         self.adapter_names: list[str] = []
         self.wrapped: nn.Module | None = None
+        self._vote: str | None = None  # see agreed_call
+        # Per-step bookkeeping that walks every module (milliseconds on a PEFT model): kept until
+        # _forget_parameters() says the parameters or their requires_grad flags may have changed.
+        self._group_cache: dict[str, list[tuple[str, nn.Parameter]]] = {}
+        self._active: str | None = None  # the adapter _activate made active last
         strategies.init_process_group(self.plan, rank, rendezvous or Rendezvous())
         log.info("rank %d: %s, %s", rank, type(self.model).__name__, self.plan.describe())
 
@@ -204,10 +234,21 @@ class TransformersModel:
         return None
 
     def _group_parameters(self, group: Group) -> list[tuple[str, nn.Parameter]]:
-        if group.name == FULL_MODEL:
-            return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad and not self._adapter_of(n)]
-        pattern = ckpt.adapter_param_pattern(group.name)
-        return [(n, p) for n, p in self.model.named_parameters() if pattern.search(n)]
+        cached = self._group_cache.get(group.name)
+        if cached is None:
+            if group.name == FULL_MODEL:
+                named = self.model.named_parameters()
+                cached = [(n, p) for n, p in named if p.requires_grad and not self._adapter_of(n)]
+            else:
+                pattern = ckpt.adapter_param_pattern(group.name)
+                cached = [(n, p) for n, p in self.model.named_parameters() if pattern.search(n)]
+            self._group_cache[group.name] = cached
+        return list(cached)
+
+    def _forget_parameters(self) -> None:
+        """Parameters were added, replaced or (un)frozen outside _activate: recompute the cached views."""
+        self._group_cache.clear()
+        self._active = None
 
     def add_adapter_to_model(
         self,
@@ -229,23 +270,30 @@ class TransformersModel:
                 "for distribution; add every adapter before the first forward_backward/forward_only"
             )
         _positive_int(gradient_accumulation_steps, "gradient_accumulation_steps")
-        torch.manual_seed(_adapter_seed(adapter_name))
         if isinstance(config_or_dir, LoraConfig):
-            if self.is_peft:
-                self.model.add_adapter(adapter_name, config_or_dir)
-            else:
-                self.model = get_peft_model(self.model, config_or_dir, adapter_name=adapter_name)
+            _check_lora_targets(self.model, config_or_dir)
         else:
             path = ckpt.confine(self.output_root, str(config_or_dir))
             if not (path / ckpt.ADAPTER_CONFIG).is_file():
                 raise NotFound(f"no adapter at {str(path)!r} ({ckpt.ADAPTER_CONFIG} missing)")
-            if self.is_peft:
+            ckpt.verify_manifest(path, required=False)
+        torch.manual_seed(_adapter_seed(adapter_name))
+        try:
+            if isinstance(config_or_dir, LoraConfig):
+                if self.is_peft:
+                    self.model.add_adapter(adapter_name, config_or_dir)
+                else:
+                    self.model = get_peft_model(self.model, config_or_dir, adapter_name=adapter_name)
+            elif self.is_peft:
                 self.model.load_adapter(str(path), adapter_name=adapter_name, is_trainable=is_trainable)
             else:
                 self.model = PeftModel.from_pretrained(
                     self.model, str(path), adapter_name=adapter_name, is_trainable=is_trainable
                 )
+        except (ValueError, TypeError, KeyError, NotImplementedError) as error:  # PEFT's verdict on the config
+            raise InvalidArgument(f"adapter {adapter_name!r}: {error}") from None
         self.model.to(self.device)
+        self._forget_parameters()
         self.adapter_names.append(adapter_name)
         self.groups[adapter_name] = Group(adapter_name, gradient_accumulation_steps, trainable=is_trainable)
         params = self._group_parameters(self.groups[adapter_name])
@@ -284,7 +332,7 @@ class TransformersModel:
         ]
         try:
             optimizer = getattr(torch.optim, name)(param_groups, lr=lr, **kwargs)
-        except (TypeError, ValueError) as error:
+        except (TypeError, ValueError, IndexError, KeyError, RuntimeError) as error:
             raise InvalidArgument(f"optimizer {name}: {error}") from None
         group.optimizer = optimizer
         group.param_names = [[n for n, _ in part] for part in (decay, no_decay) if part]
@@ -296,6 +344,7 @@ class TransformersModel:
         """Creates the group's lr scheduler: a torch.optim.lr_scheduler name or a warmup schedule."""
         group = self.group(adapter_name)
         optimizer = group.require_optimizer()
+        _try_scheduler(optimizer, scheduler_cls, kwargs)
         if scheduler_cls in WARMUP_SCHEDULERS:
             scheduler = _warmup_scheduler(optimizer, scheduler_cls, kwargs)
         elif scheduler_cls in TORCH_SCHEDULERS:
@@ -318,6 +367,7 @@ class TransformersModel:
 
     # --------------------------------------------------------------- forward
 
+    @agreed_call
     def forward_backward(
         self,
         inputs: Any,
@@ -336,9 +386,11 @@ class TransformersModel:
         _positive_float(temperature, "temperature")
         if gradient_accumulation_steps:
             _positive_int(gradient_accumulation_steps, "gradient_accumulation_steps")
+        self._agree()
         self._activate(group)
         wrapped = self._ensure_wrapped()
-        wrapped.train()
+        if not wrapped.training:  # train() walks every module: only when forward_only left it in eval mode
+            wrapped.train()
         group.micro_step += 1
         sync = group.window_complete(gradient_accumulation_steps)
         with self._collective("forward_backward"):
@@ -354,6 +406,7 @@ class TransformersModel:
         return ForwardResult(float(result.loss_sum.detach()), result.num_tokens, outputs)
 
     @torch.no_grad()
+    @agreed_call
     def forward_only(
         self,
         inputs: Any,
@@ -366,9 +419,11 @@ class TransformersModel:
         group = self.group(adapter_name)
         batch = self._prepare(inputs, require_labels=False)
         _positive_float(temperature, "temperature")
+        self._agree()
         self._activate(group)
         wrapped = self._ensure_wrapped()
-        wrapped.eval()
+        if wrapped.training:
+            wrapped.eval()
         with self._collective("forward_only"), self._lora_disabled(disable_lora):
             logps, logits = self._forward(wrapped, batch, temperature)
         outputs: dict[str, torch.Tensor] = {}
@@ -422,6 +477,14 @@ class TransformersModel:
         mask = columns["attention_mask"]
         if not np.isin(mask, (0, 1)).all():
             raise InvalidArgument("inputs.attention_mask must hold only 0 and 1")
+        positions = columns.get("position_ids")
+        if positions is not None and positions.min() < 0:
+            raise InvalidArgument("inputs.position_ids must be >= 0")
+        limit = getattr(getattr(self.model, "config", None), "n_positions", None)  # learned absolute positions (GPT-2)
+        if isinstance(limit, int) and (ids.shape[1] > limit or (positions is not None and positions.max() >= limit)):
+            raise InvalidArgument(
+                f"inputs: sequence length {ids.shape[1]} or position_ids exceed the model's {limit} positions"
+            )
         if "labels" in columns:
             labels = columns["labels"]
             bad_labels = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= self.vocab_size))
@@ -440,6 +503,7 @@ class TransformersModel:
 
     # ------------------------------------------------------------- stepping
 
+    @agreed_call
     def clip_grad_norm(
         self,
         max_grad_norm: float = 1.0,
@@ -449,6 +513,10 @@ class TransformersModel:
     ) -> float | None:
         """Normalises the window's gradients and clips them; None before the window is complete."""
         group = self.group(adapter_name)
+        _check_norm(max_grad_norm, norm_type)
+        if gradient_accumulation_steps:
+            _positive_int(gradient_accumulation_steps, "gradient_accumulation_steps")
+        self._agree()
         if not group.window_complete(gradient_accumulation_steps):
             return None
         self._remember_gas(group, gradient_accumulation_steps)
@@ -457,6 +525,7 @@ class TransformersModel:
             group.last_grad_norm = self._clip(group, max_grad_norm, norm_type)
         return group.last_grad_norm
 
+    @agreed_call
     def step(
         self,
         adapter_name: str | None = None,
@@ -466,6 +535,9 @@ class TransformersModel:
         """Applies the optimizer at the end of the window (normalising first if clip_grad_norm was skipped)."""
         group = self.group(adapter_name)
         optimizer = group.require_optimizer()
+        if gradient_accumulation_steps:
+            _positive_int(gradient_accumulation_steps, "gradient_accumulation_steps")
+        self._agree()
         if not group.window_complete(gradient_accumulation_steps):
             return False
         self._remember_gas(group, gradient_accumulation_steps)
@@ -492,9 +564,14 @@ class TransformersModel:
         if not group.window_complete(gradient_accumulation_steps):
             return False
         if group.scheduler is not None:
-            group.scheduler.step()
+            try:
+                group.scheduler.step()
+            except (ValueError, ZeroDivisionError, OverflowError) as error:  # e.g. OneCycleLR past total_steps
+                name = type(group.scheduler).__name__
+                raise FailedPrecondition(f"lr scheduler {name} cannot step: {error}") from None
         return True
 
+    @agreed_call
     def clip_grad_and_step(
         self,
         max_grad_norm: float = 1.0,
@@ -509,6 +586,7 @@ class TransformersModel:
         if gradient_accumulation_steps:
             _positive_int(gradient_accumulation_steps, "gradient_accumulation_steps")
         _check_norm(max_grad_norm, norm_type)
+        self._agree()
         if not group.window_complete(gradient_accumulation_steps):
             if gradient_accumulation_steps:
                 group.gradient_accumulation_steps = gradient_accumulation_steps
@@ -554,12 +632,13 @@ class TransformersModel:
 
     def _activate(self, group: Group) -> None:
         """Makes the group's adapter the active one (its parameters trainable, the others frozen)."""
-        if self.is_peft and group.name:
+        if self.is_peft and group.name and self._active != group.name:
             self.model.set_adapter(group.name)
             for name in self.adapter_names:
                 trainable = name == group.name and self.groups[name].trainable
                 for _, param in self._group_parameters(self.groups[name]):
                     param.requires_grad_(trainable)
+            self._active = group.name
 
     def _ensure_wrapped(self) -> nn.Module:
         if self.wrapped is not None:
@@ -573,6 +652,7 @@ class TransformersModel:
                     param.requires_grad_(True)
         with self._collective("wrap"):
             self.wrapped = strategies.wrap(self.model, self.plan, several_adapters=len(trainable_adapters) > 1)
+        self._forget_parameters()  # DDP made every trainable adapter require grad; FSDP replaced the parameters
         if self.plan.uses_fsdp:
             self._rebind_optimizers(before)
         return self.wrapped
@@ -591,6 +671,7 @@ class TransformersModel:
     @contextmanager
     def _collective(self, what: str) -> Iterator[None]:
         """Turns a failed collective (a peer rank died or timed out) into Aborted."""
+        self._agree()
         try:
             yield
         except dist.DistBackendError as error:
@@ -601,6 +682,58 @@ class TransformersModel:
                 raise Aborted(f"{what}: a collective with the other ranks failed: {text.splitlines()[0]}") from error
             raise
 
+    @contextmanager
+    def agreement(self) -> Iterator[None]:
+        """The scope of one call that may run collectives (see agreed_call). The servicer opens it
+        around decoding a rank's own slice too, so a slice that cannot even be decoded is agreed on."""
+        if self.mesh.world_size == 1 or self._vote is not None:  # one rank, or nested in another agreed call
+            yield
+            return
+        self._vote = "pending"
+        try:
+            try:
+                yield
+            except BaseException:
+                if self._vote == "pending":
+                    try:
+                        self._cast_vote(False)
+                    except Aborted:  # the peers are gone too; this rank's own error says more
+                        pass
+                raise
+            self._agree()
+        finally:
+            self._vote = None
+
+    def _agree(self) -> None:
+        """This rank passed its checks: hear from the others before any collective or state change."""
+        if self._vote == "pending":
+            self._cast_vote(True)
+
+    def _cast_vote(self, ok: bool) -> None:
+        self._vote = "cast"
+        try:
+            refused = strategies.agree(ok, self.device)
+        except (RuntimeError, dist.DistBackendError) as error:
+            raise Aborted(f"a collective with the other ranks failed: {str(error).splitlines()[0]}") from error
+        if ok and refused:
+            raise Aborted(
+                f"not run: rank(s) {refused} refused this call before any collective (see their error); "
+                "nothing changed and the mesh is intact"
+            )
+
+    def _confirm(self, what: str, failure: BaseException | None) -> None:
+        """After rank-local work (rank 0 writing files), every rank learns whether it succeeded everywhere."""
+        if self.mesh.world_size > 1:
+            try:
+                refused = strategies.agree(failure is None, self.device)
+            except (RuntimeError, dist.DistBackendError) as error:
+                first_line = str(error).splitlines()[0]
+                raise Aborted(f"{what}: a collective with the other ranks failed: {first_line}") from error
+            if failure is None and refused:
+                raise Aborted(f"{what} failed on rank(s) {refused} (see their error)")
+        if failure is not None:
+            raise failure
+
     # ----------------------------------------------------------- checkpoints
 
     def _full_state_dict(self) -> dict[str, torch.Tensor]:
@@ -610,6 +743,7 @@ class TransformersModel:
         with self._collective("gather state dict"):
             return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
+    @agreed_call
     def save(
         self,
         name: str | None = None,
@@ -625,37 +759,60 @@ class TransformersModel:
         if group.optimizer_step % interval != 0:
             return None
         name = name or f"checkpoint-step-{group.optimizer_step}"
-        target = ckpt.confine(self.output_root, output_dir or "", name)
+        target = ckpt.confine(self.output_root, output_dir or "", name, allow_root=False)
         if group.name == FULL_MODEL and self.is_peft:
             raise FailedPrecondition(
                 "the model has LoRA adapters: save one with save(adapter_name=...); the base weights are unchanged"
             )
+        if save_optimizer:
+            group.require_optimizer()
+        ckpt.check_replaceable(target)
         state = self._full_state_dict()
         optimizer_state = self._optimizer_state(group) if save_optimizer else None
+        failure: BaseException | None = None
         if self.rank == 0:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with ckpt.AtomicDirectory(target) as tmp:
-                self._write_weights(group, state, tmp)
-                if optimizer_state is not None:
-                    ckpt.save_object(tmp / ckpt.OPTIMIZER_FILE, optimizer_state)
-                    if group.scheduler is not None:
-                        ckpt.save_object(tmp / ckpt.SCHEDULER_FILE, group.scheduler.state_dict())
-                    ckpt.save_object(tmp / ckpt.RNG_FILE, ckpt.rng_state())
-                    ckpt.write_json(
-                        tmp / ckpt.TRAINER_STATE,
-                        {
-                            "checkpoint_version": ckpt.CHECKPOINT_VERSION,
-                            "adapter_name": group.name,
-                            "cur_step": group.optimizer_step,
-                            "micro_step": group.micro_step,
-                            "gradient_accumulation_steps": group.gradient_accumulation_steps,
-                            "consumed_train_samples": int(consumed_train_samples),
-                            "world_size": self.mesh.world_size,
-                        },
-                    )
-        self._barrier("save")
+            try:
+                self._write_checkpoint(group, target, state, optimizer_state, consumed_train_samples)
+            except OSError as error:
+                failure = (ResourceExhausted if error.errno == errno.ENOSPC else FailedPrecondition)(
+                    f"cannot write checkpoint {str(target)!r}: {error}"
+                )
+            except TwinkleError as error:
+                failure = error
+        self._confirm("save", failure)
         return str(target)
 
+    def _write_checkpoint(
+        self,
+        group: Group,
+        target: pathlib.Path,
+        state: dict[str, torch.Tensor],
+        optimizer_state: dict[str, Any] | None,
+        consumed_train_samples: int,
+    ) -> None:
+        """Rank 0's part of save: every file into a hidden directory, then one atomic rename."""
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with ckpt.AtomicDirectory(target) as tmp:
+            self._write_weights(group, state, tmp)
+            if optimizer_state is not None:
+                ckpt.save_object(tmp / ckpt.OPTIMIZER_FILE, optimizer_state)
+                if group.scheduler is not None:
+                    ckpt.save_object(tmp / ckpt.SCHEDULER_FILE, group.scheduler.state_dict())
+                ckpt.save_object(tmp / ckpt.RNG_FILE, ckpt.rng_state())
+                ckpt.write_json(
+                    tmp / ckpt.TRAINER_STATE,
+                    {
+                        "checkpoint_version": ckpt.CHECKPOINT_VERSION,
+                        "adapter_name": group.name,
+                        "cur_step": group.optimizer_step,
+                        "micro_step": group.micro_step,
+                        "gradient_accumulation_steps": group.gradient_accumulation_steps,
+                        "consumed_train_samples": int(consumed_train_samples),
+                        "world_size": self.mesh.world_size,
+                    },
+                )
+
+    @agreed_call
     def export_weights(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
         """The group's weights as saved (PEFT names for an adapter); whole on rank 0, empty on the others."""
         group = self.group(adapter_name)
@@ -695,8 +852,10 @@ class TransformersModel:
         path = ckpt.confine(self.output_root, output_dir or "", name)
         if not path.is_dir():
             raise NotFound(f"checkpoint {str(path)!r} does not exist")
+        ckpt.verify_manifest(path)
         return path
 
+    @agreed_call
     def load(
         self,
         name: str,
@@ -707,6 +866,10 @@ class TransformersModel:
         """Loads a checkpoint's weights (adapter, or full model) and optionally its optimizer state."""
         group = self.group(adapter_name)
         path = self._checkpoint_dir(name, output_dir)
+        if load_optimizer:
+            group.require_optimizer()
+            if not (path / ckpt.OPTIMIZER_FILE).is_file():
+                raise NotFound(f"checkpoint {str(path)!r} was saved without optimizer state (save_optimizer=False)")
         self._load_weights(group, path)
         if load_optimizer:
             self._load_optimizer(group, path)
@@ -744,6 +907,7 @@ class TransformersModel:
                 )
         with self._collective("load weights"):
             set_model_state_dict(self.model, wanted, options=StateDictOptions(full_state_dict=True, strict=False))
+        self._forget_parameters()
 
     def _load_optimizer(self, group: Group, path: pathlib.Path) -> None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
@@ -758,6 +922,7 @@ class TransformersModel:
         if group.scheduler is not None and (path / ckpt.SCHEDULER_FILE).is_file():
             group.scheduler.load_state_dict(ckpt.load_object(path / ckpt.SCHEDULER_FILE))
 
+    @agreed_call
     def resume_from_checkpoint(
         self, checkpoint_dir: str, resume_only_model: bool = False, adapter_name: str | None = None
     ) -> dict[str, int]:
@@ -767,6 +932,13 @@ class TransformersModel:
         state = ckpt.read_json(path / ckpt.TRAINER_STATE)
         if state.get("checkpoint_version") != ckpt.CHECKPOINT_VERSION:
             raise InvalidArgument(f"{str(path)!r}: unsupported checkpoint_version {state.get('checkpoint_version')!r}")
+        if not resume_only_model:
+            group.require_optimizer()
+            for file in (ckpt.OPTIMIZER_FILE, ckpt.RNG_FILE):
+                if not (path / file).is_file():
+                    raise NotFound(
+                        f"checkpoint {str(path)!r} lacks {file}; pass resume_only_model=True to load weights only"
+                    )
         self._load_weights(group, path)
         if not resume_only_model:
             self._load_optimizer(group, path)
@@ -808,6 +980,7 @@ class TransformersModel:
         """Leaves the process group and drops the model (the worker can then Init again)."""
         self.wrapped = None
         self.groups.clear()
+        self._forget_parameters()
         strategies.destroy_process_group()
 
 
@@ -834,8 +1007,6 @@ def _build_model(
 ) -> nn.Module:
     import transformers
 
-    if seed is not None:
-        transformers.set_seed(int(seed))
     name = model_cls if isinstance(model_cls, str) else getattr(model_cls, "__name__", None) or "AutoModelForCausalLM"
     if name not in MODEL_CLASSES:
         raise NotFound(f"unknown model class {name!r}; available: {list(MODEL_CLASSES)}")
@@ -849,12 +1020,17 @@ def _build_model(
                 "paths only (download the model first, or pass a config to build one from scratch)"
             )
         extra = {"config": config} if config is not None else {}
+        if seed is not None:
+            transformers.set_seed(int(seed))
         try:
             return cls.from_pretrained(model_id, trust_remote_code=trust_remote_code, use_safetensors=True, **extra, **kwargs)
         except (OSError, ValueError, TypeError) as error:
             raise InvalidArgument(f"cannot load model_id {model_id!r}: {error}") from None
     if config is None:
         raise InvalidArgument("give model_id (a local model directory) or config (to build a model from scratch)")
+    _check_buildable(cls, name, config, trust_remote_code, kwargs)
+    if seed is not None:
+        transformers.set_seed(int(seed))
     try:
         if cls is transformers.AutoModelForCausalLM:
             return cls.from_config(config, trust_remote_code=trust_remote_code, **kwargs)
@@ -863,16 +1039,103 @@ def _build_model(
         raise InvalidArgument(f"cannot build {name} from the config: {error}") from None
 
 
+def _check_buildable(cls: Any, name: str, config: Any, trust_remote_code: bool, kwargs: dict[str, Any]) -> None:
+    """Builds the model on the meta device first (no memory, no RNG): a config that cannot build is
+    INVALID_ARGUMENT, and one whose weights cannot fit in this host's memory is RESOURCE_EXHAUSTED,
+    instead of a crash or the kernel's OOM killer."""
+    import transformers
+
+    try:
+        with torch.device("meta"):
+            if cls is transformers.AutoModelForCausalLM:
+                skeleton = cls.from_config(config, trust_remote_code=trust_remote_code, **kwargs)
+            else:
+                skeleton = cls._from_config(config, **kwargs)
+    except Exception as error:  # any complaint about the config, before anything was allocated
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise InvalidArgument(f"cannot build {name} from the config: {reason}") from None
+    need = sum(p.numel() * p.element_size() for p in skeleton.parameters())
+    available = _available_memory()
+    if available is not None and need > available:
+        raise ResourceExhausted(
+            f"config: the model's weights need {need / 2**30:.2f} GiB; "
+            f"this host has {available / 2**30:.2f} GiB available"
+        )
+
+
+def _available_memory() -> int | None:
+    """MemAvailable of /proc/meminfo in bytes (None where there is no such file)."""
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _check_lora_targets(model: nn.Module, config: Any) -> None:
+    """Every named target module must exist and be a layer LoRA can adapt (before PEFT touches the model)."""
+    targets = config.target_modules
+    if targets is None or isinstance(targets, str):  # "all-linear" or a regex: PEFT resolves those
+        return
+    adaptable = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d)
+    modules = list(model.named_modules())
+    for target in targets:
+        matched = [module for path, module in modules if path == target or path.endswith("." + target)]
+        if not matched:
+            raise InvalidArgument(f"lora_config.target_modules: {target!r} matches no module of the model")
+        for module in matched:
+            kind = type(module).__name__
+            if not isinstance(module, adaptable) and kind != "Conv1D" and not hasattr(module, "base_layer"):
+                raise InvalidArgument(
+                    f"lora_config.target_modules: {target!r} matches a {kind}, which LoRA cannot adapt; "
+                    "name Linear or Embedding layers (e.g. q_proj, v_proj) or use 'all-linear'"
+                )
+
+
+def _try_scheduler(optimizer: torch.optim.Optimizer, name: str, kwargs: dict[str, Any]) -> None:
+    """Builds the scheduler on a stand-in optimizer and steps it once, so bad kwargs (which torch may
+    only notice at the first step, or never: a NaN factor) are INVALID_ARGUMENT and the real
+    optimizer is untouched."""
+    if name not in WARMUP_SCHEDULERS and name not in TORCH_SCHEDULERS:
+        return  # the caller reports the unknown name
+    stand_in = torch.optim.SGD(
+        [{"params": [torch.zeros(1, requires_grad=True)], "lr": group["lr"]} for group in optimizer.param_groups],
+        lr=float(optimizer.param_groups[0]["lr"]),
+    )
+    try:
+        if name in WARMUP_SCHEDULERS:
+            scheduler = _warmup_scheduler(stand_in, name, dict(kwargs))
+        else:
+            scheduler = getattr(torch.optim.lr_scheduler, name)(stand_in, **kwargs)
+        stand_in.step()
+        scheduler.step()
+    except InvalidArgument:
+        raise
+    except Exception as error:  # the constructor's or the first step's complaint about the kwargs
+        raise InvalidArgument(f"scheduler {name}: {error}".splitlines()[0]) from None
+    rates = [float(group["lr"]) for group in stand_in.param_groups]
+    if not all(math.isfinite(rate) and rate >= 0 for rate in rates):
+        raise InvalidArgument(f"scheduler {name}: kwargs {kwargs} give the learning rate {rates[0]}")
+
+
 def _config_from(config: dict[str, Any] | str, trust_remote_code: bool) -> Any:
     import transformers
 
-    values = json.loads(config) if isinstance(config, str) else dict(config)
+    try:
+        values = json.loads(config) if isinstance(config, str) else dict(config)
+    except (ValueError, TypeError) as error:
+        raise InvalidArgument(f"config_json is not valid JSON: {error}") from None
+    if not isinstance(values, dict):
+        raise InvalidArgument("config_json must be a JSON object")
     model_type = values.pop("model_type", None)
-    if not model_type:
+    if not model_type or not isinstance(model_type, str):
         raise InvalidArgument("config needs a 'model_type' (e.g. 'qwen2', 'llama')")
     try:
         return transformers.AutoConfig.for_model(model_type, **values)
-    except (ValueError, KeyError) as error:
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
         raise InvalidArgument(f"config: {error}") from None
 
 
@@ -922,21 +1185,24 @@ def _override(optimizer: torch.optim.Optimizer, optim_params: Mapping[str, Any] 
 
 
 def _warmup_scheduler(optimizer: torch.optim.Optimizer, name: str, kwargs: dict[str, Any]) -> Any:
-    unknown = set(kwargs) - {"num_warmup_steps", "num_training_steps", "min_lr_ratio"}
+    cosine = name == "CosineWarmupScheduler"
+    allowed = {"num_warmup_steps", "num_training_steps", "min_lr_ratio"} | ({"num_cycles"} if cosine else set())
+    unknown = set(kwargs) - allowed
     if unknown or "num_training_steps" not in kwargs:
-        raise InvalidArgument(f"{name} takes num_warmup_steps, num_training_steps (required), min_lr_ratio; got {sorted(kwargs)}")
+        raise InvalidArgument(f"{name} takes {sorted(allowed)} (num_training_steps required); got {sorted(kwargs)}")
     warmup = int(kwargs.get("num_warmup_steps", 0))
     total = int(kwargs["num_training_steps"])
     floor = float(kwargs.get("min_lr_ratio", 0.0))
     if warmup < 0 or total < 1 or warmup > total or not 0 <= floor <= 1:
         raise InvalidArgument(f"{name}: need 0 <= num_warmup_steps <= num_training_steps, num_training_steps >= 1")
-    cosine = name == "CosineWarmupScheduler"
+    cycles = float(kwargs.get("num_cycles", 0.5))
 
+    # Twinkle's (= transformers') schedules: warmup from 0, then cosine (num_cycles) or linear decay.
     def factor(step: int) -> float:
         if step < warmup:
-            return (step + 1) / (warmup + 1)
+            return step / max(1, warmup)
         progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        decay = 0.5 * (1.0 + math.cos(math.pi * progress)) if cosine else 1.0 - progress
+        decay = max(0.0, 0.5 * (1.0 + math.cos(2.0 * math.pi * cycles * progress))) if cosine else 1.0 - progress
         return floor + (1.0 - floor) * decay
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

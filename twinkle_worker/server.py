@@ -1,12 +1,19 @@
-"""gRPC server of one worker: WorkerService plus the standard health and reflection services.
+"""gRPC server of one worker: WorkerService plus the standard health and reflection services,
+behind an interceptor that checks the bearer token and refuses calls while the worker drains.
 
 Used by the `twinkle-worker` command and by tests that start a server in-process.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hmac
 import logging
+import threading
+from collections.abc import Callable, Iterator
 from concurrent import futures
+from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -19,37 +26,202 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = worker_pb2.DESCRIPTOR.services_by_name["WorkerService"].full_name
 DEFAULT_MAX_MESSAGE_MB = 256
+# Handler threads: one runs each call's wait; pipelined and read-only calls need a few more than one.
+HANDLER_THREADS = 32
+# Methods served without a token: readiness probes and load balancers need no secret.
+OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """PEM files of the server's certificate and key; with client_ca, clients must present a
+    certificate signed by it (mutual TLS)."""
+
+    cert: str
+    key: str
+    client_ca: str | None = None
+
+    def credentials(self) -> grpc.ServerCredentials:
+        with open(self.cert, "rb") as cert, open(self.key, "rb") as key:
+            pair = (key.read(), cert.read())
+        client_ca = None
+        if self.client_ca:
+            with open(self.client_ca, "rb") as handle:
+                client_ca = handle.read()
+        return grpc.ssl_server_credentials(
+            [pair], root_certificates=client_ca, require_client_auth=client_ca is not None
+        )
+
+
+class GateInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
+    """Refuses a call without `authorization: Bearer <token>` (UNAUTHENTICATED) when a token is set,
+    and every new call once the worker drains for shutdown (UNAVAILABLE), while counting the calls
+    in progress so the drain can wait for them. Health checks pass always."""
+
+    def __init__(self, token: str | None) -> None:
+        self._expected = f"Bearer {token}".encode() if token else None
+        self._state = threading.Condition()
+        self._in_progress = 0
+        self.draining = False
+
+    def intercept_service(self, continuation: Callable[[Any], Any], details: Any) -> Any:
+        handler = continuation(details)
+        if details.method.startswith(OPEN_PREFIXES) or handler is None:
+            return handler
+        if self._expected is not None:
+            given = next((value for key, value in details.invocation_metadata or () if key == "authorization"), "")
+            given_bytes = given.encode() if isinstance(given, str) else bytes(given)
+            if not hmac.compare_digest(given_bytes, self._expected):  # constant time: no timing oracle
+                return _guarded(handler, _refusal)
+        return _guarded(handler, self._admitted)
+
+    @contextlib.contextmanager
+    def _admitted(self, context: grpc.ServicerContext) -> Iterator[None]:
+        with self._state:
+            if self.draining:
+                context.abort(grpc.StatusCode.UNAVAILABLE, "the worker is shutting down")
+            self._in_progress += 1
+        try:
+            yield
+        finally:
+            with self._state:
+                self._in_progress -= 1
+                self._state.notify_all()
+
+    def refuse_new_calls(self) -> None:
+        with self._state:
+            self.draining = True
+
+    def drain(self, grace: float | None) -> bool:
+        """Refuses new calls from now on; waits (up to grace seconds) until none is in progress."""
+        with self._state:
+            self.draining = True
+            return self._state.wait_for(lambda: self._in_progress == 0, grace)
+
+
+@contextlib.contextmanager
+def _refusal(context: grpc.ServicerContext) -> Iterator[None]:
+    context.abort(
+        grpc.StatusCode.UNAUTHENTICATED,
+        "missing or wrong bearer token: send the metadata 'authorization: Bearer <token>'",
+    )
+    yield  # not reached: abort raises
+
+
+class _Undecodable:
+    """A request whose bytes are not the expected message (kept so the handler can say so)."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def _lenient(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """The message's deserializer, returning _Undecodable instead of raising (gRPC would answer INTERNAL)."""
+    if deserializer is None:
+        return None
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as error:
+            return _Undecodable(error)
+
+    return parse
+
+
+def _checked(request: Any, context: grpc.ServicerContext) -> Any:
+    if isinstance(request, _Undecodable):
+        context.abort(
+            grpc.StatusCode.INVALID_ARGUMENT, f"the request is not a valid message of this RPC: {request.error}"
+        )
+    return request
+
+
+def _guarded(handler: Any, guard: Callable[[grpc.ServicerContext], Any]) -> Any:
+    """`handler` whose behaviour runs inside guard(context), to the end of its response stream, and
+    whose undecodable requests are INVALID_ARGUMENT."""
+    codec = {
+        "request_deserializer": _lenient(handler.request_deserializer),
+        "response_serializer": handler.response_serializer,
+    }
+
+    def requests(request: Any, context: grpc.ServicerContext) -> Any:
+        if handler.request_streaming:
+            return (_checked(message, context) for message in request)
+        return _checked(request, context)
+
+    if handler.response_streaming:
+        inner = handler.stream_stream if handler.request_streaming else handler.unary_stream
+
+        def streaming(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+            with guard(context):
+                yield from inner(requests(request, context), context)
+
+        factory = (
+            grpc.stream_stream_rpc_method_handler if handler.request_streaming else grpc.unary_stream_rpc_method_handler
+        )
+        return factory(streaming, **codec)
+    inner = handler.stream_unary if handler.request_streaming else handler.unary_unary
+
+    def unary(request: Any, context: grpc.ServicerContext) -> Any:
+        with guard(context):
+            return inner(requests(request, context), context)
+
+    factory = grpc.stream_unary_rpc_method_handler if handler.request_streaming else grpc.unary_unary_rpc_method_handler
+    return factory(unary, **codec)
 
 
 class WorkerServer:
     """A started server; `port` is the bound port (ask for port 0 to get a free one)."""
 
-    def __init__(self, options: WorkerOptions, port: int, max_message_mb: int = DEFAULT_MAX_MESSAGE_MB) -> None:
+    def __init__(
+        self,
+        options: WorkerOptions,
+        port: int,
+        max_message_mb: int = DEFAULT_MAX_MESSAGE_MB,
+        token: str | None = None,
+        tls: TlsFiles | None = None,
+    ) -> None:
         limit = max_message_mb << 20
         self.servicer = WorkerServicer(options)
+        self.gate = GateInterceptor(token)
         self.server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="grpc"),
-            options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)],
+            futures.ThreadPoolExecutor(max_workers=HANDLER_THREADS, thread_name_prefix="grpc"),
+            interceptors=[self.gate],
+            options=[
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.max_send_message_length", limit),
+                ("grpc.so_reuseport", 0),  # a second worker on the same port fails instead of sharing it
+            ],
         )
         worker_pb2_grpc.add_WorkerServiceServicer_to_server(self.servicer, self.server)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
-        self.port = self.server.add_insecure_port(f"{options.host}:{port}")
+        address = f"{options.host}:{port}"
+        self.port = (
+            self.server.add_secure_port(address, tls.credentials()) if tls else self.server.add_insecure_port(address)
+        )
         if self.port == 0:
-            raise OSError(f"cannot bind {options.host}:{port}")
+            raise OSError(f"cannot bind {address}")
         self.address = f"{options.host}:{self.port}"
+        self.security = ("mutual TLS" if tls.client_ca else "TLS") if tls else "plaintext"
+        self.security += ", bearer token required" if token else ", no token"
 
     def start(self) -> None:
         self.server.start()
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        log.info("serving %s on %s", SERVICE_NAME, self.address)
+        log.info("serving %s on %s (%s)", SERVICE_NAME, self.address, self.security)
 
     def stop(self, grace: float | None = 5.0) -> None:
-        """Refuses new calls, lets the one in progress finish (up to `grace` seconds), then stops."""
-        self.health.enter_graceful_shutdown()
-        self.server.stop(grace).wait()
+        """Refuses new calls (UNAVAILABLE), lets the ones in progress finish (up to `grace` seconds),
+        waits for the model thread, leaves the process group, then stops."""
+        self.gate.refuse_new_calls()
+        self.health.enter_graceful_shutdown()  # probes see NOT_SERVING at once
+        if not self.gate.drain(grace):
+            log.warning("calls still in progress after %s s; stopping anyway", grace)
+        self.server.stop(1.0).wait()
         self.servicer.close()
 
     def wait(self) -> None:

@@ -1,16 +1,17 @@
 """WorkerService servicer: transport only. Decodes a request, calls one model method, encodes the result.
 
-Model calls run on one executor thread in arrival order; gRPC threads only decode and wait.
-Every mutating request's sequence number is checked here, so a retried call returns the
-stored result instead of running twice (an optimizer step is never applied twice).
+Model calls run on one executor thread in sequence-number order; gRPC threads only decode and
+wait. Sessions and sequence numbers are kept by twinkle_worker.session (a retried call returns
+the stored outcome instead of running twice: an optimizer step is never applied twice), field
+checks live in twinkle_worker.validation.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
-import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -20,10 +21,12 @@ import grpc
 from google.protobuf import json_format, struct_pb2
 
 from twinkle_client import __version__, streaming, tensors
-from twinkle_client._proto import worker_pb2, worker_pb2_grpc
-from twinkle_client.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, TwinkleError
+from twinkle_client._proto import tensor_pb2, worker_pb2, worker_pb2_grpc
+from twinkle_client.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, TwinkleError, Unavailable
 from twinkle_client.mesh import DeviceMesh
+from twinkle_worker import validation
 from twinkle_worker.model import ForwardResult, TransformersModel
+from twinkle_worker.session import SEQUENCE_WAIT_SECONDS, Ledger
 from twinkle_worker.strategies import Rendezvous
 
 log = logging.getLogger(__name__)
@@ -41,8 +44,7 @@ PRECISION_NAMES = {
     worker_pb2.MIXED_PRECISION_FP8: "fp8",
 }
 DEFAULT_CHUNK_BYTES = 1 << 20
-# How long a call that arrived before its predecessor waits for it (pipelined calls).
-SEQUENCE_WAIT_SECONDS = 600.0
+MAX_ERROR_CHARS = 2000
 
 
 @dataclass
@@ -53,6 +55,10 @@ class WorkerOptions:
     device: str = "cpu"
     output_root: str = "outputs"
     allow_remote_code: bool = False
+    # An owner silent this long may be replaced by another session's Init (0: never).
+    lease_seconds: float = 900.0
+    # The largest batch a streamed request may declare (its bytes are allocated up front).
+    max_stream_bytes: int = 8 << 30
 
 
 def struct_to_dict(struct: struct_pb2.Struct) -> dict[str, Any]:
@@ -79,10 +85,7 @@ def dict_to_struct(values: dict[str, Any]) -> struct_pb2.Struct:
 def lora_config(message: worker_pb2.LoraConfig) -> Any:
     from peft import LoraConfig
 
-    if message.r < 1:
-        raise InvalidArgument(f"lora_config.r must be >= 1, got {message.r}")
-    if message.lora_alpha < 0 or not 0 <= message.lora_dropout < 1:
-        raise InvalidArgument("lora_config: lora_alpha must be >= 0 and lora_dropout in [0, 1)")
+    validation.check_lora(message)
     targets: Any = list(message.target_modules) or "all-linear"
     if targets == ["all-linear"]:
         targets = "all-linear"
@@ -123,11 +126,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         self.world_size = 1
         self.mesh = DeviceMesh.single()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
-        # Pipelined calls can reach handler threads out of order: each waits here for its turn.
-        self._sequence_lock = threading.Condition()
-        self._last_sequence = 0
-        self._last_result: Any = None
-        self._session_id = ""
+        self._ledger = Ledger(options.lease_seconds)
         os.makedirs(options.output_root, exist_ok=True)
 
     # ------------------------------------------------------------ plumbing
@@ -135,54 +134,80 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     def _name(self) -> str:
         return f"rank {self.rank} ({self.options.host}, pid {os.getpid()})"
 
-    def _run(self, context: grpc.ServicerContext, call: worker_pb2.CallContext | None, fn: Callable[[], Any]) -> Any:
-        """Runs fn on the model thread, once per sequence number; errors become gRPC statuses."""
+    def _run(
+        self,
+        context: grpc.ServicerContext,
+        call: worker_pb2.CallContext | None,
+        fn: Callable[[], Any],
+        request: Any = None,
+    ) -> Any:
+        """Runs fn on the model thread in its sequence turn, once per sequence number; errors become statuses.
+
+        call None: a read-only call, open to any session. With `request`, its shared numeric
+        fields are checked first (inside the turn, so a refused call still uses its number).
+        """
         number = call.sequence_number if call is not None else 0
+        session = call.session_id if call is not None else None
+        checked = fn if request is None else lambda: (validation.check_fields(request), fn())[1]
+        remaining = context.time_remaining()  # answer a gap before the caller's deadline passes
+        wait = SEQUENCE_WAIT_SECONDS if remaining is None else max(0.0, min(SEQUENCE_WAIT_SECONDS, remaining - 0.25))
         try:
-            with self._sequence_lock:
-                if number > self._last_sequence + 1:
-                    self._sequence_lock.wait_for(lambda: number <= self._last_sequence + 1, timeout=SEQUENCE_WAIT_SECONDS)
-                if number and number == self._last_sequence and self._last_result is not None:
-                    outcome = self._last_result
-                else:
-                    if number and number != self._last_sequence + 1:
-                        raise FailedPrecondition(
-                            f"sequence number {number} does not follow the last executed {self._last_sequence}; "
-                            "send calls in order (a retry repeats the last number)"
-                        )
-                    outcome = self._execute(fn)
-                    if number:
-                        self._last_sequence, self._last_result = number, outcome
-                        self._sequence_lock.notify_all()
+            outcome = self._ledger.admit(session, number, lambda: self._submit(checked), wait).result()
         except TwinkleError as error:
             outcome = error
         if isinstance(outcome, BaseException):
             self._abort(context, outcome)
         return outcome
 
-    def _execute(self, fn: Callable[[], Any]) -> Any:
+    def _submit(self, fn: Callable[[], Any]) -> Any:
+        try:
+            return self._executor.submit(self._execute, fn)
+        except RuntimeError:  # the executor was shut down
+            raise Unavailable("the worker is shutting down") from None
+
+    @staticmethod
+    def _execute(fn: Callable[[], Any]) -> Any:
         """The result of fn, or the exception it raised (stored, so a retry sees the same error)."""
         try:
-            return self._executor.submit(fn).result()
+            return fn()
         except TwinkleError as error:
             return error
         except MemoryError as error:
             return ResourceExhausted(f"out of memory: {error}")
         except Exception as error:  # a bug: keep serving, say so
-            if type(error).__name__ == "OutOfMemoryError":
-                return ResourceExhausted(f"out of device memory: {error}".splitlines()[0])
-            log.exception("internal error on %s", self._name())
+            text = str(error)
+            out_of_memory = ("can't allocate memory", "not enough memory")
+            if type(error).__name__ == "OutOfMemoryError" or any(marker in text for marker in out_of_memory):
+                return ResourceExhausted(f"out of memory: {text}".splitlines()[0])
+            log.exception("internal error")
             return error
 
     def _abort(self, context: grpc.ServicerContext, error: BaseException) -> None:
         code = error.code if isinstance(error, TwinkleError) else grpc.StatusCode.INTERNAL
         text = str(error) if isinstance(error, TwinkleError) else f"internal error ({type(error).__name__}: {error}); see the worker log"
+        if len(text) > MAX_ERROR_CHARS:  # status messages travel in headers (8 KiB); a request may be echoed in them
+            text = text[:MAX_ERROR_CHARS] + " ... (truncated)"
         context.abort(code, f"{self._name()}: {text}")
 
     def _model(self) -> TransformersModel:
         if self.model is None:
-            raise FailedPrecondition("the worker has no model: call Init first")
+            raise FailedPrecondition(
+                "the worker has no model: call Init first (a worker restarted or Reset since Init has none)"
+            )
         return self.model
+
+    def _available_memory(self, model: TransformersModel) -> int | None:
+        """Free bytes where the model computes: device memory on a GPU, MemAvailable on a host."""
+        if model.device.type == "cuda":
+            import torch
+
+            return int(torch.cuda.mem_get_info(model.device)[0])
+        from twinkle_worker.model import _available_memory
+
+        return _available_memory()
+
+    def _check_inputs(self, model: TransformersModel, batch: dict[str, Any], return_logits: bool) -> None:
+        validation.check_inputs(batch, model.vocab_size, return_logits, self._available_memory(model))
 
     @staticmethod
     def _optional(message: Any, field: str) -> Any:
@@ -191,9 +216,25 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     # --------------------------------------------------------------- RPCs
 
     def Init(self, request: worker_pb2.InitRequest, context: grpc.ServicerContext) -> worker_pb2.InitResponse:
+        session = request.context.session_id
+
         def init() -> worker_pb2.InitResponse:
+            try:
+                if takeover:
+                    log.warning("the owner's lease lapsed: session %s... takes the worker over", session[:8])
+                    self._close_model()
+                return build()
+            except BaseException:
+                self._ledger.abandon(session, generation)
+                if self.model is None:  # errors still name the rank Init asked for; the mesh is gone
+                    self.world_size, self.mesh = 1, DeviceMesh.single()
+                raise
+
+        def build() -> worker_pb2.InitResponse:
             if self.model is not None:
                 raise FailedPrecondition("the worker is already initialised; call Reset first to start a new job")
+            self.rank = request.rank  # errors name the rank Init asked for
+            validation.check_init(request)
             mesh = DeviceMesh(tuple(request.mesh.dim_names), tuple(request.mesh.dim_sizes)) if request.mesh.dim_names else DeviceMesh.single()
             rendezvous = Rendezvous(
                 request.rendezvous.master_addr or "127.0.0.1",
@@ -229,25 +270,30 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 vocab_size=model.vocab_size,
             )
 
-        with self._sequence_lock:
-            # Init starts a new sequence: its own number becomes the last executed one.
-            self._last_sequence = max(0, request.context.sequence_number - 1)
-            self._last_result = None
-            self._session_id = request.context.session_id
+        try:  # Init starts the session's sequence: its own number is the first
+            lease = request.lease_seconds if math.isfinite(request.lease_seconds) else 0.0
+            takeover = self._ledger.claim(session, request.context.sequence_number, self.model is not None, lease)
+        except TwinkleError as error:
+            self._abort(context, error)
+        generation = self._ledger.generation
         return self._run(context, request.context, init)
 
     def Reset(self, request: worker_pb2.ResetRequest, context: grpc.ServicerContext) -> worker_pb2.ResetResponse:
         def reset() -> worker_pb2.ResetResponse:
-            if self.model is not None:
-                self.model.close()
-                self.model = None
-            self.rank, self.world_size, self.mesh = 0, 1, DeviceMesh.single()
+            self._close_model()
             return worker_pb2.ResetResponse()
 
-        response = self._run(context, None, reset)
-        with self._sequence_lock:
-            self._last_sequence, self._last_result, self._session_id = 0, None, ""
-        return response
+        try:  # the session ends now; the model is dropped after the calls already queued
+            self._ledger.release(request.context.session_id, request.force)
+        except TwinkleError as error:
+            self._abort(context, error)
+        return self._run(context, None, reset)
+
+    def _close_model(self) -> None:
+        if self.model is not None:
+            model, self.model = self.model, None
+            model.close()
+        self.rank, self.world_size, self.mesh = 0, 1, DeviceMesh.single()
 
     def AddAdapter(self, request: worker_pb2.AddAdapterRequest, context: grpc.ServicerContext) -> worker_pb2.AddAdapterResponse:
         def add() -> worker_pb2.AddAdapterResponse:
@@ -260,7 +306,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             )
             return worker_pb2.AddAdapterResponse(num_trainable_parameters=count)
 
-        return self._run(context, request.context, add)
+        return self._run(context, request.context, add, request)
 
     def SetOptimizer(self, request: worker_pb2.SetOptimizerRequest, context: grpc.ServicerContext) -> worker_pb2.SetOptimizerResponse:
         def set_optimizer() -> worker_pb2.SetOptimizerResponse:
@@ -275,21 +321,21 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             )
             return worker_pb2.SetOptimizerResponse(num_parameters=count)
 
-        return self._run(context, request.context, set_optimizer)
+        return self._run(context, request.context, set_optimizer, request)
 
     def SetLrScheduler(self, request: worker_pb2.SetLrSchedulerRequest, context: grpc.ServicerContext) -> worker_pb2.SetLrSchedulerResponse:
         def set_scheduler() -> worker_pb2.SetLrSchedulerResponse:
             lr = self._model().set_lr_scheduler(request.scheduler, request.adapter_name, **struct_to_dict(request.kwargs))
             return worker_pb2.SetLrSchedulerResponse(lr=lr)
 
-        return self._run(context, request.context, set_scheduler)
+        return self._run(context, request.context, set_scheduler, request)
 
     def SetLoss(self, request: worker_pb2.SetLossRequest, context: grpc.ServicerContext) -> worker_pb2.SetLossResponse:
         def set_loss() -> worker_pb2.SetLossResponse:
             self._model().set_loss(request.loss or "CrossEntropyLoss", request.adapter_name, **struct_to_dict(request.kwargs))
             return worker_pb2.SetLossResponse()
 
-        return self._run(context, request.context, set_loss)
+        return self._run(context, request.context, set_loss, request)
 
     def ForwardBackward(self, request: worker_pb2.ForwardBackwardRequest, context: grpc.ServicerContext) -> worker_pb2.ForwardBackwardResponse:
         response, arrays = self._forward_backward(request, context, None)
@@ -309,21 +355,23 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     ) -> tuple[worker_pb2.ForwardBackwardResponse, dict[str, Any]]:
         def forward_backward() -> tuple[worker_pb2.ForwardBackwardResponse, dict[str, Any]]:
             model = self._model()
-            batch = inputs if inputs is not None else tensors.map_to_numpy(request.inputs)
-            if not batch:
-                raise InvalidArgument("inputs is empty: send input_ids, attention_mask and labels")
-            result = model.forward_backward(
-                batch,
-                request.adapter_name,
-                request.temperature or 1.0,
-                request.return_logits,
-                request.gradient_accumulation_steps or None,
-            )
+            with model.agreement():  # this rank's own slice: a bad one fails every rank before any collective
+                batch = inputs if inputs is not None else tensors.map_to_numpy(request.inputs)
+                if not batch:
+                    raise InvalidArgument("inputs is empty: send input_ids, attention_mask and labels")
+                self._check_inputs(model, batch, request.return_logits)
+                result = model.forward_backward(
+                    batch,
+                    request.adapter_name,
+                    request.temperature or 1.0,
+                    request.return_logits,
+                    request.gradient_accumulation_steps or None,
+                )
             group = model.group(request.adapter_name)
             response = worker_pb2.ForwardBackwardResponse(output=forward_header(result), micro_step=group.micro_step)
             return response, result.outputs
 
-        return self._run(context, request.context, forward_backward)
+        return self._run(context, request.context, forward_backward, request)
 
     def ForwardOnly(self, request: worker_pb2.ForwardOnlyRequest, context: grpc.ServicerContext) -> worker_pb2.ForwardOnlyResponse:
         response, arrays = self._forward_only(request, context, None)
@@ -343,20 +391,22 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     ) -> tuple[worker_pb2.ForwardOnlyResponse, dict[str, Any]]:
         def forward_only() -> tuple[worker_pb2.ForwardOnlyResponse, dict[str, Any]]:
             model = self._model()
-            batch = inputs if inputs is not None else tensors.map_to_numpy(request.inputs)
-            if not batch:
-                raise InvalidArgument("inputs is empty: send at least input_ids")
-            result = model.forward_only(
-                batch, request.adapter_name, request.temperature or 1.0, request.return_logits, request.disable_lora
-            )
+            with model.agreement():  # this rank's own slice: a bad one fails every rank before any collective
+                batch = inputs if inputs is not None else tensors.map_to_numpy(request.inputs)
+                if not batch:
+                    raise InvalidArgument("inputs is empty: send at least input_ids")
+                self._check_inputs(model, batch, request.return_logits)
+                result = model.forward_only(
+                    batch, request.adapter_name, request.temperature or 1.0, request.return_logits, request.disable_lora
+                )
             return worker_pb2.ForwardOnlyResponse(output=forward_header(result)), result.outputs
 
-        return self._run(context, request.context, forward_only)
+        return self._run(context, request.context, forward_only, request)
 
     def _receive(self, messages: Iterator[Any], context: grpc.ServicerContext, tensor_map_of: Callable[[Any], Any]) -> tuple[Any, dict[str, Any]]:
         """A streamed request's header and tensors; bad framing is INVALID_ARGUMENT."""
         try:
-            return streaming.receive(messages, tensor_map_of)
+            return streaming.receive(messages, tensor_map_of, self.options.max_stream_bytes)
         except TwinkleError as error:
             self._abort(context, error)
             raise  # not reached: abort raises
@@ -368,7 +418,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             )
             return worker_pb2.ClipGradNormResponse(applied=norm is not None, grad_norm=norm or 0.0)
 
-        return self._run(context, request.context, clip)
+        return self._run(context, request.context, clip, request)
 
     def Step(self, request: worker_pb2.StepRequest, context: grpc.ServicerContext) -> worker_pb2.StepResponse:
         def step() -> worker_pb2.StepResponse:
@@ -376,14 +426,14 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             applied = model.step(request.adapter_name, request.gradient_accumulation_steps or None, optim_params(request.optim_params))
             return worker_pb2.StepResponse(applied=applied, optimizer_step=model.group(request.adapter_name).optimizer_step)
 
-        return self._run(context, request.context, step)
+        return self._run(context, request.context, step, request)
 
     def ZeroGrad(self, request: worker_pb2.ZeroGradRequest, context: grpc.ServicerContext) -> worker_pb2.ZeroGradResponse:
         def zero_grad() -> worker_pb2.ZeroGradResponse:
             applied = self._model().zero_grad(request.adapter_name, request.gradient_accumulation_steps or None)
             return worker_pb2.ZeroGradResponse(applied=applied)
 
-        return self._run(context, request.context, zero_grad)
+        return self._run(context, request.context, zero_grad, request)
 
     def LrStep(self, request: worker_pb2.LrStepRequest, context: grpc.ServicerContext) -> worker_pb2.LrStepResponse:
         def lr_step() -> worker_pb2.LrStepResponse:
@@ -392,7 +442,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             optimizer = model.group(request.adapter_name).require_optimizer()
             return worker_pb2.LrStepResponse(applied=applied, lr=float(optimizer.param_groups[0]["lr"]))
 
-        return self._run(context, request.context, lr_step)
+        return self._run(context, request.context, lr_step, request)
 
     def ClipGradAndStep(self, request: worker_pb2.ClipGradAndStepRequest, context: grpc.ServicerContext) -> worker_pb2.ClipGradAndStepResponse:
         def clip_and_step() -> worker_pb2.ClipGradAndStepResponse:
@@ -411,7 +461,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 micro_step=result.micro_step,
             )
 
-        return self._run(context, request.context, clip_and_step)
+        return self._run(context, request.context, clip_and_step, request)
 
     def Save(self, request: worker_pb2.SaveRequest, context: grpc.ServicerContext) -> worker_pb2.SaveResponse:
         def save() -> worker_pb2.SaveResponse:
@@ -425,7 +475,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             )
             return worker_pb2.SaveResponse(saved=path is not None, path=path or "")
 
-        return self._run(context, request.context, save)
+        return self._run(context, request.context, save, request)
 
     def Load(self, request: worker_pb2.LoadRequest, context: grpc.ServicerContext) -> worker_pb2.LoadResponse:
         def load() -> worker_pb2.LoadResponse:
@@ -434,7 +484,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             path = self._model().load(request.name, request.output_dir or None, request.adapter_name, request.load_optimizer)
             return worker_pb2.LoadResponse(path=path)
 
-        return self._run(context, request.context, load)
+        return self._run(context, request.context, load, request)
 
     def ResumeFromCheckpoint(
         self, request: worker_pb2.ResumeFromCheckpointRequest, context: grpc.ServicerContext
@@ -445,7 +495,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             state = self._model().resume_from_checkpoint(request.checkpoint_dir, request.resume_only_model, request.adapter_name)
             return worker_pb2.ResumeFromCheckpointResponse(**state)
 
-        return self._run(context, request.context, resume)
+        return self._run(context, request.context, resume, request)
 
     def GetTrainConfigs(self, request: worker_pb2.GetTrainConfigsRequest, context: grpc.ServicerContext) -> worker_pb2.GetTrainConfigsResponse:
         def configs() -> worker_pb2.GetTrainConfigsResponse:
@@ -465,10 +515,11 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             model=(model.model_id or type(model.model).__name__) if model else "",
             device=str(model.device) if model else self.options.device,
             groups=list(model.groups) if model else [],
-            last_sequence_number=self._last_sequence,
+            last_sequence_number=self._ledger.last_finished,
             pid=os.getpid(),
             version=__version__,
-            session_id=self._session_id,
+            session_id=self._ledger.session_id,
+            lease_seconds_left=self._ledger.lease_seconds_left(),
             free_port=free_port(self.options.host),
             vocab_size=model.vocab_size if model else 0,
         )
@@ -477,20 +528,25 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         chunk = request.chunk_bytes or DEFAULT_CHUNK_BYTES
         if chunk < 1024 or chunk > 64 << 20:
             self._abort(context, InvalidArgument(f"chunk_bytes must be in [1024, 64 MiB], got {chunk}"))
-        state = self._run(context, None, lambda: self._model().export_weights(request.adapter_name))
+        context_or_none = request.context if request.HasField("context") else worker_pb2.CallContext()
+        context_or_none.sequence_number = 0  # an export changes nothing: never sequenced
+        state = self._run(context, context_or_none, lambda: self._model().export_weights(request.adapter_name))
         for name, value in state.items():
-            encoded = tensors.to_proto(value)
-            data = memoryview(encoded.data)
+            encoded = tensor_pb2.Tensor()
+            array = tensors.encode_header(value, encoded)  # dtype and shape; the bytes go straight into the chunks
+            data = memoryview(array.reshape(-1)).cast("B")
             total = len(data)
             for offset in range(0, max(total, 1), chunk):
-                piece = worker_pb2.ExportWeightsResponse(total_bytes=total, offset=offset, data=bytes(data[offset : offset + chunk]))
+                piece = worker_pb2.ExportWeightsResponse(total_bytes=total, offset=offset, data=data[offset : offset + chunk].tobytes())
                 if offset == 0:
                     piece.name, piece.dtype = name, encoded.dtype
                     piece.shape.extend(encoded.shape)
                 yield piece
 
     def close(self) -> None:
+        """Lets the queued calls finish, then leaves the process group (the worker is stopping)."""
         self._executor.shutdown(wait=True)
+        self._close_model()
 
 
 def optim_params(message: worker_pb2.OptimParams) -> dict[str, Any] | None:

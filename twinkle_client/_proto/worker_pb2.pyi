@@ -59,7 +59,7 @@ class Rendezvous(_message.Message):
     def __init__(self, master_addr: _Optional[str] = ..., master_port: _Optional[int] = ..., timeout_seconds: _Optional[float] = ...) -> None: ...
 
 class InitRequest(_message.Message):
-    __slots__ = ("context", "model_id", "model_class", "config_json", "device", "mixed_precision", "strategy", "ddp_config", "fsdp_config", "grad_scaler_config", "model_kwargs", "mesh", "rank", "rendezvous", "seed", "trust_remote_code")
+    __slots__ = ("context", "model_id", "model_class", "config_json", "device", "mixed_precision", "strategy", "ddp_config", "fsdp_config", "grad_scaler_config", "model_kwargs", "mesh", "rank", "rendezvous", "seed", "trust_remote_code", "lease_seconds")
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_CLASS_FIELD_NUMBER: _ClassVar[int]
@@ -76,6 +76,7 @@ class InitRequest(_message.Message):
     RENDEZVOUS_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     TRUST_REMOTE_CODE_FIELD_NUMBER: _ClassVar[int]
+    LEASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     context: CallContext
     model_id: str
     model_class: str
@@ -92,7 +93,8 @@ class InitRequest(_message.Message):
     rendezvous: Rendezvous
     seed: int
     trust_remote_code: bool
-    def __init__(self, context: _Optional[_Union[CallContext, _Mapping]] = ..., model_id: _Optional[str] = ..., model_class: _Optional[str] = ..., config_json: _Optional[str] = ..., device: _Optional[str] = ..., mixed_precision: _Optional[_Union[MixedPrecision, str]] = ..., strategy: _Optional[_Union[Strategy, str]] = ..., ddp_config: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., fsdp_config: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., grad_scaler_config: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., model_kwargs: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., mesh: _Optional[_Union[DeviceMesh, _Mapping]] = ..., rank: _Optional[int] = ..., rendezvous: _Optional[_Union[Rendezvous, _Mapping]] = ..., seed: _Optional[int] = ..., trust_remote_code: _Optional[bool] = ...) -> None: ...
+    lease_seconds: float
+    def __init__(self, context: _Optional[_Union[CallContext, _Mapping]] = ..., model_id: _Optional[str] = ..., model_class: _Optional[str] = ..., config_json: _Optional[str] = ..., device: _Optional[str] = ..., mixed_precision: _Optional[_Union[MixedPrecision, str]] = ..., strategy: _Optional[_Union[Strategy, str]] = ..., ddp_config: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., fsdp_config: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., grad_scaler_config: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., model_kwargs: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., mesh: _Optional[_Union[DeviceMesh, _Mapping]] = ..., rank: _Optional[int] = ..., rendezvous: _Optional[_Union[Rendezvous, _Mapping]] = ..., seed: _Optional[int] = ..., trust_remote_code: _Optional[bool] = ..., lease_seconds: _Optional[float] = ...) -> None: ...
 
 class InitResponse(_message.Message):
     __slots__ = ("num_parameters", "strategy_description", "data_rank", "data_world_size", "vocab_size")
@@ -469,7 +471,7 @@ class GetStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetStatusResponse(_message.Message):
-    __slots__ = ("initialized", "rank", "world_size", "mesh", "model", "device", "groups", "last_sequence_number", "pid", "version", "session_id", "free_port", "vocab_size")
+    __slots__ = ("initialized", "rank", "world_size", "mesh", "model", "device", "groups", "last_sequence_number", "pid", "version", "session_id", "free_port", "vocab_size", "lease_seconds_left")
     INITIALIZED_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -483,6 +485,7 @@ class GetStatusResponse(_message.Message):
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     FREE_PORT_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
+    LEASE_SECONDS_LEFT_FIELD_NUMBER: _ClassVar[int]
     initialized: bool
     rank: int
     world_size: int
@@ -496,25 +499,30 @@ class GetStatusResponse(_message.Message):
     session_id: str
     free_port: int
     vocab_size: int
-    def __init__(self, initialized: _Optional[bool] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., mesh: _Optional[_Union[DeviceMesh, _Mapping]] = ..., model: _Optional[str] = ..., device: _Optional[str] = ..., groups: _Optional[_Iterable[str]] = ..., last_sequence_number: _Optional[int] = ..., pid: _Optional[int] = ..., version: _Optional[str] = ..., session_id: _Optional[str] = ..., free_port: _Optional[int] = ..., vocab_size: _Optional[int] = ...) -> None: ...
+    lease_seconds_left: float
+    def __init__(self, initialized: _Optional[bool] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., mesh: _Optional[_Union[DeviceMesh, _Mapping]] = ..., model: _Optional[str] = ..., device: _Optional[str] = ..., groups: _Optional[_Iterable[str]] = ..., last_sequence_number: _Optional[int] = ..., pid: _Optional[int] = ..., version: _Optional[str] = ..., session_id: _Optional[str] = ..., free_port: _Optional[int] = ..., vocab_size: _Optional[int] = ..., lease_seconds_left: _Optional[float] = ...) -> None: ...
 
 class ResetRequest(_message.Message):
-    __slots__ = ("context",)
+    __slots__ = ("context", "force")
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    FORCE_FIELD_NUMBER: _ClassVar[int]
     context: CallContext
-    def __init__(self, context: _Optional[_Union[CallContext, _Mapping]] = ...) -> None: ...
+    force: bool
+    def __init__(self, context: _Optional[_Union[CallContext, _Mapping]] = ..., force: _Optional[bool] = ...) -> None: ...
 
 class ResetResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class ExportWeightsRequest(_message.Message):
-    __slots__ = ("adapter_name", "chunk_bytes")
+    __slots__ = ("adapter_name", "chunk_bytes", "context")
     ADAPTER_NAME_FIELD_NUMBER: _ClassVar[int]
     CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_FIELD_NUMBER: _ClassVar[int]
     adapter_name: str
     chunk_bytes: int
-    def __init__(self, adapter_name: _Optional[str] = ..., chunk_bytes: _Optional[int] = ...) -> None: ...
+    context: CallContext
+    def __init__(self, adapter_name: _Optional[str] = ..., chunk_bytes: _Optional[int] = ..., context: _Optional[_Union[CallContext, _Mapping]] = ...) -> None: ...
 
 class ExportWeightsResponse(_message.Message):
     __slots__ = ("name", "dtype", "shape", "total_bytes", "offset", "data")

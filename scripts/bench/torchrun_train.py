@@ -1,0 +1,113 @@
+"""The reference training loop for bench_training.py: plain transformers + peft + torch DDP under torchrun.
+
+    python -m torch.distributed.run --standalone --nproc_per_node 2 scripts/bench/torchrun_train.py \
+        --model 6m --mode lora --steps 10 --warmup 3 --out /tmp/result.json
+
+The same model (built with transformers.set_seed + from_config), the same LoRA config
+(r=8, alpha 16, all-linear) or full fine-tuning, the same optimizer (AdamW, lr 1e-4, weight
+decay 0.01 except biases and norms), the same global batches (each rank takes its half, in
+data-rank order), fp32, gloo, one torch thread per process; no twinkle code. Each step is
+forward, token-mean cross-entropy, backward (DDP all-reduces the gradients), clip to norm
+1.0, optimizer step, zero_grad. Rank 0 writes the measured step times to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+import transformers
+from common import batches, qwen2_config
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="tiny", choices=["tiny", "6m"])
+    parser.add_argument("--mode", default="lora", choices=["lora", "full"])
+    parser.add_argument("--batch-size", type=int, default=8, help="global batch (split over the ranks)")
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=10, help="measured steps")
+    parser.add_argument("--warmup", type=int, default=3, help="steps before the measurement")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+
+    config = qwen2_config(args.model)
+    transformers.set_seed(args.seed)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    if args.mode == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(
+            model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+        )
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    no_decay = [p for n, p in named if n.endswith(".bias") or "norm" in n.lower()]
+    decay = [p for n, p in named if not (n.endswith(".bias") or "norm" in n.lower())]
+    groups = [
+        g for g in ({"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}) if g["params"]
+    ]
+    optimizer = torch.optim.AdamW(groups, lr=1e-4)
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    ddp.train()
+
+    data = batches(config.vocab_size, args.batch_size, args.seq_len, args.warmup + args.steps, args.seed)
+    per_rank = args.batch_size // world
+
+    def step(batch: dict) -> float:
+        rows = slice(rank * per_rank, (rank + 1) * per_rank)
+        ids = torch.from_numpy(batch["input_ids"][rows])
+        labels = torch.from_numpy(batch["labels"][rows])
+        mask = torch.from_numpy(batch["attention_mask"][rows])
+        logits = ddp(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for _, p in named], 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+    for batch in data[: args.warmup]:
+        step(batch)
+    dist.barrier()
+    times = []
+    cpu_start = time.process_time()
+    start = time.perf_counter()
+    for batch in data[args.warmup :]:
+        begin = time.perf_counter()
+        loss = step(batch)
+        times.append(time.perf_counter() - begin)
+    dist.barrier()
+    total = time.perf_counter() - start
+    cpu = [0.0] * world
+    dist.all_gather_object(cpu, time.process_time() - cpu_start)
+    if rank == 0:
+        params = sum(p.numel() for p in model.parameters())
+        trainable = sum(p.numel() for _, p in named)
+        with open(args.out, "w") as handle:
+            json.dump(
+                {
+                    "total_s": total,
+                    "step_times_s": times,
+                    "steps": args.steps,
+                    "cpu_s_per_rank": cpu,
+                    "last_loss": loss,
+                    "parameters": params,
+                    "trainable": trainable,
+                },
+                handle,
+            )
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
