@@ -113,9 +113,19 @@ class Group:
     normalized: bool = False
     last_grad_norm: float = 0.0
 
+    # micro_step at which each end-of-window operation last ran: a second call in the same window does nothing.
+    applied_at: dict[str, int] = field(default_factory=dict)
+
     def window_complete(self, gradient_accumulation_steps: int | None) -> bool:
         gas = self.gradient_accumulation_steps if not gradient_accumulation_steps else gradient_accumulation_steps
         return self.micro_step > 0 and self.micro_step % gas == 0
+
+    def due(self, operation: str, gradient_accumulation_steps: int | None) -> bool:
+        """Whether `operation` (clip, step, zero_grad, lr_step) should run now: window complete, not yet run in it."""
+        return self.window_complete(gradient_accumulation_steps) and self.applied_at.get(operation) != self.micro_step
+
+    def mark(self, operation: str) -> None:
+        self.applied_at[operation] = self.micro_step
 
     def require_optimizer(self) -> torch.optim.Optimizer:
         if self.optimizer is None:
@@ -517,12 +527,13 @@ class TransformersModel:
         if gradient_accumulation_steps:
             _positive_int(gradient_accumulation_steps, "gradient_accumulation_steps")
         self._agree()
-        if not group.window_complete(gradient_accumulation_steps):
+        if not group.due("clip", gradient_accumulation_steps):
             return None
         self._remember_gas(group, gradient_accumulation_steps)
         with self._collective("clip_grad_norm"):
             self._normalize(group)
             group.last_grad_norm = self._clip(group, max_grad_norm, norm_type)
+        group.mark("clip")
         return group.last_grad_norm
 
     @agreed_call
@@ -538,7 +549,7 @@ class TransformersModel:
         if gradient_accumulation_steps:
             _positive_int(gradient_accumulation_steps, "gradient_accumulation_steps")
         self._agree()
-        if not group.window_complete(gradient_accumulation_steps):
+        if not group.due("step", gradient_accumulation_steps):
             return False
         self._remember_gas(group, gradient_accumulation_steps)
         with self._collective("step"):
@@ -546,23 +557,26 @@ class TransformersModel:
             _override(optimizer, optim_params)
             optimizer.step()
         group.optimizer_step += 1
+        group.mark("step")
         return True
 
     def zero_grad(self, adapter_name: str | None = None, gradient_accumulation_steps: int | None = None) -> bool:
         group = self.group(adapter_name)
         optimizer = group.require_optimizer()
-        if not group.window_complete(gradient_accumulation_steps):
+        if not group.due("zero_grad", gradient_accumulation_steps):
             return False
         optimizer.zero_grad(set_to_none=True)
         group.window_tokens = 0
         group.normalized = False
+        group.mark("zero_grad")
         return True
 
     def lr_step(self, adapter_name: str | None = None, gradient_accumulation_steps: int | None = None) -> bool:
         group = self.group(adapter_name)
         group.require_optimizer()
-        if not group.window_complete(gradient_accumulation_steps):
+        if not group.due("lr_step", gradient_accumulation_steps):
             return False
+        group.mark("lr_step")
         if group.scheduler is not None:
             try:
                 group.scheduler.step()
@@ -587,7 +601,7 @@ class TransformersModel:
             _positive_int(gradient_accumulation_steps, "gradient_accumulation_steps")
         _check_norm(max_grad_norm, norm_type)
         self._agree()
-        if not group.window_complete(gradient_accumulation_steps):
+        if not group.due("step", gradient_accumulation_steps):
             if gradient_accumulation_steps:
                 group.gradient_accumulation_steps = gradient_accumulation_steps
             return StepResult(False, optimizer_step=group.optimizer_step, micro_step=group.micro_step)
@@ -948,6 +962,8 @@ class TransformersModel:
             group.gradient_accumulation_steps = int(state["gradient_accumulation_steps"])
             group.window_tokens = 0
             group.normalized = False
+            # The checkpoint was taken after its window closed: nothing is due until the next micro-batch.
+            group.applied_at = dict.fromkeys(("clip", "step", "zero_grad", "lr_step"), group.micro_step)
         return {
             "cur_step": int(state["cur_step"]),
             "consumed_train_samples": int(state.get("consumed_train_samples", 0)),

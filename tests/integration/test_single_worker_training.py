@@ -140,3 +140,21 @@ def test_gradient_accumulation_equals_one_step_on_the_concatenation(remote, conf
     final = model.export_weights()
     assert max_change(final, initial) > 1e-2  # the steps moved the weights well beyond the tolerance
     assert_weights_equal(final, state(reference))
+
+
+def test_a_window_steps_once_however_often_step_is_called(remote) -> None:  # type: ignore[no-untyped-def]
+    """A second clip_grad_and_step in an already-stepped window must not step (or advance the scheduler) again."""
+    model = remote()
+    model.set_optimizer("SGD", lr=0.1)
+    model.set_lr_scheduler("StepLR", step_size=1, gamma=0.5)
+    ids = np.arange(24).reshape(2, 12) % 200
+    model.forward_backward({"input_ids": ids, "labels": ids})
+    first = model.clip_grad_and_step(1.0)
+    second = model.clip_grad_and_step(1.0)
+    assert first["applied"] and first["optimizer_step"] == 1
+    assert not second["applied"] and second["optimizer_step"] == 1
+    assert model.step() is False and model.lr_step() is False
+    model.forward_backward({"input_ids": ids, "labels": ids})
+    third = model.clip_grad_and_step(1.0)
+    assert third["applied"] and third["optimizer_step"] == 2
+    assert third["lr"] == pytest.approx(0.05)  # halved once, not twice
