@@ -1,8 +1,8 @@
 """Runs every benchmark of issue 4 and writes their tables into one summary.
 
     pip install -e '.[worker,bench]'          # ray and py-spy, for the benchmarks only
-    python scripts/bench/run_all.py           # the numbers for docs/performance.md (quiet machine: ~30 min)
-    python scripts/bench/run_all.py --quick   # a first look (~8 min)
+    python scripts/bench/run_all.py           # the numbers for docs/performance.md (~11 min on 2 cores)
+    python scripts/bench/run_all.py --quick   # a first look (~5 min)
     python scripts/bench/run_all.py --only fanout,transfer
 
 Each benchmark runs in its own process, one after the other (never two at once: they would
