@@ -23,8 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from twinkle_client import cluster, streaming, tensors
-from twinkle_client._proto import worker_pb2
+from twinkle_client import cluster, shared_memory, streaming, tensors
+from twinkle_client._proto import tensor_pb2, worker_pb2
 from twinkle_client.batch import collate, take_rows
 from twinkle_client.coordinator import ChannelSecurity, Coordinator
 from twinkle_client.errors import InvalidArgument
@@ -41,6 +41,8 @@ PRECISIONS = {
 _STRUCT_FIELDS = ("ddp_config", "fsdp_config", "grad_scaler_config")
 # Batches bigger than this (or asking for logits back) travel as streams of 1 MiB chunks.
 STREAM_THRESHOLD_BYTES = 1 << 20
+# Batches at least this big (or asking for logits back) go through shared memory to workers on this host.
+SHARED_MEMORY_THRESHOLD_BYTES = 256 << 10
 _STREAM_TYPES = {
     "ForwardBackward": (worker_pb2.ForwardBackwardStreamRequest, worker_pb2.ForwardBackwardStreamResponse),
     "ForwardOnly": (worker_pb2.ForwardOnlyStreamRequest, worker_pb2.ForwardOnlyStreamResponse),
@@ -95,6 +97,7 @@ class TransformersModel:
         lease_seconds = float(kwargs.pop("lease_seconds", 0.0))
         retry_seconds = float(kwargs.pop("retry_seconds", 5.0))
         abort_grace_seconds = float(kwargs.pop("abort_grace_seconds", 10.0))
+        use_shared_memory = bool(kwargs.pop("shared_memory", True))
         if strategy not in STRATEGIES:
             raise InvalidArgument(f"strategy {strategy!r} is unknown; use one of {sorted(STRATEGIES)}")
         if mixed_precision not in PRECISIONS:
@@ -132,7 +135,9 @@ class TransformersModel:
             retry_seconds=retry_seconds,
             abort_grace_seconds=abort_grace_seconds,
         )
-        self._finalizer = weakref.finalize(self, _shutdown, self.coordinator, self.local)
+        self.shared_ranks = self._probe_shared_memory() if use_shared_memory and shared_memory.available() else frozenset()
+        self._pool = shared_memory.Pool()
+        self._finalizer = weakref.finalize(self, _shutdown, self.coordinator, self.local, self._pool)
         self.session_id = self.coordinator.session_id  # the lease: this client owns the workers until close()
         if master_port is None and self.mesh.world_size > 1:
             status = self.coordinator.stubs[0].GetStatus(
@@ -275,13 +280,19 @@ class TransformersModel:
             )
         slices = [take_rows(columns, start, stop) for start, stop in slice_bounds(batch_size, data_world)]
         payload = sum(array.nbytes for array in columns.values())
-        stream = payload > self.stream_threshold_bytes or template.return_logits
+        use_shared = payload >= SHARED_MEMORY_THRESHOLD_BYTES or template.return_logits
+        shared = self._share(slices, template.return_logits) if use_shared else None
+        shared_ranks = shared.ranks if shared else frozenset()
+        stream = template.return_logits or (payload > self.stream_threshold_bytes and len(shared_ranks) < self.mesh.world_size)
         requests: list[Any] = []
         for rank in range(self.mesh.world_size):
             request = type(template)()
             request.CopyFrom(template)
             rank_slice = slices[self.mesh.data_rank(rank)]
-            if stream:
+            if shared and rank in shared_ranks:
+                shared.fill(request, rank, self.mesh.data_rank(rank))
+                requests.append(streaming.Outgoing(request, []) if stream else request)
+            elif stream:
                 requests.append(streaming.prepare(request, request.inputs, rank_slice))
             else:
                 tensors.map_to_proto(rank_slice, request.inputs)
@@ -293,18 +304,63 @@ class TransformersModel:
         width = next(iter(columns.values())).shape[1]
         collect = self.mesh.collect_ranks()
 
+        def in_shared_memory(output: Any) -> bool:
+            return output.HasField("shared_outputs")
+
         def merge() -> dict[str, Any]:
-            replies = self.coordinator.gather(method, futures)
-            outputs = []
-            for rank in collect:
-                if stream:
-                    header, arrays = streaming.receive(replies[rank], lambda response: response.output.outputs)
-                    outputs.append((header.output, arrays))
-                else:
-                    outputs.append((replies[rank].output, tensors.map_to_numpy(replies[rank].output.outputs)))
+            try:
+                replies = self.coordinator.gather(method, futures)
+            except BaseException:
+                if shared:
+                    shared.retire()  # a retried call may still read the segments: never reuse them
+                raise
+            try:
+                outputs = []
+                for rank in collect:
+                    if stream:
+                        header, arrays = streaming.receive(
+                            replies[rank], lambda response: response.output.outputs, shared=lambda response: in_shared_memory(response.output)
+                        )
+                        output = header.output
+                    else:
+                        output = replies[rank].output
+                        arrays = None if in_shared_memory(output) else tensors.map_to_numpy(output.outputs)
+                    if arrays is None:
+                        if not shared or rank not in shared.outputs:
+                            raise InvalidArgument(f"rank {rank} answered with shared_outputs although none was offered")
+                        arrays = shared.outputs[rank].read(output.shared_outputs, output.outputs)
+                    outputs.append((output, arrays))
+            finally:
+                if shared:
+                    shared.release()
             return _merge_outputs(outputs, lengths, width, as_list)
 
         return _LazyFuture(merge)
+
+    def _probe_shared_memory(self) -> frozenset[int]:
+        """The ranks that can read this process's /dev/shm segments: same host, same user, allowed by the worker."""
+        try:
+            probe, secret = shared_memory.make_probe()
+        except OSError:
+            return frozenset()
+        try:
+            request = worker_pb2.GetStatusRequest(shared_memory_probe=probe.name)
+            futures = [stub.GetStatus.future(request, timeout=30, metadata=self.coordinator.metadata) for stub in self.coordinator.stubs]
+            return frozenset(rank for rank, future in enumerate(futures) if future.result().shared_memory_probe_data == secret)
+        finally:
+            probe.destroy()
+
+    def _share(self, slices: Sequence[Mapping[str, np.ndarray]], return_logits: bool) -> _SharedCall | None:
+        """Writes every data rank's slice into one pooled segment and offers each collecting rank one for its outputs."""
+        if not self.shared_ranks:
+            return None
+        call = _SharedCall(self._pool, self.shared_ranks, slices)
+        per_token = 4 * (1 + (self.vocab_size if return_logits else 0))  # float32 logps (+ logits)
+        for rank in self.mesh.collect_ranks():
+            if rank in self.shared_ranks:
+                rows, width = slices[self.mesh.data_rank(rank)]["input_ids"].shape
+                call.outputs[rank] = self._pool.acquire(rows * width * per_token + 4 * shared_memory.ALIGN)
+        return call
 
     def _check_tokens(self, columns: Mapping[str, np.ndarray]) -> None:
         """Refuses out-of-vocabulary ids before dispatch, so no rank is left waiting in a collective."""
@@ -468,6 +524,43 @@ class TransformersModel:
         self.close()
 
 
+class _SharedCall:
+    """The segments of one forward call: every data rank's slice in one (one copy in all), one per rank for outputs."""
+
+    def __init__(self, pool: shared_memory.Pool, ranks: frozenset[int], slices: Sequence[Mapping[str, np.ndarray]]) -> None:
+        self.pool, self.ranks = pool, ranks
+        self.keys = sorted(slices[0])
+        # little-endian and contiguous, data rank after data rank, columns in key order
+        self.arrays = [[tensors.encode_header(part[key], tensor_pb2.Tensor()) for key in self.keys] for part in slices]
+        _, size = shared_memory.layout([array.nbytes for arrays in self.arrays for array in arrays])
+        self.inputs: shared_memory.Segment | None = pool.acquire(size)
+        flat = self.inputs.write([array for arrays in self.arrays for array in arrays])
+        self.offsets = [flat[index * len(self.keys) : (index + 1) * len(self.keys)] for index in range(len(slices))]
+        self.outputs: dict[int, shared_memory.Segment] = {}
+
+    def fill(self, request: Any, rank: int, data_rank: int) -> None:
+        """Points a rank's request at its slice (dtype and shape inline, bytes in the segment)."""
+        assert self.inputs is not None
+        for key, array in zip(self.keys, self.arrays[data_rank], strict=True):
+            tensors.encode_header(array, request.inputs.tensors[key])
+        request.shared_inputs.segment = self.inputs.name
+        request.shared_inputs.offsets[:] = self.offsets[data_rank]
+        if rank in self.outputs:
+            request.output_segment = self.outputs[rank].name
+
+    def release(self) -> None:
+        for segment in self._segments():
+            self.pool.release(segment)
+
+    def retire(self) -> None:
+        for segment in self._segments():
+            self.pool.retire(segment)
+        self.inputs, self.outputs = None, {}
+
+    def _segments(self) -> list[shared_memory.Segment]:
+        return ([self.inputs] if self.inputs is not None else []) + list(self.outputs.values())
+
+
 class _LazyFuture(Future):  # type: ignore[type-arg]
     """A Future whose result is computed (by waiting on the RPC futures) when first asked for."""
 
@@ -486,7 +579,8 @@ class _LazyFuture(Future):  # type: ignore[type-arg]
         return super().result(timeout)
 
 
-def _shutdown(coordinator: Coordinator, local: LocalWorkers | None) -> None:
+def _shutdown(coordinator: Coordinator, local: LocalWorkers | None, pool: shared_memory.Pool) -> None:
+    pool.close()
     if local is not None:
         local.close()
     else:

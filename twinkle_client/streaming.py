@@ -72,17 +72,26 @@ def frames(outgoing: Outgoing, message_type: Any, chunk_bytes: int = CHUNK_BYTES
 
 
 def receive(
-    messages: Iterable[Any], tensor_map_of: Callable[[Any], tensor_pb2.TensorMap], max_bytes: int | None = None
-) -> tuple[Any, dict[str, np.ndarray]]:
+    messages: Iterable[Any],
+    tensor_map_of: Callable[[Any], tensor_pb2.TensorMap],
+    max_bytes: int | None = None,
+    shared: Callable[[Any], bool] | None = None,
+) -> tuple[Any, dict[str, np.ndarray] | None]:
     """Reads a header and its data frames; returns the header and its tensors as numpy arrays.
 
-    A header whose tensors would hold more than max_bytes is RESOURCE_EXHAUSTED before anything is allocated.
+    A header whose tensors would hold more than max_bytes is RESOURCE_EXHAUSTED before anything is
+    allocated. A header for which `shared` is true has its bytes in shared memory: no data frames
+    may follow, and the tensors returned are None.
     """
     iterator = iter(messages)
     first = next(iterator, None)
     if first is None or first.WhichOneof("part") != "header":
         raise InvalidArgument("stream: the first message must be the header")
     header = first.header
+    if shared is not None and shared(header):
+        if next(iterator, None) is not None:
+            raise InvalidArgument("stream: a header with shared_inputs takes no data messages")
+        return header, None
     tensor_map = tensor_map_of(header)
     keys = sorted(tensor_map.tensors)
     sizes = [tensors.byte_size(tensor_map.tensors[key]) for key in keys]

@@ -87,6 +87,14 @@ def byte_size(message: tensor_pb2.Tensor) -> int:
     return math.prod(int(size) for size in message.shape) * np_dtype.itemsize  # Python ints: no overflow
 
 
+def itemsize(message: tensor_pb2.Tensor) -> int:
+    """Bytes per element of the tensor's dtype."""
+    np_dtype = _NUMPY_OF.get(message.dtype)
+    if np_dtype is None:
+        raise InvalidArgument(f"unknown or unspecified dtype {message.dtype}")
+    return np_dtype.itemsize
+
+
 def to_numpy(message: tensor_pb2.Tensor, name: str = "tensor") -> np.ndarray:
     """Decodes a Tensor into a read-only numpy array (bfloat16 decodes to float32)."""
     np_dtype = _NUMPY_OF.get(message.dtype)

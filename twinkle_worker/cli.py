@@ -34,6 +34,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     add("--max-message-mb", type=int, default=256, help="largest gRPC message accepted, MiB")
     add("--max-stream-mb", type=int, default=8192, help="largest batch a streamed request may declare, MiB")
+    add(
+        "--no-shared-memory",
+        action="store_true",
+        help="refuse tensors in /dev/shm segments (the same-host fast path; on by default for clients of the same user)",
+    )
     add("--allow-remote-code", action="store_true", help="let Init ask for trust_remote_code")
     add(
         "--token-file",
@@ -79,6 +84,7 @@ def main(argv: list[str] | None = None) -> None:
         allow_remote_code=args.allow_remote_code,
         lease_seconds=args.lease_seconds,
         max_stream_bytes=args.max_stream_mb << 20,
+        shared_memory=not args.no_shared_memory,
     )
     tls = TlsFiles(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
     server = WorkerServer(options, args.port, args.max_message_mb, token=read_token(args), tls=tls)

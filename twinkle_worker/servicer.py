@@ -8,6 +8,7 @@ checks live in twinkle_worker.validation.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -20,7 +21,7 @@ from typing import Any
 import grpc
 from google.protobuf import json_format, struct_pb2
 
-from twinkle_client import __version__, streaming, tensors
+from twinkle_client import __version__, shared_memory, streaming, tensors
 from twinkle_client._proto import tensor_pb2, worker_pb2, worker_pb2_grpc
 from twinkle_client.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, TwinkleError, Unavailable
 from twinkle_client.mesh import DeviceMesh
@@ -59,6 +60,8 @@ class WorkerOptions:
     lease_seconds: float = 900.0
     # The largest batch a streamed request may declare (its bytes are allocated up front).
     max_stream_bytes: int = 8 << 30
+    # Accept tensors in /dev/shm segments named by a client on this host (docs/protocol.md, "Shared memory").
+    shared_memory: bool = True
 
 
 def struct_to_dict(struct: struct_pb2.Struct) -> dict[str, Any]:
@@ -354,9 +357,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         self, request: worker_pb2.ForwardBackwardRequest, context: grpc.ServicerContext, inputs: dict[str, Any] | None
     ) -> tuple[worker_pb2.ForwardBackwardResponse, dict[str, Any]]:
         def forward_backward() -> tuple[worker_pb2.ForwardBackwardResponse, dict[str, Any]]:
-            model = self._model()
-            with model.agreement():  # this rank's own slice: a bad one fails every rank before any collective
-                batch = inputs if inputs is not None else tensors.map_to_numpy(request.inputs)
+            # this rank's own slice, decoded first (as a stream's is): a bad one fails every rank before any collective
+            with self.model.agreement() if self.model is not None else contextlib.nullcontext():
+                batch = self._inputs(self.model, request, inputs)
+                model = self._model()
                 if not batch:
                     raise InvalidArgument("inputs is empty: send input_ids, attention_mask and labels")
                 self._check_inputs(model, batch, request.return_logits)
@@ -369,7 +373,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 )
             group = model.group(request.adapter_name)
             response = worker_pb2.ForwardBackwardResponse(output=forward_header(result), micro_step=group.micro_step)
-            return response, result.outputs
+            return response, self._outputs(request, result.outputs, response.output)
 
         return self._run(context, request.context, forward_backward, request)
 
@@ -390,23 +394,53 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         self, request: worker_pb2.ForwardOnlyRequest, context: grpc.ServicerContext, inputs: dict[str, Any] | None
     ) -> tuple[worker_pb2.ForwardOnlyResponse, dict[str, Any]]:
         def forward_only() -> tuple[worker_pb2.ForwardOnlyResponse, dict[str, Any]]:
-            model = self._model()
-            with model.agreement():  # this rank's own slice: a bad one fails every rank before any collective
-                batch = inputs if inputs is not None else tensors.map_to_numpy(request.inputs)
+            # this rank's own slice, decoded first (as a stream's is): a bad one fails every rank before any collective
+            with self.model.agreement() if self.model is not None else contextlib.nullcontext():
+                batch = self._inputs(self.model, request, inputs)
+                model = self._model()
                 if not batch:
                     raise InvalidArgument("inputs is empty: send at least input_ids")
                 self._check_inputs(model, batch, request.return_logits)
                 result = model.forward_only(
                     batch, request.adapter_name, request.temperature or 1.0, request.return_logits, request.disable_lora
                 )
-            return worker_pb2.ForwardOnlyResponse(output=forward_header(result)), result.outputs
+            response = worker_pb2.ForwardOnlyResponse(output=forward_header(result))
+            return response, self._outputs(request, result.outputs, response.output)
 
         return self._run(context, request.context, forward_only, request)
+
+    def _inputs(self, model: TransformersModel | None, request: Any, streamed: dict[str, Any] | None) -> dict[str, Any]:
+        """The batch: streamed, in a client's shared-memory segment, or inline in the request."""
+        if streamed is not None:
+            return streamed
+        if not request.HasField("shared_inputs"):
+            return tensors.map_to_numpy(request.inputs)
+        if not self.options.shared_memory:
+            raise FailedPrecondition("shared_inputs: this worker was started with --no-shared-memory; send the tensors in the messages")
+        # On an accelerator the bytes are copied once anyway: snapshot them first, so checks and use see the same bytes.
+        copy = model is not None and model.device.type != "cpu"
+        return shared_memory.read_tensors(request.shared_inputs, request.inputs, self.options.max_stream_bytes, copy)
+
+    def _outputs(self, request: Any, arrays: dict[str, Any], output: worker_pb2.ForwardOutput) -> dict[str, Any]:
+        """Writes the outputs into the client's output segment when it offered one they fit; returns what is left to send."""
+        if not request.output_segment or not self.options.shared_memory or not arrays:
+            return arrays
+        try:
+            shared = shared_memory.write_tensors(request.output_segment, arrays, output.outputs)
+        except TwinkleError as error:  # the step has happened: send the outputs in the messages instead of failing it
+            log.warning("rank %d: output_segment not used: %s", self.rank, error)
+            return arrays
+        if shared is None:
+            return arrays
+        output.shared_outputs.CopyFrom(shared)
+        return {}
 
     def _receive(self, messages: Iterator[Any], context: grpc.ServicerContext, tensor_map_of: Callable[[Any], Any]) -> tuple[Any, dict[str, Any]]:
         """A streamed request's header and tensors; bad framing is INVALID_ARGUMENT."""
         try:
-            return streaming.receive(messages, tensor_map_of, self.options.max_stream_bytes)
+            return streaming.receive(
+                messages, tensor_map_of, self.options.max_stream_bytes, shared=lambda header: header.HasField("shared_inputs")
+            )
         except TwinkleError as error:
             self._abort(context, error)
             raise  # not reached: abort raises
@@ -522,7 +556,16 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             lease_seconds_left=self._ledger.lease_seconds_left(),
             free_port=free_port(self.options.host),
             vocab_size=model.vocab_size if model else 0,
+            shared_memory_probe_data=self._probe(request.shared_memory_probe),
         )
+
+    def _probe(self, name: str) -> bytes:
+        if not name or not self.options.shared_memory:
+            return b""
+        try:
+            return shared_memory.probe(name)
+        except TwinkleError:
+            return b""
 
     def ExportWeights(self, request: worker_pb2.ExportWeightsRequest, context: grpc.ServicerContext) -> Iterator[worker_pb2.ExportWeightsResponse]:
         chunk = request.chunk_bytes or DEFAULT_CHUNK_BYTES

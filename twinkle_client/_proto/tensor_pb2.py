@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1etwinkle/worker/v1/tensor.proto\x12\x11twinkle.worker.v1\"Q\n\x06Tensor\x12*\n\x05\x64type\x18\x01 \x01(\x0e\x32\x1b.twinkle.worker.v1.DataType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x92\x01\n\tTensorMap\x12:\n\x07tensors\x18\x01 \x03(\x0b\x32).twinkle.worker.v1.TensorMap.TensorsEntry\x1aI\n\x0cTensorsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12(\n\x05value\x18\x02 \x01(\x0b\x32\x19.twinkle.worker.v1.Tensor:\x02\x38\x01*\xfe\x01\n\x08\x44\x61taType\x12\x19\n\x15\x44\x41TA_TYPE_UNSPECIFIED\x10\x00\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT32\x10\x01\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT64\x10\x02\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT16\x10\x03\x12\x16\n\x12\x44\x41TA_TYPE_BFLOAT16\x10\x04\x12\x13\n\x0f\x44\x41TA_TYPE_INT64\x10\x05\x12\x13\n\x0f\x44\x41TA_TYPE_INT32\x10\x06\x12\x13\n\x0f\x44\x41TA_TYPE_INT16\x10\x07\x12\x12\n\x0e\x44\x41TA_TYPE_INT8\x10\x08\x12\x13\n\x0f\x44\x41TA_TYPE_UINT8\x10\t\x12\x12\n\x0e\x44\x41TA_TYPE_BOOL\x10\nb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1etwinkle/worker/v1/tensor.proto\x12\x11twinkle.worker.v1\"Q\n\x06Tensor\x12*\n\x05\x64type\x18\x01 \x01(\x0e\x32\x1b.twinkle.worker.v1.DataType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x92\x01\n\tTensorMap\x12:\n\x07tensors\x18\x01 \x03(\x0b\x32).twinkle.worker.v1.TensorMap.TensorsEntry\x1aI\n\x0cTensorsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12(\n\x05value\x18\x02 \x01(\x0b\x32\x19.twinkle.worker.v1.Tensor:\x02\x38\x01\"1\n\rSharedTensors\x12\x0f\n\x07segment\x18\x01 \x01(\t\x12\x0f\n\x07offsets\x18\x02 \x03(\x03*\xfe\x01\n\x08\x44\x61taType\x12\x19\n\x15\x44\x41TA_TYPE_UNSPECIFIED\x10\x00\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT32\x10\x01\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT64\x10\x02\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT16\x10\x03\x12\x16\n\x12\x44\x41TA_TYPE_BFLOAT16\x10\x04\x12\x13\n\x0f\x44\x41TA_TYPE_INT64\x10\x05\x12\x13\n\x0f\x44\x41TA_TYPE_INT32\x10\x06\x12\x13\n\x0f\x44\x41TA_TYPE_INT16\x10\x07\x12\x12\n\x0e\x44\x41TA_TYPE_INT8\x10\x08\x12\x13\n\x0f\x44\x41TA_TYPE_UINT8\x10\t\x12\x12\n\x0e\x44\x41TA_TYPE_BOOL\x10\nb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,12 +34,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_TENSORMAP_TENSORSENTRY']._loaded_options = None
   _globals['_TENSORMAP_TENSORSENTRY']._serialized_options = b'8\001'
-  _globals['_DATATYPE']._serialized_start=286
-  _globals['_DATATYPE']._serialized_end=540
+  _globals['_DATATYPE']._serialized_start=337
+  _globals['_DATATYPE']._serialized_end=591
   _globals['_TENSOR']._serialized_start=53
   _globals['_TENSOR']._serialized_end=134
   _globals['_TENSORMAP']._serialized_start=137
   _globals['_TENSORMAP']._serialized_end=283
   _globals['_TENSORMAP_TENSORSENTRY']._serialized_start=210
   _globals['_TENSORMAP_TENSORSENTRY']._serialized_end=283
+  _globals['_SHAREDTENSORS']._serialized_start=285
+  _globals['_SHAREDTENSORS']._serialized_end=334
 # @@protoc_insertion_point(module_scope)

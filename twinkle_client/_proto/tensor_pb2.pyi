@@ -55,3 +55,11 @@ class TensorMap(_message.Message):
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     tensors: _containers.MessageMap[str, Tensor]
     def __init__(self, tensors: _Optional[_Mapping[str, Tensor]] = ...) -> None: ...
+
+class SharedTensors(_message.Message):
+    __slots__ = ("segment", "offsets")
+    SEGMENT_FIELD_NUMBER: _ClassVar[int]
+    OFFSETS_FIELD_NUMBER: _ClassVar[int]
+    segment: str
+    offsets: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, segment: _Optional[str] = ..., offsets: _Optional[_Iterable[int]] = ...) -> None: ...

@@ -209,32 +209,38 @@ class SetLossResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class ForwardBackwardRequest(_message.Message):
-    __slots__ = ("context", "adapter_name", "inputs", "temperature", "return_logits", "gradient_accumulation_steps")
+    __slots__ = ("context", "adapter_name", "inputs", "temperature", "return_logits", "gradient_accumulation_steps", "shared_inputs", "output_segment")
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_NAME_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     RETURN_LOGITS_FIELD_NUMBER: _ClassVar[int]
     GRADIENT_ACCUMULATION_STEPS_FIELD_NUMBER: _ClassVar[int]
+    SHARED_INPUTS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_SEGMENT_FIELD_NUMBER: _ClassVar[int]
     context: CallContext
     adapter_name: str
     inputs: _tensor_pb2.TensorMap
     temperature: float
     return_logits: bool
     gradient_accumulation_steps: int
-    def __init__(self, context: _Optional[_Union[CallContext, _Mapping]] = ..., adapter_name: _Optional[str] = ..., inputs: _Optional[_Union[_tensor_pb2.TensorMap, _Mapping]] = ..., temperature: _Optional[float] = ..., return_logits: _Optional[bool] = ..., gradient_accumulation_steps: _Optional[int] = ...) -> None: ...
+    shared_inputs: _tensor_pb2.SharedTensors
+    output_segment: str
+    def __init__(self, context: _Optional[_Union[CallContext, _Mapping]] = ..., adapter_name: _Optional[str] = ..., inputs: _Optional[_Union[_tensor_pb2.TensorMap, _Mapping]] = ..., temperature: _Optional[float] = ..., return_logits: _Optional[bool] = ..., gradient_accumulation_steps: _Optional[int] = ..., shared_inputs: _Optional[_Union[_tensor_pb2.SharedTensors, _Mapping]] = ..., output_segment: _Optional[str] = ...) -> None: ...
 
 class ForwardOutput(_message.Message):
-    __slots__ = ("loss_sum", "num_tokens", "loss", "outputs")
+    __slots__ = ("loss_sum", "num_tokens", "loss", "outputs", "shared_outputs")
     LOSS_SUM_FIELD_NUMBER: _ClassVar[int]
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
     LOSS_FIELD_NUMBER: _ClassVar[int]
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    SHARED_OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     loss_sum: float
     num_tokens: int
     loss: float
     outputs: _tensor_pb2.TensorMap
-    def __init__(self, loss_sum: _Optional[float] = ..., num_tokens: _Optional[int] = ..., loss: _Optional[float] = ..., outputs: _Optional[_Union[_tensor_pb2.TensorMap, _Mapping]] = ...) -> None: ...
+    shared_outputs: _tensor_pb2.SharedTensors
+    def __init__(self, loss_sum: _Optional[float] = ..., num_tokens: _Optional[int] = ..., loss: _Optional[float] = ..., outputs: _Optional[_Union[_tensor_pb2.TensorMap, _Mapping]] = ..., shared_outputs: _Optional[_Union[_tensor_pb2.SharedTensors, _Mapping]] = ...) -> None: ...
 
 class ForwardBackwardResponse(_message.Message):
     __slots__ = ("output", "micro_step")
@@ -245,20 +251,24 @@ class ForwardBackwardResponse(_message.Message):
     def __init__(self, output: _Optional[_Union[ForwardOutput, _Mapping]] = ..., micro_step: _Optional[int] = ...) -> None: ...
 
 class ForwardOnlyRequest(_message.Message):
-    __slots__ = ("context", "adapter_name", "inputs", "temperature", "return_logits", "disable_lora")
+    __slots__ = ("context", "adapter_name", "inputs", "temperature", "return_logits", "disable_lora", "shared_inputs", "output_segment")
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_NAME_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     RETURN_LOGITS_FIELD_NUMBER: _ClassVar[int]
     DISABLE_LORA_FIELD_NUMBER: _ClassVar[int]
+    SHARED_INPUTS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_SEGMENT_FIELD_NUMBER: _ClassVar[int]
     context: CallContext
     adapter_name: str
     inputs: _tensor_pb2.TensorMap
     temperature: float
     return_logits: bool
     disable_lora: bool
-    def __init__(self, context: _Optional[_Union[CallContext, _Mapping]] = ..., adapter_name: _Optional[str] = ..., inputs: _Optional[_Union[_tensor_pb2.TensorMap, _Mapping]] = ..., temperature: _Optional[float] = ..., return_logits: _Optional[bool] = ..., disable_lora: _Optional[bool] = ...) -> None: ...
+    shared_inputs: _tensor_pb2.SharedTensors
+    output_segment: str
+    def __init__(self, context: _Optional[_Union[CallContext, _Mapping]] = ..., adapter_name: _Optional[str] = ..., inputs: _Optional[_Union[_tensor_pb2.TensorMap, _Mapping]] = ..., temperature: _Optional[float] = ..., return_logits: _Optional[bool] = ..., disable_lora: _Optional[bool] = ..., shared_inputs: _Optional[_Union[_tensor_pb2.SharedTensors, _Mapping]] = ..., output_segment: _Optional[str] = ...) -> None: ...
 
 class ForwardOnlyResponse(_message.Message):
     __slots__ = ("output",)
@@ -467,11 +477,13 @@ class GetTrainConfigsResponse(_message.Message):
     def __init__(self, summary: _Optional[str] = ..., configs: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
 
 class GetStatusRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("shared_memory_probe",)
+    SHARED_MEMORY_PROBE_FIELD_NUMBER: _ClassVar[int]
+    shared_memory_probe: str
+    def __init__(self, shared_memory_probe: _Optional[str] = ...) -> None: ...
 
 class GetStatusResponse(_message.Message):
-    __slots__ = ("initialized", "rank", "world_size", "mesh", "model", "device", "groups", "last_sequence_number", "pid", "version", "session_id", "free_port", "vocab_size", "lease_seconds_left")
+    __slots__ = ("initialized", "rank", "world_size", "mesh", "model", "device", "groups", "last_sequence_number", "pid", "version", "session_id", "free_port", "vocab_size", "lease_seconds_left", "shared_memory_probe_data")
     INITIALIZED_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -486,6 +498,7 @@ class GetStatusResponse(_message.Message):
     FREE_PORT_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     LEASE_SECONDS_LEFT_FIELD_NUMBER: _ClassVar[int]
+    SHARED_MEMORY_PROBE_DATA_FIELD_NUMBER: _ClassVar[int]
     initialized: bool
     rank: int
     world_size: int
@@ -500,7 +513,8 @@ class GetStatusResponse(_message.Message):
     free_port: int
     vocab_size: int
     lease_seconds_left: float
-    def __init__(self, initialized: _Optional[bool] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., mesh: _Optional[_Union[DeviceMesh, _Mapping]] = ..., model: _Optional[str] = ..., device: _Optional[str] = ..., groups: _Optional[_Iterable[str]] = ..., last_sequence_number: _Optional[int] = ..., pid: _Optional[int] = ..., version: _Optional[str] = ..., session_id: _Optional[str] = ..., free_port: _Optional[int] = ..., vocab_size: _Optional[int] = ..., lease_seconds_left: _Optional[float] = ...) -> None: ...
+    shared_memory_probe_data: bytes
+    def __init__(self, initialized: _Optional[bool] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., mesh: _Optional[_Union[DeviceMesh, _Mapping]] = ..., model: _Optional[str] = ..., device: _Optional[str] = ..., groups: _Optional[_Iterable[str]] = ..., last_sequence_number: _Optional[int] = ..., pid: _Optional[int] = ..., version: _Optional[str] = ..., session_id: _Optional[str] = ..., free_port: _Optional[int] = ..., vocab_size: _Optional[int] = ..., lease_seconds_left: _Optional[float] = ..., shared_memory_probe_data: _Optional[bytes] = ...) -> None: ...
 
 class ResetRequest(_message.Message):
     __slots__ = ("context", "force")
