@@ -32,10 +32,16 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from twinkle_client._proto import worker_pb2_grpc
+from twinkle_client import streaming
+from twinkle_client._proto import worker_pb2, worker_pb2_grpc
 from twinkle_client.errors import TwinkleError, from_status
 
 MAX_MESSAGE_BYTES = 256 << 20
+SERVICE = "twinkle.worker.v1.WorkerService"
+STREAM_RESPONSES = {
+    "ForwardBackwardStream": worker_pb2.ForwardBackwardStreamResponse,
+    "ForwardOnlyStream": worker_pb2.ForwardOnlyStreamResponse,
+}
 # Codes that say a rank failed because another one did; the other rank's error is the cause.
 _CONSEQUENTIAL = (grpc.StatusCode.ABORTED, grpc.StatusCode.CANCELLED)
 # Outcomes that leave a sequenced call unconfirmed: it may or may not have run.
@@ -122,6 +128,18 @@ class Coordinator:
         self.addresses = list(addresses)
         self.channels = [self.security.channel(address, options) for address in self.addresses]
         self.stubs = [worker_pb2_grpc.WorkerServiceStub(channel) for channel in self.channels]
+        # The stream RPCs with streaming's frame codec (data frames as raw bytes both ways; same wire format).
+        self.stream_calls = [
+            {
+                name: channel.stream_stream(
+                    f"/{SERVICE}/{name}",
+                    request_serializer=streaming.serialize_frame,
+                    response_deserializer=streaming.frame_parser(response_type),
+                )
+                for name, response_type in STREAM_RESPONSES.items()
+            }
+            for channel in self.channels
+        ]
         self.metadata = tuple(metadata) + self.security.metadata()
         self.timeout = timeout
         self.session_id = session_id or uuid.uuid4().hex
@@ -336,7 +354,7 @@ class _RankCall:
 
     def start(self, wait_for_ready: bool = False) -> None:
         self._attempts += 1
-        stub = getattr(self.owner.stubs[self.rank], self.method)
+        stub = self.owner.stream_calls[self.rank].get(self.method) or getattr(self.owner.stubs[self.rank], self.method)
         options = {"timeout": self.timeout, "metadata": self.owner.metadata, "wait_for_ready": wait_for_ready}
         try:
             if self.frames is None:

@@ -18,6 +18,7 @@ import secrets
 import stat
 import threading
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -46,6 +47,32 @@ def layout(sizes: Sequence[int]) -> tuple[list[int], int]:
     return offsets, end
 
 
+# Big copies are split over a few threads (numpy releases the GIL while copying): one thread moves
+# 5-8 GB/s here, two about 1.7x that, and the client has nothing else to do while it waits.
+COPY_THREADS = max(1, min(4, os.cpu_count() or 1))
+PARALLEL_COPY_BYTES = 4 << 20
+_copiers: ThreadPoolExecutor | None = None
+_copiers_lock = threading.Lock()
+
+
+def copy(target: np.ndarray, source: np.ndarray) -> None:
+    """np.copyto of two 1-D arrays, in COPY_THREADS pieces when it is big."""
+    global _copiers
+    if source.nbytes < PARALLEL_COPY_BYTES or COPY_THREADS == 1:
+        np.copyto(target, source)
+        return
+    with _copiers_lock:
+        if _copiers is None:
+            _copiers = ThreadPoolExecutor(COPY_THREADS - 1, thread_name_prefix="twinkle-copy")
+    bounds = [len(source) * piece // COPY_THREADS for piece in range(COPY_THREADS + 1)]
+    pieces = [
+        _copiers.submit(np.copyto, target[a:b], source[a:b]) for a, b in zip(bounds[1:-1], bounds[2:], strict=True)
+    ]
+    np.copyto(target[: bounds[1]], source[: bounds[1]])
+    for piece in pieces:
+        piece.result()
+
+
 class Segment:
     """One client-owned segment, mapped read-write in this process."""
 
@@ -67,7 +94,7 @@ class Segment:
         offsets, _ = layout([array.nbytes for array in arrays])
         for array, offset in zip(arrays, offsets, strict=True):
             target = np.frombuffer(self.buffer, dtype=array.dtype, count=array.size, offset=start + offset)
-            np.copyto(target, array.reshape(-1))
+            copy(target, array.reshape(-1))
         return [start + offset for offset in offsets]
 
     def read(self, shared: tensor_pb2.SharedTensors, tensor_map: tensor_pb2.TensorMap) -> dict[str, np.ndarray]:

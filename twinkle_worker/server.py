@@ -19,6 +19,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from twinkle_client.streaming import frame_parser, serialize_frame
 from twinkle_client._proto import worker_pb2, worker_pb2_grpc
 from twinkle_worker.servicer import WorkerOptions, WorkerServicer
 
@@ -30,6 +31,10 @@ DEFAULT_MAX_MESSAGE_MB = 256
 HANDLER_THREADS = 32
 # Methods served without a token: readiness probes and load balancers need no secret.
 OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
+STREAM_REQUESTS = {
+    f"/{SERVICE_NAME}/ForwardBackwardStream": worker_pb2.ForwardBackwardStreamRequest,
+    f"/{SERVICE_NAME}/ForwardOnlyStream": worker_pb2.ForwardOnlyStreamRequest,
+}
 
 
 @dataclass(frozen=True)
@@ -68,12 +73,13 @@ class GateInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
         handler = continuation(details)
         if details.method.startswith(OPEN_PREFIXES) or handler is None:
             return handler
+        frames_of = STREAM_REQUESTS.get(details.method)
         if self._expected is not None:
             given = next((value for key, value in details.invocation_metadata or () if key == "authorization"), "")
             given_bytes = given.encode() if isinstance(given, str) else bytes(given)
             if not hmac.compare_digest(given_bytes, self._expected):  # constant time: no timing oracle
-                return _guarded(handler, _refusal)
-        return _guarded(handler, self._admitted)
+                return _guarded(handler, _refusal, frames_of)
+        return _guarded(handler, self._admitted, frames_of)
 
     @contextlib.contextmanager
     def _admitted(self, context: grpc.ServicerContext) -> Iterator[None]:
@@ -137,13 +143,19 @@ def _checked(request: Any, context: grpc.ServicerContext) -> Any:
     return request
 
 
-def _guarded(handler: Any, guard: Callable[[grpc.ServicerContext], Any]) -> Any:
+def _guarded(handler: Any, guard: Callable[[grpc.ServicerContext], Any], frames_of: Any = None) -> Any:
     """`handler` whose behaviour runs inside guard(context), to the end of its response stream, and
-    whose undecodable requests are INVALID_ARGUMENT."""
+    whose undecodable requests are INVALID_ARGUMENT; `frames_of`: the request type of a stream RPC
+    whose messages go through streaming's frame codec."""
     codec = {
         "request_deserializer": _lenient(handler.request_deserializer),
         "response_serializer": handler.response_serializer,
     }
+    if frames_of is not None:  # ForwardBackwardStream, ForwardOnlyStream: data frames as raw bytes both ways
+        codec = {
+            "request_deserializer": _lenient(frame_parser(frames_of)),
+            "response_serializer": serialize_frame,
+        }
 
     def requests(request: Any, context: grpc.ServicerContext) -> Any:
         if handler.request_streaming:
