@@ -135,15 +135,16 @@ class TransformersModel:
             retry_seconds=retry_seconds,
             abort_grace_seconds=abort_grace_seconds,
         )
-        self.shared_ranks = self._probe_shared_memory() if use_shared_memory and shared_memory.available() else frozenset()
         self._pool = shared_memory.Pool()
         self._finalizer = weakref.finalize(self, _shutdown, self.coordinator, self.local, self._pool)
         self.session_id = self.coordinator.session_id  # the lease: this client owns the workers until close()
+        try:
+            statuses, self.shared_ranks = self._statuses(use_shared_memory and shared_memory.available())
+        except BaseException:
+            self.close()
+            raise
         if master_port is None and self.mesh.world_size > 1:
-            status = self.coordinator.stubs[0].GetStatus(
-                worker_pb2.GetStatusRequest(), timeout=30, metadata=self.coordinator.metadata
-            )
-            master_port = status.free_port
+            master_port = statuses[0].free_port
         request = worker_pb2.InitRequest(
             model_id=model_id or "",
             model_class=_class_name(model_cls),
@@ -337,18 +338,23 @@ class TransformersModel:
 
         return _LazyFuture(merge)
 
-    def _probe_shared_memory(self) -> frozenset[int]:
-        """The ranks that can read this process's /dev/shm segments: same host, same user, allowed by the worker."""
+    def _statuses(self, probe_shared_memory: bool) -> tuple[list[Any], frozenset[int]]:
+        """Every rank's GetStatus, and the ranks that can read this process's /dev/shm segments (same
+        host, same user, allowed by the worker), found with a probe segment when `probe_shared_memory`."""
+        probe, secret = None, b""
+        if probe_shared_memory:
+            try:
+                probe, secret = shared_memory.make_probe()
+            except OSError:  # /dev/shm full or unusable: the messages carry everything
+                pass
         try:
-            probe, secret = shared_memory.make_probe()
-        except OSError:
-            return frozenset()
-        try:
-            request = worker_pb2.GetStatusRequest(shared_memory_probe=probe.name)
-            futures = [stub.GetStatus.future(request, timeout=30, metadata=self.coordinator.metadata) for stub in self.coordinator.stubs]
-            return frozenset(rank for rank, future in enumerate(futures) if future.result().shared_memory_probe_data == secret)
+            request = worker_pb2.GetStatusRequest(shared_memory_probe=probe.name if probe else "")
+            replies = self.coordinator.call("GetStatus", _copies(request, self.coordinator.size), sequenced=False, timeout=30.0)
         finally:
-            probe.destroy()
+            if probe is not None:
+                probe.destroy()
+        shared = frozenset(rank for rank, reply in enumerate(replies) if probe and reply.shared_memory_probe_data == secret)
+        return replies, shared
 
     def _share(self, slices: Sequence[Mapping[str, np.ndarray]], return_logits: bool) -> _SharedCall | None:
         """Writes every data rank's slice into one pooled segment and offers each collecting rank one for its outputs."""

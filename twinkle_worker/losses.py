@@ -79,8 +79,7 @@ def token_logps(logits: torch.Tensor, labels: torch.Tensor, temperature: float) 
     """log p(labels[t]) at each position, in float32; 0 where the label is ignored."""
     vocab = logits.shape[-1]
     scaled = logits.float() if temperature == 1.0 else logits.float() / temperature
-    safe_labels = labels.clamp(min=0)
-    logps = -torch.nn.functional.cross_entropy(
-        scaled.reshape(-1, vocab), safe_labels.reshape(-1), reduction="none"
-    ).view(labels.shape)
-    return logps * (labels != IGNORE_INDEX)
+    losses = torch.nn.functional.cross_entropy(
+        scaled.reshape(-1, vocab), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
+    )
+    return -losses.view(labels.shape)

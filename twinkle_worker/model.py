@@ -485,7 +485,7 @@ class TransformersModel:
             bad = int(ids[(ids < 0) | (ids >= self.vocab_size)][0])
             raise InvalidArgument(f"inputs.input_ids holds token id {bad}, outside the vocabulary [0, {self.vocab_size})")
         mask = columns["attention_mask"]
-        if not np.isin(mask, (0, 1)).all():
+        if not ((mask == 0) | (mask == 1)).all():
             raise InvalidArgument("inputs.attention_mask must hold only 0 and 1")
         positions = columns.get("position_ids")
         if positions is not None and positions.min() < 0:
@@ -526,12 +526,13 @@ class TransformersModel:
         _check_norm(max_grad_norm, norm_type)
         if gradient_accumulation_steps:
             _positive_int(gradient_accumulation_steps, "gradient_accumulation_steps")
-        self._agree()
-        if not group.due("clip", gradient_accumulation_steps):
+        due = group.due("clip", gradient_accumulation_steps)
+        global_tokens = self._agree_on_window(group, due)
+        if not due:
             return None
         self._remember_gas(group, gradient_accumulation_steps)
         with self._collective("clip_grad_norm"):
-            self._normalize(group)
+            self._normalize(group, global_tokens)
             group.last_grad_norm = self._clip(group, max_grad_norm, norm_type)
         group.mark("clip")
         return group.last_grad_norm
@@ -548,12 +549,13 @@ class TransformersModel:
         optimizer = group.require_optimizer()
         if gradient_accumulation_steps:
             _positive_int(gradient_accumulation_steps, "gradient_accumulation_steps")
-        self._agree()
-        if not group.due("step", gradient_accumulation_steps):
+        due = group.due("step", gradient_accumulation_steps)
+        global_tokens = self._agree_on_window(group, due)
+        if not due:
             return False
         self._remember_gas(group, gradient_accumulation_steps)
         with self._collective("step"):
-            self._normalize(group)
+            self._normalize(group, global_tokens)
             _override(optimizer, optim_params)
             optimizer.step()
         group.optimizer_step += 1
@@ -600,11 +602,14 @@ class TransformersModel:
         if gradient_accumulation_steps:
             _positive_int(gradient_accumulation_steps, "gradient_accumulation_steps")
         _check_norm(max_grad_norm, norm_type)
-        self._agree()
-        if not group.due("step", gradient_accumulation_steps):
+        due = group.due("step", gradient_accumulation_steps)
+        global_tokens = self._agree_on_window(group, due)
+        if not due:
             if gradient_accumulation_steps:
                 group.gradient_accumulation_steps = gradient_accumulation_steps
             return StepResult(False, optimizer_step=group.optimizer_step, micro_step=group.micro_step)
+        with self._collective("clip_grad_and_step"):
+            self._normalize(group, global_tokens)  # now, while the vote's token count is at hand
         grad_norm = self.clip_grad_norm(max_grad_norm, norm_type, group.name, gradient_accumulation_steps)
         lr = float(optimizer.param_groups[0]["lr"])
         self.step(group.name, gradient_accumulation_steps, optim_params)
@@ -618,18 +623,24 @@ class TransformersModel:
         if gradient_accumulation_steps:
             group.gradient_accumulation_steps = gradient_accumulation_steps
 
-    def _normalize(self, group: Group) -> None:
-        """Turns the accumulated token-sum gradients into the global token-mean gradient, once per window."""
+    def _normalize(self, group: Group, global_tokens: float | None = None) -> None:
+        """Turns the accumulated token-sum gradients into the global token-mean gradient, once per window.
+
+        global_tokens: the window's token count summed over the ranks, when the call's agreement
+        vote already brought it (see _agree_on_window); otherwise one all_reduce finds it.
+        """
         if group.normalized:
             return
-        tokens = torch.tensor([group.window_tokens], dtype=torch.float64, device=self.device)
-        if self.mesh.world_size > 1:
-            dist.all_reduce(tokens)
+        if global_tokens is None:
+            global_tokens = float(group.window_tokens)
+            if self.mesh.world_size > 1:
+                tokens = torch.tensor([global_tokens], dtype=torch.float64, device=self.device)
+                dist.all_reduce(tokens)
+                global_tokens = float(tokens.item())
         # DDP and FSDP average gradients over the data ranks; undo that and divide by the global count.
-        scale = self.mesh.data_world_size / max(float(tokens.item()), 1.0)
-        for _, param in self._group_parameters(group):
-            if param.grad is not None:
-                param.grad.mul_(scale)
+        scale = self.mesh.data_world_size / max(global_tokens, 1.0)
+        grads = [param.grad for _, param in self._group_parameters(group) if param.grad is not None]
+        torch._foreach_mul_(grads, scale)
         group.normalized = True
 
     def _clip(self, group: Group, max_grad_norm: float, norm_type: float) -> float:
@@ -718,15 +729,30 @@ class TransformersModel:
         finally:
             self._vote = None
 
-    def _agree(self) -> None:
-        """This rank passed its checks: hear from the others before any collective or state change."""
-        if self._vote == "pending":
-            self._cast_vote(True)
+    def _agree(self, tokens: int = 0) -> float | None:
+        """This rank passed its checks: hear from the others before any collective or state change.
 
-    def _cast_vote(self, ok: bool) -> None:
+        The vote can carry this rank's token count; returns the sum over the ranks when this call
+        cast the vote, None when there is no vote (one rank) or it was cast earlier in the call.
+        """
+        if self._vote == "pending":
+            return self._cast_vote(True, tokens)
+        return None
+
+    def _agree_on_window(self, group: Group, due: bool) -> float | None:
+        """_agree for an end-of-window call. While the window's gradients still need normalising,
+        the vote carries the window's token count: the global count comes back in the same round
+        trip, instead of in an all_reduce of its own. A rank that refuses the call votes through
+        the same collective (strategies.agree), so every rank still fails before any gradient changes."""
+        if due and not group.normalized:
+            return self._agree(group.window_tokens)
+        self._agree()
+        return None
+
+    def _cast_vote(self, ok: bool, tokens: int = 0) -> float:
         self._vote = "cast"
         try:
-            refused = strategies.agree(ok, self.device)
+            refused, total = strategies.agree(ok, self.device, tokens)
         except (RuntimeError, dist.DistBackendError) as error:
             raise Aborted(f"a collective with the other ranks failed: {str(error).splitlines()[0]}") from error
         if ok and refused:
@@ -734,12 +760,13 @@ class TransformersModel:
                 f"not run: rank(s) {refused} refused this call before any collective (see their error); "
                 "nothing changed and the mesh is intact"
             )
+        return total
 
     def _confirm(self, what: str, failure: BaseException | None) -> None:
         """After rank-local work (rank 0 writing files), every rank learns whether it succeeded everywhere."""
         if self.mesh.world_size > 1:
             try:
-                refused = strategies.agree(failure is None, self.device)
+                refused, _ = strategies.agree(failure is None, self.device)
             except (RuntimeError, dist.DistBackendError) as error:
                 first_line = str(error).splitlines()[0]
                 raise Aborted(f"{what}: a collective with the other ranks failed: {first_line}") from error

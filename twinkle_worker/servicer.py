@@ -45,6 +45,17 @@ PRECISION_NAMES = {
     worker_pb2.MIXED_PRECISION_FP8: "fp8",
 }
 DEFAULT_CHUNK_BYTES = 1 << 20
+# Requests whose model method runs collectives (model.agreed_call): their checks run inside the agreement.
+AGREED_REQUESTS = (
+    worker_pb2.ForwardBackwardRequest,
+    worker_pb2.ForwardOnlyRequest,
+    worker_pb2.ClipGradNormRequest,
+    worker_pb2.StepRequest,
+    worker_pb2.ClipGradAndStepRequest,
+    worker_pb2.SaveRequest,
+    worker_pb2.LoadRequest,
+    worker_pb2.ResumeFromCheckpointRequest,
+)
 MAX_ERROR_CHARS = 2000
 
 
@@ -151,7 +162,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         """
         number = call.sequence_number if call is not None else 0
         session = call.session_id if call is not None else None
-        checked = fn if request is None else lambda: (validation.check_fields(request), fn())[1]
+        checked = fn if request is None else lambda: self._checked(request, fn)
         remaining = context.time_remaining()  # answer a gap before the caller's deadline passes
         wait = SEQUENCE_WAIT_SECONDS if remaining is None else max(0.0, min(SEQUENCE_WAIT_SECONDS, remaining - 0.25))
         try:
@@ -161,6 +172,15 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         if isinstance(outcome, BaseException):
             self._abort(context, outcome)
         return outcome
+
+    def _checked(self, request: Any, fn: Callable[[], Any]) -> Any:
+        """fn after the request's shared fields are checked; for a call that runs collectives, inside
+        its agreement, so a request refused on one rank only fails every rank (not left in a vote)."""
+        model = self.model
+        agreed = model is not None and isinstance(request, AGREED_REQUESTS)
+        with model.agreement() if agreed and model is not None else contextlib.nullcontext():
+            validation.check_fields(request)
+            return fn()
 
     def _submit(self, fn: Callable[[], Any]) -> Any:
         try:

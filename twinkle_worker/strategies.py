@@ -191,15 +191,19 @@ def no_gradient_sync(wrapped: nn.Module, sync: bool) -> Any:
     return contextlib.nullcontext()
 
 
-def agree(ok: bool, device: torch.device) -> list[int]:
-    """Every rank says whether it can go ahead with the current call; returns the ranks that cannot.
+def agree(ok: bool, device: torch.device, payload: float = 0.0) -> tuple[list[int], float]:
+    """Every rank says whether it can go ahead with the current call; returns the ranks that cannot,
+    and the sum over the ranks of `payload` (a count the call would otherwise all-reduce separately).
 
-    One small all_gather. A rank that refused a call (bad input, unknown name) still takes
-    part, so its peers learn it at once instead of waiting in the call's first collective
-    until the process-group timeout.
+    One small all_gather of (refused, payload) per rank. A rank that refused a call (bad input,
+    unknown name) still takes part, so its peers learn it at once instead of waiting in the
+    call's first collective until the process-group timeout. The payload rides along to save a
+    round trip; it is an integer count, exact in float64, and meaningless if any rank refused.
     """
     world = dist.get_world_size()
-    flag = torch.tensor([0 if ok else 1], dtype=torch.int32, device=device)
-    flags = [torch.zeros(1, dtype=torch.int32, device=device) for _ in range(world)]
-    dist.all_gather(flags, flag)
-    return [rank for rank, value in enumerate(flags) if int(value.item())]
+    vote = torch.tensor([0.0 if ok else 1.0, float(payload)], dtype=torch.float64, device=device)
+    votes = torch.empty(2 * world, dtype=torch.float64, device=device)
+    dist.all_gather_single(votes, vote)
+    values = votes.tolist()
+    refused = [rank for rank in range(world) if values[2 * rank]]
+    return refused, sum(values[1::2])
