@@ -35,9 +35,7 @@ def collate(inputs: Any) -> tuple[dict[str, np.ndarray], list[int]]:
         return _collate_columns(inputs)
     if isinstance(inputs, Sequence) and not isinstance(inputs, (str, bytes)):
         return _collate_samples(inputs)
-    raise InvalidArgument(
-        f"inputs must be a list of samples or a dict of 2-D arrays, not {type(inputs).__name__}"
-    )
+    raise InvalidArgument(f"inputs must be a list of samples or a dict of 2-D arrays, not {type(inputs).__name__}")
 
 
 def _collate_samples(samples: Sequence[Any]) -> tuple[dict[str, np.ndarray], list[int]]:

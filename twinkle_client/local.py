@@ -95,7 +95,9 @@ class LocalWorkers:
             *extra_args,
         ]  # fmt: skip
         env = dict(os.environ, PYTHONUNBUFFERED="1", **self.extra_env)
-        return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, text=True, env=env)
+        return subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, text=True, env=env
+        )
 
     def _read_address(self, rank: int, process: subprocess.Popen[str], deadline: float) -> str:
         assert process.stdout is not None
@@ -108,7 +110,9 @@ class LocalWorkers:
                     raise Unavailable(f"local worker rank {rank} did not start in time; log: {self._log_tail(rank)}")
                 line = process.stdout.readline()
                 if not line:
-                    raise Unavailable(f"local worker rank {rank} exited with {process.wait()}; log: {self._log_tail(rank)}")
+                    raise Unavailable(
+                        f"local worker rank {rank} exited with {process.wait()}; log: {self._log_tail(rank)}"
+                    )
                 if line.startswith(LISTENING):
                     threading.Thread(target=_drain, args=(process,), daemon=True).start()
                     return line[len(LISTENING) :].strip()

@@ -30,7 +30,7 @@ class DeviceMesh:
             raise InvalidArgument(f"mesh: {len(self.dim_names)} dim names but {len(self.dim_sizes)} sizes")
         if len(set(self.dim_names)) != len(self.dim_names):
             raise InvalidArgument(f"mesh: repeated dim name in {list(self.dim_names)}")
-        for name, size in zip(self.dim_names, self.dim_sizes):
+        for name, size in zip(self.dim_names, self.dim_sizes, strict=True):
             if name not in DIM_ORDER:
                 raise InvalidArgument(f"mesh: unknown dim {name!r}; dims are {list(DIM_ORDER)}")
             if int(size) < 1:
@@ -54,7 +54,9 @@ class DeviceMesh:
         sizes = tuple(int(given[name]) for name in names)  # type: ignore[arg-type]
         mesh = cls(names, sizes)
         if world_size is not None and mesh.world_size != world_size:
-            raise InvalidArgument(f"mesh: sizes {dict(zip(names, sizes))} make {mesh.world_size} ranks, not {world_size}")
+            raise InvalidArgument(
+                f"mesh: sizes {dict(zip(names, sizes, strict=True))} make {mesh.world_size} ranks, not {world_size}"
+            )
         return mesh
 
     @classmethod
@@ -75,7 +77,7 @@ class DeviceMesh:
         if not 0 <= rank < self.world_size:
             raise InvalidArgument(f"mesh: rank {rank} outside a mesh of {self.world_size} ranks")
         position = np.unravel_index(rank, self.dim_sizes) if self.dim_sizes else ()
-        return {name: int(index) for name, index in zip(self.dim_names, position)}
+        return {name: int(index) for name, index in zip(self.dim_names, position, strict=True)}
 
     @property
     def data_world_size(self) -> int:
@@ -99,7 +101,7 @@ class DeviceMesh:
         return [chosen[data_rank] for data_rank in sorted(chosen)]
 
     def __str__(self) -> str:
-        return "DeviceMesh(" + ", ".join(f"{n}={s}" for n, s in zip(self.dim_names, self.dim_sizes)) + ")"
+        return "DeviceMesh(" + ", ".join(f"{n}={s}" for n, s in zip(self.dim_names, self.dim_sizes, strict=True)) + ")"
 
 
 def slice_bounds(count: int, data_world_size: int) -> list[tuple[int, int]]:

@@ -12,6 +12,7 @@ back merged, in the caller's sample order.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -103,7 +104,11 @@ class TransformersModel:
         if mixed_precision not in PRECISIONS:
             raise InvalidArgument(f"mixed_precision {mixed_precision!r} is unknown; use one of {sorted(PRECISIONS)}")
         addresses_given = kwargs.pop("addresses", None)
-        group = cluster.resolve(remote_group) if addresses_given is None else cluster.WorkerGroup("addresses", tuple(addresses_given))
+        group = (
+            cluster.resolve(remote_group)
+            if addresses_given is None
+            else cluster.WorkerGroup("addresses", tuple(addresses_given))
+        )
         self.local: LocalWorkers | None = None
         if group is None:
             token = token or secrets.token_urlsafe(24)  # other local users cannot drive embedded workers
@@ -126,7 +131,9 @@ class TransformersModel:
             for address in addresses:
                 wait_serving(address, timeout=60.0, security=security)
         if len(addresses) != self.mesh.world_size:
-            raise InvalidArgument(f"{self.mesh} has {self.mesh.world_size} ranks but the remote group has {len(addresses)} workers")
+            raise InvalidArgument(
+                f"{self.mesh} has {self.mesh.world_size} ranks but the remote group has {len(addresses)} workers"
+            )
         self.coordinator = Coordinator(
             addresses,
             (),
@@ -153,12 +160,14 @@ class TransformersModel:
             mixed_precision=PRECISIONS[mixed_precision],
             strategy=STRATEGIES[strategy],
             mesh=worker_pb2.DeviceMesh(dim_names=self.mesh.dim_names, dim_sizes=self.mesh.dim_sizes),
-            rendezvous=worker_pb2.Rendezvous(master_addr=master_addr, master_port=master_port or 0, timeout_seconds=rendezvous_timeout),
+            rendezvous=worker_pb2.Rendezvous(
+                master_addr=master_addr, master_port=master_port or 0, timeout_seconds=rendezvous_timeout
+            ),
             seed=random.randrange(2**31) if seed is None else int(seed),
             trust_remote_code=trust_remote_code,
             lease_seconds=lease_seconds,
         )
-        for name, value in zip(_STRUCT_FIELDS, (ddp_config, fsdp_config, grad_scaler_config)):
+        for name, value in zip(_STRUCT_FIELDS, (ddp_config, fsdp_config, grad_scaler_config), strict=True):
             if value:
                 getattr(request, name).update(value)
         if kwargs:
@@ -196,15 +205,26 @@ class TransformersModel:
         return int(self._all("AddAdapter", request).num_trainable_parameters)
 
     def set_optimizer(
-        self, optimizer_cls: Any = "AdamW", lr: float = 1e-5, weight_decay: float = 0.01, adapter_name: str | None = None, **kwargs: Any
+        self,
+        optimizer_cls: Any = "AdamW",
+        lr: float = 1e-5,
+        weight_decay: float = 0.01,
+        adapter_name: str | None = None,
+        **kwargs: Any,
     ) -> int:
-        name = optimizer_cls if isinstance(optimizer_cls, str) else getattr(optimizer_cls, "__name__", str(optimizer_cls))
-        request = worker_pb2.SetOptimizerRequest(adapter_name=adapter_name or "", optimizer=name, lr=lr, weight_decay=weight_decay)
+        name = (
+            optimizer_cls if isinstance(optimizer_cls, str) else getattr(optimizer_cls, "__name__", str(optimizer_cls))
+        )
+        request = worker_pb2.SetOptimizerRequest(
+            adapter_name=adapter_name or "", optimizer=name, lr=lr, weight_decay=weight_decay
+        )
         _fill_struct(request.kwargs, kwargs)
         return int(self._all("SetOptimizer", request).num_parameters)
 
     def set_lr_scheduler(self, scheduler_cls: Any, adapter_name: str | None = None, **kwargs: Any) -> float:
-        name = scheduler_cls if isinstance(scheduler_cls, str) else getattr(scheduler_cls, "__name__", str(scheduler_cls))
+        name = (
+            scheduler_cls if isinstance(scheduler_cls, str) else getattr(scheduler_cls, "__name__", str(scheduler_cls))
+        )
         request = worker_pb2.SetLrSchedulerRequest(adapter_name=adapter_name or "", scheduler=name)
         _fill_struct(request.kwargs, kwargs)
         return float(self._all("SetLrScheduler", request).lr)
@@ -226,7 +246,9 @@ class TransformersModel:
         gradient_accumulation_steps: int | None = None,
     ) -> dict[str, Any]:
         """Forward + backward of a global micro-batch over the mesh; returns loss (global token mean) and logps."""
-        return self.forward_backward_async(inputs, adapter_name, temperature, return_logits, gradient_accumulation_steps).result()
+        return self.forward_backward_async(
+            inputs, adapter_name, temperature, return_logits, gradient_accumulation_steps
+        ).result()
 
     def forward_backward_async(
         self,
@@ -265,7 +287,10 @@ class TransformersModel:
         disable_lora: bool = False,
     ) -> Future[dict[str, Any]]:
         template = worker_pb2.ForwardOnlyRequest(
-            adapter_name=adapter_name or "", temperature=temperature, return_logits=return_logits, disable_lora=disable_lora
+            adapter_name=adapter_name or "",
+            temperature=temperature,
+            return_logits=return_logits,
+            disable_lora=disable_lora,
         )
         return self._forward("ForwardOnly", template, inputs)
 
@@ -284,7 +309,9 @@ class TransformersModel:
         use_shared = payload >= SHARED_MEMORY_THRESHOLD_BYTES or template.return_logits
         shared = self._share(slices, template.return_logits) if use_shared else None
         shared_ranks = shared.ranks if shared else frozenset()
-        stream = template.return_logits or (payload > self.stream_threshold_bytes and len(shared_ranks) < self.mesh.world_size)
+        stream = template.return_logits or (
+            payload > self.stream_threshold_bytes and len(shared_ranks) < self.mesh.world_size
+        )
         requests: list[Any] = []
         for rank in range(self.mesh.world_size):
             request = type(template)()
@@ -320,7 +347,9 @@ class TransformersModel:
                 for rank in collect:
                     if stream:
                         header, arrays = streaming.receive(
-                            replies[rank], lambda response: response.output.outputs, shared=lambda response: in_shared_memory(response.output)
+                            replies[rank],
+                            lambda response: response.output.outputs,
+                            shared=lambda response: in_shared_memory(response.output),
                         )
                         output = header.output
                     else:
@@ -343,21 +372,23 @@ class TransformersModel:
         host, same user, allowed by the worker), found with a probe segment when `probe_shared_memory`."""
         probe, secret = None, b""
         if probe_shared_memory:
-            try:
+            with contextlib.suppress(OSError):  # /dev/shm full or unusable: the messages carry everything
                 probe, secret = shared_memory.make_probe()
-            except OSError:  # /dev/shm full or unusable: the messages carry everything
-                pass
         try:
             request = worker_pb2.GetStatusRequest(shared_memory_probe=probe.name if probe else "")
-            replies = self.coordinator.call("GetStatus", _copies(request, self.coordinator.size), sequenced=False, timeout=30.0)
+            replies = self.coordinator.call(
+                "GetStatus", _copies(request, self.coordinator.size), sequenced=False, timeout=30.0
+            )
         finally:
             if probe is not None:
                 probe.destroy()
-        shared = frozenset(rank for rank, reply in enumerate(replies) if probe and reply.shared_memory_probe_data == secret)
+        shared = frozenset(
+            rank for rank, reply in enumerate(replies) if probe and reply.shared_memory_probe_data == secret
+        )
         return replies, shared
 
     def _share(self, slices: Sequence[Mapping[str, np.ndarray]], return_logits: bool) -> _SharedCall | None:
-        """Writes every data rank's slice into one pooled segment and offers each collecting rank one for its outputs."""
+        """Writes every data rank's slice into one pooled segment; offers each collecting rank one for its outputs."""
         if not self.shared_ranks:
             return None
         call = _SharedCall(self._pool, self.shared_ranks, slices)
@@ -398,17 +429,28 @@ class TransformersModel:
         )
         return reply.grad_norm if reply.applied else None
 
-    def step(self, adapter_name: str | None = None, gradient_accumulation_steps: int | None = None, optim_params: Mapping[str, Any] | None = None) -> bool:
-        request = worker_pb2.StepRequest(adapter_name=adapter_name or "", gradient_accumulation_steps=gradient_accumulation_steps or 0)
+    def step(
+        self,
+        adapter_name: str | None = None,
+        gradient_accumulation_steps: int | None = None,
+        optim_params: Mapping[str, Any] | None = None,
+    ) -> bool:
+        request = worker_pb2.StepRequest(
+            adapter_name=adapter_name or "", gradient_accumulation_steps=gradient_accumulation_steps or 0
+        )
         _fill_optim_params(request.optim_params, optim_params)
         return bool(self._all("Step", request).applied)
 
     def zero_grad(self, adapter_name: str | None = None, gradient_accumulation_steps: int | None = None) -> bool:
-        request = worker_pb2.ZeroGradRequest(adapter_name=adapter_name or "", gradient_accumulation_steps=gradient_accumulation_steps or 0)
+        request = worker_pb2.ZeroGradRequest(
+            adapter_name=adapter_name or "", gradient_accumulation_steps=gradient_accumulation_steps or 0
+        )
         return bool(self._all("ZeroGrad", request).applied)
 
     def lr_step(self, adapter_name: str | None = None, gradient_accumulation_steps: int | None = None) -> bool:
-        request = worker_pb2.LrStepRequest(adapter_name=adapter_name or "", gradient_accumulation_steps=gradient_accumulation_steps or 0)
+        request = worker_pb2.LrStepRequest(
+            adapter_name=adapter_name or "", gradient_accumulation_steps=gradient_accumulation_steps or 0
+        )
         return bool(self._all("LrStep", request).applied)
 
     def clip_grad_and_step(
@@ -420,7 +462,9 @@ class TransformersModel:
         optim_params: Mapping[str, Any] | None = None,
     ) -> dict[str, Any]:
         """Clip, step, zero_grad, lr_step; steps once every gradient_accumulation_steps micro-batches."""
-        return self.clip_grad_and_step_async(max_grad_norm, norm_type, adapter_name, gradient_accumulation_steps, optim_params).result()
+        return self.clip_grad_and_step_async(
+            max_grad_norm, norm_type, adapter_name, gradient_accumulation_steps, optim_params
+        ).result()
 
     def clip_grad_and_step_async(
         self,
@@ -474,13 +518,21 @@ class TransformersModel:
         reply = self._all("Save", request)
         return reply.path if reply.saved else None
 
-    def load(self, name: str, output_dir: str | None = None, adapter_name: str | None = None, load_optimizer: bool = False) -> str:
-        request = worker_pb2.LoadRequest(adapter_name=adapter_name or "", name=name, output_dir=output_dir or "", load_optimizer=load_optimizer)
+    def load(
+        self, name: str, output_dir: str | None = None, adapter_name: str | None = None, load_optimizer: bool = False
+    ) -> str:
+        request = worker_pb2.LoadRequest(
+            adapter_name=adapter_name or "", name=name, output_dir=output_dir or "", load_optimizer=load_optimizer
+        )
         return self._all("Load", request).path
 
-    def resume_from_checkpoint(self, checkpoint_dir: str, resume_only_model: bool = False, adapter_name: str | None = None) -> dict[str, int]:
+    def resume_from_checkpoint(
+        self, checkpoint_dir: str, resume_only_model: bool = False, adapter_name: str | None = None
+    ) -> dict[str, int]:
         request = worker_pb2.ResumeFromCheckpointRequest(
-            checkpoint_dir=os.fspath(checkpoint_dir), resume_only_model=resume_only_model, adapter_name=adapter_name or ""
+            checkpoint_dir=os.fspath(checkpoint_dir),
+            resume_only_model=resume_only_model,
+            adapter_name=adapter_name or "",
         )
         reply = self._all("ResumeFromCheckpoint", request)
         return {
@@ -511,7 +563,9 @@ class TransformersModel:
 
     def status(self) -> list[Any]:
         """GetStatus of every rank."""
-        return self.coordinator.call("GetStatus", _copies(worker_pb2.GetStatusRequest(), self.coordinator.size), sequenced=False)
+        return self.coordinator.call(
+            "GetStatus", _copies(worker_pb2.GetStatusRequest(), self.coordinator.size), sequenced=False
+        )
 
     # ------------------------------------------------------------ plumbing
 
@@ -533,7 +587,9 @@ class TransformersModel:
 class _SharedCall:
     """The segments of one forward call: every data rank's slice in one (one copy in all), one per rank for outputs."""
 
-    def __init__(self, pool: shared_memory.Pool, ranks: frozenset[int], slices: Sequence[Mapping[str, np.ndarray]]) -> None:
+    def __init__(
+        self, pool: shared_memory.Pool, ranks: frozenset[int], slices: Sequence[Mapping[str, np.ndarray]]
+    ) -> None:
         self.pool, self.ranks = pool, ranks
         self.keys = sorted(slices[0])
         # little-endian and contiguous, data rank after data rank, columns in key order
@@ -607,7 +663,9 @@ def _copies(request: Any, count: int) -> list[Any]:
     return copies
 
 
-def _merge_outputs(outputs: Sequence[tuple[Any, dict[str, np.ndarray]]], lengths: list[int], width: int, as_list: bool) -> dict[str, Any]:
+def _merge_outputs(
+    outputs: Sequence[tuple[Any, dict[str, np.ndarray]]], lengths: list[int], width: int, as_list: bool
+) -> dict[str, Any]:
     """Global token-mean loss and per-sample outputs in the caller's order (slices are in data-rank order).
 
     `outputs` holds, per data rank, the ForwardOutput scalars and its decoded tensors.
@@ -620,7 +678,7 @@ def _merge_outputs(outputs: Sequence[tuple[Any, dict[str, np.ndarray]]], lengths
         parts = [arrays[key] for _, arrays in outputs]
         if as_list:
             rows = [row for part in parts for row in part]
-            merged[key] = [row[:length] for row, length in zip(rows, lengths)]
+            merged[key] = [row[:length] for row, length in zip(rows, lengths, strict=True)]
         else:
             padded = [np.pad(part, [(0, 0), (0, width - part.shape[1])] + [(0, 0)] * (part.ndim - 2)) for part in parts]
             merged[key] = np.concatenate(padded, axis=0)
@@ -642,7 +700,9 @@ def _config_json(config: Any) -> str:
         return json.dumps(dict(config))
     if hasattr(config, "to_json_string"):
         return config.to_json_string(use_diff=False)
-    raise InvalidArgument(f"config must be a transformers PretrainedConfig, a dict or JSON, not {type(config).__name__}")
+    raise InvalidArgument(
+        f"config must be a transformers PretrainedConfig, a dict or JSON, not {type(config).__name__}"
+    )
 
 
 def _fill_struct(struct: Any, values: Mapping[str, Any]) -> None:
@@ -651,7 +711,11 @@ def _fill_struct(struct: Any, values: Mapping[str, Any]) -> None:
 
 
 def _fill_lora(message: worker_pb2.LoraConfig, config: Any) -> None:
-    values = dict(config) if isinstance(config, Mapping) else {k: v for k, v in vars(config).items() if not k.startswith("_")}
+    values = (
+        dict(config)
+        if isinstance(config, Mapping)
+        else {k: v for k, v in vars(config).items() if not k.startswith("_")}
+    )
     targets = values.get("target_modules") or "all-linear"
     message.r = int(values.get("r", 8))
     message.lora_alpha = float(values.get("lora_alpha", 2 * message.r))

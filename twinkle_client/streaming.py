@@ -169,7 +169,7 @@ def receive(
         raise InvalidArgument(f"stream: {filled} bytes received, the header's tensors hold {len(buffer)}")
     arrays: dict[str, np.ndarray] = {}
     offset = 0
-    for key, size in zip(keys, sizes):
+    for key, size in zip(keys, sizes, strict=True):
         message = tensor_map.tensors[key]
         shaped = tensor_pb2.Tensor(dtype=message.dtype, shape=message.shape)
         arrays[key] = tensors.from_buffer(shaped, view[offset : offset + size], key)

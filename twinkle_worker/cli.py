@@ -37,7 +37,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add(
         "--no-shared-memory",
         action="store_true",
-        help="refuse tensors in /dev/shm segments (the same-host fast path; on by default for clients of the same user)",
+        help="refuse tensors in /dev/shm segments (the same-host fast path; on by default for same-user clients)",
     )
     add("--allow-remote-code", action="store_true", help="let Init ask for trust_remote_code")
     add(

@@ -12,6 +12,7 @@ batch, and the gradient norm is that global gradient's norm.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import json
@@ -117,7 +118,7 @@ class Group:
     applied_at: dict[str, int] = field(default_factory=dict)
 
     def window_complete(self, gradient_accumulation_steps: int | None) -> bool:
-        gas = self.gradient_accumulation_steps if not gradient_accumulation_steps else gradient_accumulation_steps
+        gas = gradient_accumulation_steps or self.gradient_accumulation_steps
         return self.micro_step > 0 and self.micro_step % gas == 0
 
     def due(self, operation: str, gradient_accumulation_steps: int | None) -> bool:
@@ -329,7 +330,9 @@ class TransformersModel:
         _non_negative(lr, "lr", strictly=True)
         _non_negative(weight_decay, "weight_decay")
         if not group.trainable:
-            raise FailedPrecondition(f"adapter {group.name!r} was added frozen (is_trainable=False); it has nothing to optimize")
+            raise FailedPrecondition(
+                f"adapter {group.name!r} was added frozen (is_trainable=False); it has nothing to optimize"
+            )
         named = self._group_parameters(group)
         if not named:
             raise FailedPrecondition(f"group {group.name!r} has no trainable parameters")
@@ -403,11 +406,10 @@ class TransformersModel:
             wrapped.train()
         group.micro_step += 1
         sync = group.window_complete(gradient_accumulation_steps)
-        with self._collective("forward_backward"):
-            with strategies.no_gradient_sync(wrapped, sync):
-                logps, logits = self._forward(wrapped, batch, temperature)
-                result = group.loss(logps, batch["loss_mask"], batch)
-                result.loss_sum.backward()
+        with self._collective("forward_backward"), strategies.no_gradient_sync(wrapped, sync):
+            logps, logits = self._forward(wrapped, batch, temperature)
+            result = group.loss(logps, batch["loss_mask"], batch)
+            result.loss_sum.backward()
         group.window_tokens += result.num_tokens
         group.normalized = False
         outputs = {"logps": logps.detach()}
@@ -483,7 +485,9 @@ class TransformersModel:
         ids = columns["input_ids"]
         if ids.min() < 0 or ids.max() >= self.vocab_size:
             bad = int(ids[(ids < 0) | (ids >= self.vocab_size)][0])
-            raise InvalidArgument(f"inputs.input_ids holds token id {bad}, outside the vocabulary [0, {self.vocab_size})")
+            raise InvalidArgument(
+                f"inputs.input_ids holds token id {bad}, outside the vocabulary [0, {self.vocab_size})"
+            )
         mask = columns["attention_mask"]
         if not ((mask == 0) | (mask == 1)).all():
             raise InvalidArgument("inputs.attention_mask must hold only 0 and 1")
@@ -500,7 +504,8 @@ class TransformersModel:
             bad_labels = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= self.vocab_size))
             if bad_labels.any():
                 raise InvalidArgument(
-                    f"inputs.labels holds {int(labels[bad_labels][0])}: labels must be in [0, {self.vocab_size}) or -100"
+                    f"inputs.labels holds {int(labels[bad_labels][0])}: "
+                    f"labels must be in [0, {self.vocab_size}) or -100"
                 )
         batch: dict[str, torch.Tensor] = {}
         for key, value in columns.items():
@@ -690,7 +695,7 @@ class TransformersModel:
                 continue
             if group.optimizer.state:
                 raise FailedPrecondition("cannot shard a model whose optimizer already has state")
-            for param_group, names in zip(group.optimizer.param_groups, group.param_names):
+            for param_group, names in zip(group.optimizer.param_groups, group.param_names, strict=True):
                 param_group["params"] = [named[n] for n in names]
 
     @contextmanager
@@ -720,10 +725,8 @@ class TransformersModel:
                 yield
             except BaseException:
                 if self._vote == "pending":
-                    try:
+                    with contextlib.suppress(Aborted):  # the peers are gone too; this rank's own error says more
                         self._cast_vote(False)
-                    except Aborted:  # the peers are gone too; this rank's own error says more
-                        pass
                 raise
             self._agree()
         finally:
@@ -944,7 +947,8 @@ class TransformersModel:
         for key, value in wanted.items():
             if tuple(value.shape) != tuple(current[key].shape):
                 raise InvalidArgument(
-                    f"checkpoint {str(path)!r}: {key} has shape {list(value.shape)}, the model has {list(current[key].shape)}"
+                    f"checkpoint {str(path)!r}: {key} has shape {list(value.shape)}, "
+                    f"the model has {list(current[key].shape)}"
                 )
         with self._collective("load weights"):
             set_model_state_dict(self.model, wanted, options=StateDictOptions(full_state_dict=True, strict=False))
@@ -1066,7 +1070,9 @@ def _build_model(
         if seed is not None:
             transformers.set_seed(int(seed))
         try:
-            return cls.from_pretrained(model_id, trust_remote_code=trust_remote_code, use_safetensors=True, **extra, **kwargs)
+            return cls.from_pretrained(
+                model_id, trust_remote_code=trust_remote_code, use_safetensors=True, **extra, **kwargs
+            )
         except (OSError, ValueError, TypeError) as error:
             raise InvalidArgument(f"cannot load model_id {model_id!r}: {error}") from None
     if config is None:

@@ -19,8 +19,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from twinkle_client.streaming import frame_parser, serialize_frame
 from twinkle_client._proto import worker_pb2, worker_pb2_grpc
+from twinkle_client.streaming import frame_parser, serialize_frame
 from twinkle_worker.servicer import WorkerOptions, WorkerServicer
 
 log = logging.getLogger(__name__)

@@ -207,7 +207,11 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
 
     def _abort(self, context: grpc.ServicerContext, error: BaseException) -> None:
         code = error.code if isinstance(error, TwinkleError) else grpc.StatusCode.INTERNAL
-        text = str(error) if isinstance(error, TwinkleError) else f"internal error ({type(error).__name__}: {error}); see the worker log"
+        text = (
+            str(error)
+            if isinstance(error, TwinkleError)
+            else f"internal error ({type(error).__name__}: {error}); see the worker log"
+        )
         if len(text) > MAX_ERROR_CHARS:  # status messages travel in headers (8 KiB); a request may be echoed in them
             text = text[:MAX_ERROR_CHARS] + " ... (truncated)"
         context.abort(code, f"{self._name()}: {text}")
@@ -258,7 +262,11 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 raise FailedPrecondition("the worker is already initialised; call Reset first to start a new job")
             self.rank = request.rank  # errors name the rank Init asked for
             validation.check_init(request)
-            mesh = DeviceMesh(tuple(request.mesh.dim_names), tuple(request.mesh.dim_sizes)) if request.mesh.dim_names else DeviceMesh.single()
+            mesh = (
+                DeviceMesh(tuple(request.mesh.dim_names), tuple(request.mesh.dim_sizes))
+                if request.mesh.dim_names
+                else DeviceMesh.single()
+            )
             rendezvous = Rendezvous(
                 request.rendezvous.master_addr or "127.0.0.1",
                 request.rendezvous.master_port,
@@ -318,7 +326,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             model.close()
         self.rank, self.world_size, self.mesh = 0, 1, DeviceMesh.single()
 
-    def AddAdapter(self, request: worker_pb2.AddAdapterRequest, context: grpc.ServicerContext) -> worker_pb2.AddAdapterResponse:
+    def AddAdapter(
+        self, request: worker_pb2.AddAdapterRequest, context: grpc.ServicerContext
+    ) -> worker_pb2.AddAdapterResponse:
         def add() -> worker_pb2.AddAdapterResponse:
             source = request.WhichOneof("source")
             if source is None:
@@ -331,7 +341,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
 
         return self._run(context, request.context, add, request)
 
-    def SetOptimizer(self, request: worker_pb2.SetOptimizerRequest, context: grpc.ServicerContext) -> worker_pb2.SetOptimizerResponse:
+    def SetOptimizer(
+        self, request: worker_pb2.SetOptimizerRequest, context: grpc.ServicerContext
+    ) -> worker_pb2.SetOptimizerResponse:
         def set_optimizer() -> worker_pb2.SetOptimizerResponse:
             lr = self._optional(request, "lr")
             weight_decay = self._optional(request, "weight_decay")
@@ -346,21 +358,29 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
 
         return self._run(context, request.context, set_optimizer, request)
 
-    def SetLrScheduler(self, request: worker_pb2.SetLrSchedulerRequest, context: grpc.ServicerContext) -> worker_pb2.SetLrSchedulerResponse:
+    def SetLrScheduler(
+        self, request: worker_pb2.SetLrSchedulerRequest, context: grpc.ServicerContext
+    ) -> worker_pb2.SetLrSchedulerResponse:
         def set_scheduler() -> worker_pb2.SetLrSchedulerResponse:
-            lr = self._model().set_lr_scheduler(request.scheduler, request.adapter_name, **struct_to_dict(request.kwargs))
+            lr = self._model().set_lr_scheduler(
+                request.scheduler, request.adapter_name, **struct_to_dict(request.kwargs)
+            )
             return worker_pb2.SetLrSchedulerResponse(lr=lr)
 
         return self._run(context, request.context, set_scheduler, request)
 
     def SetLoss(self, request: worker_pb2.SetLossRequest, context: grpc.ServicerContext) -> worker_pb2.SetLossResponse:
         def set_loss() -> worker_pb2.SetLossResponse:
-            self._model().set_loss(request.loss or "CrossEntropyLoss", request.adapter_name, **struct_to_dict(request.kwargs))
+            self._model().set_loss(
+                request.loss or "CrossEntropyLoss", request.adapter_name, **struct_to_dict(request.kwargs)
+            )
             return worker_pb2.SetLossResponse()
 
         return self._run(context, request.context, set_loss, request)
 
-    def ForwardBackward(self, request: worker_pb2.ForwardBackwardRequest, context: grpc.ServicerContext) -> worker_pb2.ForwardBackwardResponse:
+    def ForwardBackward(
+        self, request: worker_pb2.ForwardBackwardRequest, context: grpc.ServicerContext
+    ) -> worker_pb2.ForwardBackwardResponse:
         response, arrays = self._forward_backward(request, context, None)
         tensors.map_to_proto(arrays, response.output.outputs)
         return response
@@ -397,7 +417,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
 
         return self._run(context, request.context, forward_backward, request)
 
-    def ForwardOnly(self, request: worker_pb2.ForwardOnlyRequest, context: grpc.ServicerContext) -> worker_pb2.ForwardOnlyResponse:
+    def ForwardOnly(
+        self, request: worker_pb2.ForwardOnlyRequest, context: grpc.ServicerContext
+    ) -> worker_pb2.ForwardOnlyResponse:
         response, arrays = self._forward_only(request, context, None)
         tensors.map_to_proto(arrays, response.output.outputs)
         return response
@@ -436,13 +458,15 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         if not request.HasField("shared_inputs"):
             return tensors.map_to_numpy(request.inputs)
         if not self.options.shared_memory:
-            raise FailedPrecondition("shared_inputs: this worker was started with --no-shared-memory; send the tensors in the messages")
+            raise FailedPrecondition(
+                "shared_inputs: this worker was started with --no-shared-memory; send the tensors in the messages"
+            )
         # On an accelerator the bytes are copied once anyway: snapshot them first, so checks and use see the same bytes.
         copy = model is not None and model.device.type != "cpu"
         return shared_memory.read_tensors(request.shared_inputs, request.inputs, self.options.max_stream_bytes, copy)
 
     def _outputs(self, request: Any, arrays: dict[str, Any], output: worker_pb2.ForwardOutput) -> dict[str, Any]:
-        """Writes the outputs into the client's output segment when it offered one they fit; returns what is left to send."""
+        """Writes the outputs into the client's output segment if offered and they fit; returns what is left to send."""
         if not request.output_segment or not self.options.shared_memory or not arrays:
             return arrays
         try:
@@ -455,20 +479,30 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         output.shared_outputs.CopyFrom(shared)
         return {}
 
-    def _receive(self, messages: Iterator[Any], context: grpc.ServicerContext, tensor_map_of: Callable[[Any], Any]) -> tuple[Any, dict[str, Any]]:
+    def _receive(
+        self, messages: Iterator[Any], context: grpc.ServicerContext, tensor_map_of: Callable[[Any], Any]
+    ) -> tuple[Any, dict[str, Any]]:
         """A streamed request's header and tensors; bad framing is INVALID_ARGUMENT."""
         try:
             return streaming.receive(
-                messages, tensor_map_of, self.options.max_stream_bytes, shared=lambda header: header.HasField("shared_inputs")
+                messages,
+                tensor_map_of,
+                self.options.max_stream_bytes,
+                shared=lambda header: header.HasField("shared_inputs"),
             )
         except TwinkleError as error:
             self._abort(context, error)
             raise  # not reached: abort raises
 
-    def ClipGradNorm(self, request: worker_pb2.ClipGradNormRequest, context: grpc.ServicerContext) -> worker_pb2.ClipGradNormResponse:
+    def ClipGradNorm(
+        self, request: worker_pb2.ClipGradNormRequest, context: grpc.ServicerContext
+    ) -> worker_pb2.ClipGradNormResponse:
         def clip() -> worker_pb2.ClipGradNormResponse:
             norm = self._model().clip_grad_norm(
-                request.max_grad_norm, request.norm_type or 2.0, request.adapter_name, request.gradient_accumulation_steps or None
+                request.max_grad_norm,
+                request.norm_type or 2.0,
+                request.adapter_name,
+                request.gradient_accumulation_steps or None,
             )
             return worker_pb2.ClipGradNormResponse(applied=norm is not None, grad_norm=norm or 0.0)
 
@@ -477,12 +511,18 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     def Step(self, request: worker_pb2.StepRequest, context: grpc.ServicerContext) -> worker_pb2.StepResponse:
         def step() -> worker_pb2.StepResponse:
             model = self._model()
-            applied = model.step(request.adapter_name, request.gradient_accumulation_steps or None, optim_params(request.optim_params))
-            return worker_pb2.StepResponse(applied=applied, optimizer_step=model.group(request.adapter_name).optimizer_step)
+            applied = model.step(
+                request.adapter_name, request.gradient_accumulation_steps or None, optim_params(request.optim_params)
+            )
+            return worker_pb2.StepResponse(
+                applied=applied, optimizer_step=model.group(request.adapter_name).optimizer_step
+            )
 
         return self._run(context, request.context, step, request)
 
-    def ZeroGrad(self, request: worker_pb2.ZeroGradRequest, context: grpc.ServicerContext) -> worker_pb2.ZeroGradResponse:
+    def ZeroGrad(
+        self, request: worker_pb2.ZeroGradRequest, context: grpc.ServicerContext
+    ) -> worker_pb2.ZeroGradResponse:
         def zero_grad() -> worker_pb2.ZeroGradResponse:
             applied = self._model().zero_grad(request.adapter_name, request.gradient_accumulation_steps or None)
             return worker_pb2.ZeroGradResponse(applied=applied)
@@ -498,7 +538,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
 
         return self._run(context, request.context, lr_step, request)
 
-    def ClipGradAndStep(self, request: worker_pb2.ClipGradAndStepRequest, context: grpc.ServicerContext) -> worker_pb2.ClipGradAndStepResponse:
+    def ClipGradAndStep(
+        self, request: worker_pb2.ClipGradAndStepRequest, context: grpc.ServicerContext
+    ) -> worker_pb2.ClipGradAndStepResponse:
         def clip_and_step() -> worker_pb2.ClipGradAndStepResponse:
             result = self._model().clip_grad_and_step(
                 request.max_grad_norm,
@@ -535,7 +577,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         def load() -> worker_pb2.LoadResponse:
             if not request.name:
                 raise InvalidArgument("name: give the checkpoint to load")
-            path = self._model().load(request.name, request.output_dir or None, request.adapter_name, request.load_optimizer)
+            path = self._model().load(
+                request.name, request.output_dir or None, request.adapter_name, request.load_optimizer
+            )
             return worker_pb2.LoadResponse(path=path)
 
         return self._run(context, request.context, load, request)
@@ -546,12 +590,16 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         def resume() -> worker_pb2.ResumeFromCheckpointResponse:
             if not request.checkpoint_dir:
                 raise InvalidArgument("checkpoint_dir: give the checkpoint to resume from")
-            state = self._model().resume_from_checkpoint(request.checkpoint_dir, request.resume_only_model, request.adapter_name)
+            state = self._model().resume_from_checkpoint(
+                request.checkpoint_dir, request.resume_only_model, request.adapter_name
+            )
             return worker_pb2.ResumeFromCheckpointResponse(**state)
 
         return self._run(context, request.context, resume, request)
 
-    def GetTrainConfigs(self, request: worker_pb2.GetTrainConfigsRequest, context: grpc.ServicerContext) -> worker_pb2.GetTrainConfigsResponse:
+    def GetTrainConfigs(
+        self, request: worker_pb2.GetTrainConfigsRequest, context: grpc.ServicerContext
+    ) -> worker_pb2.GetTrainConfigsResponse:
         def configs() -> worker_pb2.GetTrainConfigsResponse:
             values = self._model().get_train_configs(request.adapter_name)
             summary = "\n".join(f"{key}: {value}" for key, value in values.items())
@@ -559,7 +607,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
 
         return self._run(context, None, configs)
 
-    def GetStatus(self, request: worker_pb2.GetStatusRequest, context: grpc.ServicerContext) -> worker_pb2.GetStatusResponse:
+    def GetStatus(
+        self, request: worker_pb2.GetStatusRequest, context: grpc.ServicerContext
+    ) -> worker_pb2.GetStatusResponse:
         model = self.model  # read without queueing behind a long model call
         return worker_pb2.GetStatusResponse(
             initialized=model is not None,
@@ -587,7 +637,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         except TwinkleError:
             return b""
 
-    def ExportWeights(self, request: worker_pb2.ExportWeightsRequest, context: grpc.ServicerContext) -> Iterator[worker_pb2.ExportWeightsResponse]:
+    def ExportWeights(
+        self, request: worker_pb2.ExportWeightsRequest, context: grpc.ServicerContext
+    ) -> Iterator[worker_pb2.ExportWeightsResponse]:
         chunk = request.chunk_bytes or DEFAULT_CHUNK_BYTES
         if chunk < 1024 or chunk > 64 << 20:
             self._abort(context, InvalidArgument(f"chunk_bytes must be in [1024, 64 MiB], got {chunk}"))
@@ -600,7 +652,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             data = memoryview(array.reshape(-1)).cast("B")
             total = len(data)
             for offset in range(0, max(total, 1), chunk):
-                piece = worker_pb2.ExportWeightsResponse(total_bytes=total, offset=offset, data=data[offset : offset + chunk].tobytes())
+                piece = worker_pb2.ExportWeightsResponse(
+                    total_bytes=total, offset=offset, data=data[offset : offset + chunk].tobytes()
+                )
                 if offset == 0:
                     piece.name, piece.dtype = name, encoded.dtype
                     piece.shape.extend(encoded.shape)
@@ -622,4 +676,3 @@ def optim_params(message: worker_pb2.OptimParams) -> dict[str, Any] | None:
             raise InvalidArgument(f"optim_params.betas must have 2 values, got {len(message.betas)}")
         values["betas"] = tuple(message.betas)
     return values or None
-

@@ -49,7 +49,9 @@ class StrategyPlan:
         if self.strategy not in STRATEGIES:
             raise InvalidArgument(f"strategy {self.strategy!r} is unknown; use one of {list(STRATEGIES)}")
         if self.mixed_precision not in MIXED_PRECISIONS:
-            raise InvalidArgument(f"mixed_precision {self.mixed_precision!r} is unknown; use one of {list(MIXED_PRECISIONS)}")
+            raise InvalidArgument(
+                f"mixed_precision {self.mixed_precision!r} is unknown; use one of {list(MIXED_PRECISIONS)}"
+            )
         if self.mesh.unsupported_dims:
             raise FailedPrecondition(
                 f"mesh {self.mesh} has {self.mesh.unsupported_dims} > 1: tensor, pipeline and context "

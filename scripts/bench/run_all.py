@@ -23,6 +23,7 @@ from common import RESULTS_DIR, ROOT, machine
 
 BENCHMARKS = {
     "fanout": "bench_fanout.py",
+    "grpc_floor": "bench_grpc_floor.py",
     "transfer": "bench_transfer.py",
     "training": "bench_training.py",
     "startup": "bench_startup.py",
