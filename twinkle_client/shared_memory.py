@@ -29,6 +29,7 @@ from twinkle_client.errors import FailedPrecondition, InvalidArgument, NotFound,
 
 SHM_DIR = "/dev/shm"
 _NAME = re.compile(r"twinkle-[A-Za-z0-9_.-]{1,100}")
+_CLIENT_NAME = re.compile(r"twinkle-(\d+)-[0-9a-f]{16}")  # what Segment names its files: the owner's pid first
 ALIGN = 64  # every tensor starts on a cache line (and a multiple of every itemsize)
 PROBE_BYTES = 64
 
@@ -117,6 +118,7 @@ class Pool:
     """
 
     def __init__(self, max_idle_bytes: int = 1 << 30, max_retired: int = 4) -> None:
+        sweep_stale()
         self.max_idle_bytes = max_idle_bytes
         self.max_retired = max_retired
         self._idle: list[Segment] = []
@@ -160,6 +162,35 @@ class Pool:
             segments, self._idle, self._retired = self._idle + self._retired, [], []
         for segment in segments:
             segment.destroy()
+
+
+def sweep_stale() -> list[str]:
+    """Deletes the segments this user's clients left behind when they died (kill -9, OOM): a client
+    unlinks its own at close, but a dead one cannot. A name whose pid is alive is kept (if the pid
+    was reused, the file waits for the next sweep after that process ends). Returns what it deleted."""
+    if not os.path.isdir(SHM_DIR):
+        return []
+    removed = []
+    for name in os.listdir(SHM_DIR):
+        match = _CLIENT_NAME.fullmatch(name)
+        if match is None or _alive(int(match.group(1))):
+            continue
+        path = os.path.join(SHM_DIR, name)
+        with contextlib.suppress(OSError):
+            if os.lstat(path).st_uid == os.geteuid():
+                os.unlink(path)
+                removed.append(name)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
 
 
 def make_probe() -> tuple[Segment, bytes]:

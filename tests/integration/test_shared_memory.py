@@ -127,3 +127,25 @@ def test_worker_without_shared_memory_is_not_probed_into_it(tmp_path) -> None:  
             channel.close()
         finally:
             probe.destroy()
+
+
+def test_segments_of_a_dead_client_are_swept() -> None:
+    """A client killed before close() leaves its segments in /dev/shm; the next client's pool deletes them."""
+    import subprocess
+    import sys
+
+    child = subprocess.run(
+        [sys.executable, "-c", "from twinkle_client import shared_memory as s; print(s.Segment(1 << 20).name)"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    left = child.stdout.strip()  # the child exited without destroying it
+    assert os.path.exists(os.path.join(shared_memory.SHM_DIR, left))
+    mine = shared_memory.Segment(1 << 20)  # this process is alive: its segment stays
+    try:
+        assert left in shared_memory.sweep_stale()
+        assert not os.path.exists(os.path.join(shared_memory.SHM_DIR, left))
+        assert os.path.exists(os.path.join(shared_memory.SHM_DIR, mine.name))
+    finally:
+        mine.destroy()
