@@ -252,6 +252,10 @@ class Coordinator:
             copy.CopyFrom(request)
         return self.call(method, requests, sequenced=sequenced)
 
+    def error_of(self, method: str, rank: int, error: grpc.RpcError) -> TwinkleError:
+        """The client exception for one rank's failed call, naming the rank and its address."""
+        return self._error(method, [(rank, error)], [])
+
     def _error(self, method: str, errors: list[tuple[int, grpc.RpcError]], silent: list[int]) -> TwinkleError:
         causes = [item for item in errors if item[1].code() not in _CONSEQUENTIAL] or errors
         if not causes:  # nothing failed but some ranks never answered

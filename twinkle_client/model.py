@@ -22,6 +22,7 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import Future
 from typing import Any
 
+import grpc
 import numpy as np
 
 from twinkle_client import cluster, shared_memory, streaming, tensors
@@ -31,6 +32,7 @@ from twinkle_client.coordinator import ChannelSecurity, Coordinator
 from twinkle_client.errors import InvalidArgument
 from twinkle_client.local import LocalWorkers, wait_serving
 from twinkle_client.mesh import DeviceMesh, slice_bounds
+from twinkle_client.shared_memory import segment_bytes
 
 STRATEGIES = {"accelerate": worker_pb2.STRATEGY_ACCELERATE, "native_fsdp": worker_pb2.STRATEGY_NATIVE_FSDP}
 PRECISIONS = {
@@ -143,6 +145,7 @@ class TransformersModel:
             abort_grace_seconds=abort_grace_seconds,
         )
         self._pool = shared_memory.Pool()
+        self._export_bytes: dict[str, int] = {}  # bytes of the last export of each group (its segment's size)
         self._finalizer = weakref.finalize(self, _shutdown, self.coordinator, self.local, self._pool)
         self.session_id = self.coordinator.session_id  # the lease: this client owns the workers until close()
         try:
@@ -391,12 +394,18 @@ class TransformersModel:
         """Writes every data rank's slice into one pooled segment; offers each collecting rank one for its outputs."""
         if not self.shared_ranks:
             return None
-        call = _SharedCall(self._pool, self.shared_ranks, slices)
+        try:
+            call = _SharedCall(self._pool, self.shared_ranks, slices)
+        except OSError:  # /dev/shm has no room: the messages carry this call
+            return None
         per_token = 4 * (1 + (self.vocab_size if return_logits else 0))  # float32 logps (+ logits)
         for rank in self.mesh.collect_ranks():
             if rank in self.shared_ranks:
                 rows, width = slices[self.mesh.data_rank(rank)]["input_ids"].shape
-                call.outputs[rank] = self._pool.acquire(rows * width * per_token + 4 * shared_memory.ALIGN)
+                try:
+                    call.outputs[rank] = self._pool.acquire(rows * width * per_token + 4 * shared_memory.ALIGN)
+                except OSError:  # no room: the outputs come back in the messages
+                    break
         return call
 
     def _check_tokens(self, columns: Mapping[str, np.ndarray]) -> None:
@@ -548,17 +557,34 @@ class TransformersModel:
         )
         return reply.summary
 
-    def export_weights(self, adapter_name: str | None = None, chunk_bytes: int = 1 << 20) -> dict[str, np.ndarray]:
-        """The group's weights as numpy arrays (names as in a saved checkpoint), streamed in chunks."""
-        request = worker_pb2.ExportWeightsRequest(adapter_name=adapter_name or "", chunk_bytes=chunk_bytes)
+    def export_weights(
+        self, adapter_name: str | None = None, chunk_bytes: int = 1 << 20, shared_memory: bool = True
+    ) -> dict[str, np.ndarray]:
+        """The group's weights as numpy arrays (names as in a saved checkpoint): through a shared-memory
+        segment when rank 0 shares this host and they fit (unless shared_memory=False), streamed in chunks otherwise."""
+        group = adapter_name or ""
+        request = worker_pb2.ExportWeightsRequest(adapter_name=group, chunk_bytes=chunk_bytes)
         request.context.session_id = self.session_id
+        segment = None
+        if shared_memory and 0 in self.shared_ranks and group in self._export_bytes:
+            # The first export of a group streams and measures; later ones (weight syncs repeat) get a segment.
+            with contextlib.suppress(OSError):  # /dev/shm has no room: stream
+                segment = self._pool.acquire(self._export_bytes[group])
+                request.output_segment = segment.name
         streams = [stub.ExportWeights(request, metadata=self.coordinator.metadata) for stub in self.coordinator.stubs]
-        from twinkle_client.streaming import assemble_weights
-
-        weights = assemble_weights(streams[0])
-        for stream in streams[1:]:
-            for _ in stream:  # the other ranks take part in the gather and send nothing
-                pass
+        rank = 0
+        try:
+            weights = streaming.assemble_weights(streams[0], segment)
+            for rank in range(1, len(streams)):
+                for _ in streams[rank]:  # the other ranks take part in the gather and send nothing
+                    pass
+        except grpc.RpcError as error:
+            if segment is not None:
+                self._pool.retire(segment)
+            raise self.coordinator.error_of("ExportWeights", rank, error) from None
+        if segment is not None:
+            self._pool.release(segment)
+        self._export_bytes[group] = segment_bytes([array.nbytes for array in weights.values()])
         return weights
 
     def status(self) -> list[Any]:

@@ -74,6 +74,11 @@ def copy(target: np.ndarray, source: np.ndarray) -> None:
         piece.result()
 
 
+def segment_bytes(sizes: Sequence[int]) -> int:
+    """How big a segment must be for tensors of these byte sizes, laid out by `layout`."""
+    return layout(sizes)[1]
+
+
 class Segment:
     """One client-owned segment, mapped read-write in this process."""
 
@@ -82,7 +87,9 @@ class Segment:
         self.size = size
         fd = os.open(os.path.join(SHM_DIR, self.name), os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_CLOEXEC, 0o600)
         try:
-            os.ftruncate(fd, size)
+            # Reserve the pages now: on a full tmpfs (Docker's default /dev/shm is 64 MiB) this raises
+            # OSError(ENOSPC), where a sparse file would kill the first process to write with SIGBUS.
+            os.posix_fallocate(fd, 0, size)
             self.buffer = mmap.mmap(fd, size)
         except BaseException:
             os.unlink(os.path.join(SHM_DIR, self.name))
@@ -127,7 +134,8 @@ class Pool:
         self._closed = False
 
     def acquire(self, nbytes: int) -> Segment:
-        """An idle segment that fits (the smallest), or a new one rounded up to a power of two (>= 1 MiB)."""
+        """An idle segment that fits (the smallest), or a new one: rounded up to a power of two (>= 1 MiB)
+        up to 64 MiB, to a multiple of 64 MiB above. OSError when /dev/shm has no room."""
         with self._lock:
             if self._closed:
                 raise FailedPrecondition("the client is closed")
@@ -136,7 +144,9 @@ class Pool:
                 segment = min(fitting, key=lambda candidate: candidate.size)
                 self._idle.remove(segment)
                 return segment
-        return Segment(max(1 << 20, 1 << max(0, nbytes - 1).bit_length()))
+        if nbytes <= 64 << 20:
+            return Segment(max(1 << 20, 1 << max(0, nbytes - 1).bit_length()))
+        return Segment(-(-nbytes // (64 << 20)) * (64 << 20))
 
     def release(self, segment: Segment) -> None:
         with self._lock:
@@ -271,6 +281,22 @@ def read_tensors(
     return {key: np.array(view) for key, view in views.items()} if copy else views
 
 
+def write_arrays(name: str, arrays: Sequence[np.ndarray]) -> list[int] | None:
+    """Writes contiguous arrays into the client's segment `name`, laid out by `layout`; returns their
+    offsets, or None (nothing written) when they do not fit."""
+    offsets, total = layout([array.nbytes for array in arrays])
+    buffer, size = open_segment(name, "output_segment", writable=True)
+    try:
+        if total > size:
+            return None
+        for array, offset in zip(arrays, offsets, strict=True):
+            copy(np.frombuffer(buffer, dtype=array.dtype, count=array.size, offset=offset), array.reshape(-1))
+    finally:
+        with contextlib.suppress(BufferError):
+            buffer.close()
+    return offsets
+
+
 def write_tensors(
     name: str, values: Mapping[str, np.ndarray], tensor_map: tensor_pb2.TensorMap
 ) -> tensor_pb2.SharedTensors | None:
@@ -279,17 +305,11 @@ def write_tensors(
     Returns where they lie, or None (nothing written) when they do not fit: the caller then sends them in the messages.
     """
     arrays = [tensors.encode_header(values[key], tensor_map.tensors[key]) for key in sorted(values)]
-    offsets, total = layout([array.nbytes for array in arrays])
-    buffer, size = open_segment(name, "output_segment", writable=True)
-    try:
-        if total > size:
-            for key in values:
-                del tensor_map.tensors[key]
-            return None
-        for array, offset in zip(arrays, offsets, strict=True):
-            np.copyto(np.frombuffer(buffer, dtype=array.dtype, count=array.size, offset=offset), array.reshape(-1))
-    finally:
-        buffer.close()
+    offsets = write_arrays(name, arrays)
+    if offsets is None:
+        for key in values:
+            del tensor_map.tensors[key]
+        return None
     return tensor_pb2.SharedTensors(segment=name, offsets=offsets)
 
 

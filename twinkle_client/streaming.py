@@ -17,12 +17,26 @@ from twinkle_client._proto import tensor_pb2
 from twinkle_client.errors import InvalidArgument, ResourceExhausted
 
 
-def assemble_weights(chunks: Iterable[Any]) -> dict[str, np.ndarray]:
-    """Joins ExportWeightsResponse pieces: each tensor's pieces arrive in order, the first named."""
+def assemble_weights(chunks: Iterable[Any], segment: Any = None) -> dict[str, np.ndarray]:
+    """Joins ExportWeightsResponse pieces: each tensor's pieces arrive in order, the first named.
+
+    A piece `in_segment` is a whole tensor whose bytes lie in `segment` (a shared_memory.Segment the
+    request offered); they are copied out, so the segment can be reused.
+    """
     weights: dict[str, np.ndarray] = {}
     current: Any = None
     buffer = bytearray()
     for chunk in chunks:
+        if chunk.in_segment:
+            if segment is None or current is not None:
+                raise InvalidArgument(
+                    f"stream: tensor {chunk.name!r} in a segment that was not offered, or out of order"
+                )
+            shared = tensor_pb2.SharedTensors(segment=segment.name, offsets=[chunk.segment_offset])
+            header = tensor_pb2.TensorMap()
+            header.tensors[chunk.name].CopyFrom(tensor_pb2.Tensor(dtype=chunk.dtype, shape=chunk.shape))
+            weights.update(segment.read(shared, header))
+            continue
         if chunk.offset == 0:
             if current is not None:
                 raise InvalidArgument(f"stream: tensor {current.name!r} ended early")

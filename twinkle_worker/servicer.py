@@ -451,6 +451,30 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
 
         return self._run(context, request.context, forward_only, request)
 
+    def _export_to_segment(self, segment: str, state: dict[str, Any]) -> list[worker_pb2.ExportWeightsResponse] | None:
+        """The weights written into the client's segment, one message per tensor; None (stream them) when
+        they do not fit or the segment cannot be used."""
+        headers = [tensor_pb2.Tensor() for _ in state]
+        arrays = [tensors.encode_header(value, header) for value, header in zip(state.values(), headers, strict=True)]
+        try:
+            offsets = shared_memory.write_arrays(segment, arrays)
+        except TwinkleError as error:
+            log.warning("rank %d: output_segment not used for ExportWeights: %s", self.rank, error)
+            return None
+        if offsets is None:
+            return None
+        return [
+            worker_pb2.ExportWeightsResponse(
+                name=name,
+                dtype=header.dtype,
+                shape=header.shape,
+                total_bytes=array.nbytes,
+                in_segment=True,
+                segment_offset=offset,
+            )
+            for name, header, array, offset in zip(state, headers, arrays, offsets, strict=True)
+        ]
+
     def _inputs(self, model: TransformersModel | None, request: Any, streamed: dict[str, Any] | None) -> dict[str, Any]:
         """The batch: streamed, in a client's shared-memory segment, or inline in the request."""
         if streamed is not None:
@@ -646,6 +670,11 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         context_or_none = request.context if request.HasField("context") else worker_pb2.CallContext()
         context_or_none.sequence_number = 0  # an export changes nothing: never sequenced
         state = self._run(context, context_or_none, lambda: self._model().export_weights(request.adapter_name))
+        if request.output_segment and self.options.shared_memory and state:
+            placed = self._export_to_segment(request.output_segment, state)
+            if placed is not None:
+                yield from placed
+                return
         for name, value in state.items():
             encoded = tensor_pb2.Tensor()
             array = tensors.encode_header(value, encoded)  # dtype and shape; the bytes go straight into the chunks

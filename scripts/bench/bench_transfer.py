@@ -27,7 +27,8 @@ Worker -> client:
 
 - twinkle ExportWeights: TransformersModel.export_weights() of a full model (float32,
   Qwen2 with 1 layer and the vocabulary sized so the weights total S MiB), streamed in
-  1 MiB chunks and reassembled into numpy arrays on the client.
+  1 MiB chunks and reassembled into numpy arrays on the client; and the same call through a
+  pooled shared-memory segment (rank 0 writes every tensor into it, the client copies them out).
 - Ray: ray.get(actor.array.remote()) of an actor method returning a float32 array of S MiB.
 
 Throughput is S MiB divided by the wall time of the whole call (MiB/s).
@@ -233,13 +234,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             )
             exported_bytes = exporter.num_parameters * 4
 
-            def export(exporter: Any = exporter, exported_bytes: int = exported_bytes) -> float:
+            def export(exporter: Any = exporter, exported_bytes: int = exported_bytes, shared: bool = False) -> float:
                 start = now()
-                weights = exporter.export_weights()
+                weights = exporter.export_weights(shared_memory=shared)
                 assert sum(w.nbytes for w in weights.values()) == exported_bytes
                 return now() - start
 
             variants["twinkle ExportWeights down"] = export
+            variants["twinkle ExportWeights shared memory down"] = lambda export=export: export(shared=True)
             variants["Ray down"] = ray_down
         for run in variants.values():  # warm-up
             run()
@@ -249,7 +251,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             exporter.close()
         speed = {name: size / median(times) for name, times in samples.items()}
         if exporter is not None:
-            speed["twinkle ExportWeights down"] = exported_bytes / MIB / median(samples["twinkle ExportWeights down"])
+            for name in ("twinkle ExportWeights down", "twinkle ExportWeights shared memory down"):
+                speed[name] = exported_bytes / MIB / median(samples[name])
         results["mib_per_s"][size] = speed
         nan = float("nan")
         stream = speed["twinkle stream up"]
@@ -267,6 +270,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 stream / speed["Ray up"],
                 stream / speed["memcpy"],
                 speed.get("twinkle ExportWeights down", nan),
+                speed.get("twinkle ExportWeights shared memory down", nan),
                 speed.get("Ray down", nan),
                 stream_cpu[size][2] / stream_cpu[size][0],
                 stream_cpu[size][2] / stream_cpu[size][1],
@@ -292,7 +296,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "memcpy",
         "stream / Ray",
         "stream / memcpy",
-        "ExportWeights down",
+        "ExportWeights down (stream)",
+        "ExportWeights down (shared memory)",
         "Ray down",
         "stream: client MiB per CPU-s",
         "stream: worker MiB per CPU-s",

@@ -149,3 +149,27 @@ def test_segments_of_a_dead_client_are_swept() -> None:
         assert os.path.exists(os.path.join(shared_memory.SHM_DIR, mine.name))
     finally:
         mine.destroy()
+
+
+def test_export_weights_through_shared_memory_equals_the_stream(remote, config) -> None:  # type: ignore[no-untyped-def]
+    """The first export of a group streams and measures; the next ones come through a segment, bit for bit the same."""
+    model = remote(config=config, seed=0)
+    model.add_adapter_to_model("sft", {"r": 4, "target_modules": "all-linear"})
+    for group in (None, "sft"):
+        streamed = model.export_weights(adapter_name=group)
+        assert model._export_bytes[group or ""] > 0
+        shared = model.export_weights(adapter_name=group)  # now with an output segment
+        assert any(segment.size >= model._export_bytes[group or ""] for segment in model._pool._idle)
+        again = model.export_weights(adapter_name=group, shared_memory=False)
+        assert shared.keys() == streamed.keys() and len(shared) > 2
+        for name, value in streamed.items():
+            assert shared[name].dtype == value.dtype
+            np.testing.assert_array_equal(shared[name], value, err_msg=name)
+            np.testing.assert_array_equal(again[name], value, err_msg=name)
+
+
+def test_export_weights_names_the_rank_on_error(remote, config) -> None:  # type: ignore[no-untyped-def]
+    model = remote(config=config, seed=0)
+    with pytest.raises(NotFound, match=r"ExportWeights failed on rank 0 \(127\.0\.0\.1:\d+\):.*unknown adapter 'nope'"):
+        model.export_weights(adapter_name="nope")
+    assert len(model.export_weights()) > 2  # still serving

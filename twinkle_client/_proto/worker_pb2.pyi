@@ -529,30 +529,36 @@ class ResetResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class ExportWeightsRequest(_message.Message):
-    __slots__ = ("adapter_name", "chunk_bytes", "context")
+    __slots__ = ("adapter_name", "chunk_bytes", "context", "output_segment")
     ADAPTER_NAME_FIELD_NUMBER: _ClassVar[int]
     CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_SEGMENT_FIELD_NUMBER: _ClassVar[int]
     adapter_name: str
     chunk_bytes: int
     context: CallContext
-    def __init__(self, adapter_name: _Optional[str] = ..., chunk_bytes: _Optional[int] = ..., context: _Optional[_Union[CallContext, _Mapping]] = ...) -> None: ...
+    output_segment: str
+    def __init__(self, adapter_name: _Optional[str] = ..., chunk_bytes: _Optional[int] = ..., context: _Optional[_Union[CallContext, _Mapping]] = ..., output_segment: _Optional[str] = ...) -> None: ...
 
 class ExportWeightsResponse(_message.Message):
-    __slots__ = ("name", "dtype", "shape", "total_bytes", "offset", "data")
+    __slots__ = ("name", "dtype", "shape", "total_bytes", "offset", "data", "in_segment", "segment_offset")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
+    IN_SEGMENT_FIELD_NUMBER: _ClassVar[int]
+    SEGMENT_OFFSET_FIELD_NUMBER: _ClassVar[int]
     name: str
     dtype: _tensor_pb2.DataType
     shape: _containers.RepeatedScalarFieldContainer[int]
     total_bytes: int
     offset: int
     data: bytes
-    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[_tensor_pb2.DataType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., total_bytes: _Optional[int] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+    in_segment: bool
+    segment_offset: int
+    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[_tensor_pb2.DataType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., total_bytes: _Optional[int] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., in_segment: _Optional[bool] = ..., segment_offset: _Optional[int] = ...) -> None: ...
 
 class ForwardBackwardStreamRequest(_message.Message):
     __slots__ = ("header", "data")
