@@ -11,6 +11,7 @@ servicer (the `read_tensors` / `write_tensors` half); the rules are in docs/prot
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import mmap
 import os
 import re
@@ -85,17 +86,23 @@ class Segment:
     def __init__(self, size: int) -> None:
         self.name = f"twinkle-{os.getpid()}-{secrets.token_hex(8)}"
         self.size = size
-        fd = os.open(os.path.join(SHM_DIR, self.name), os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_CLOEXEC, 0o600)
+        path = os.path.join(SHM_DIR, self.name)
+        draft = path + ".new"  # a name sweep_stale ignores until the lock is held
+        fd = os.open(draft, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_CLOEXEC, 0o600)
         try:
+            # Held while this process lives (the kernel drops it when the process dies, whatever its pid
+            # namespace): how sweep_stale tells a live client's segment from a dead one's.
+            fcntl.flock(fd, fcntl.LOCK_SH)
             # Reserve the pages now: on a full tmpfs (Docker's default /dev/shm is 64 MiB) this raises
             # OSError(ENOSPC), where a sparse file would kill the first process to write with SIGBUS.
             os.posix_fallocate(fd, 0, size)
             self.buffer = mmap.mmap(fd, size)
+            os.rename(draft, path)
         except BaseException:
-            os.unlink(os.path.join(SHM_DIR, self.name))
-            raise
-        finally:
+            os.unlink(draft)
             os.close(fd)
+            raise
+        self._fd = fd
 
     def write(self, arrays: Sequence[np.ndarray], start: int = 0) -> list[int]:
         """Copies the arrays in, laid out from `start`; returns their offsets (one copy each)."""
@@ -115,6 +122,9 @@ class Segment:
             os.unlink(os.path.join(SHM_DIR, self.name))
         with contextlib.suppress(BufferError):  # an array still views it: the mapping goes when the array does
             self.buffer.close()
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
 
 class Pool:
@@ -176,31 +186,26 @@ class Pool:
 
 def sweep_stale() -> list[str]:
     """Deletes the segments this user's clients left behind when they died (kill -9, OOM): a client
-    unlinks its own at close, but a dead one cannot. A name whose pid is alive is kept (if the pid
-    was reused, the file waits for the next sweep after that process ends). Returns what it deleted."""
+    unlinks its own at close, but a dead one cannot. A live client holds a lock on each of its
+    segments (not a pid check: containers sharing /dev/shm do not share pids). Returns what it deleted."""
     if not os.path.isdir(SHM_DIR):
         return []
     removed = []
     for name in os.listdir(SHM_DIR):
-        match = _CLIENT_NAME.fullmatch(name)
-        if match is None or _alive(int(match.group(1))):
+        if not _CLIENT_NAME.fullmatch(name):
             continue
         path = os.path.join(SHM_DIR, name)
         with contextlib.suppress(OSError):
-            if os.lstat(path).st_uid == os.geteuid():
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                if os.fstat(fd).st_uid != os.geteuid():
+                    continue
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError (an OSError): its owner lives
                 os.unlink(path)
                 removed.append(name)
+            finally:
+                os.close(fd)
     return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process: alive
-        return True
-    return True
 
 
 def make_probe() -> tuple[Segment, bytes]:
