@@ -132,6 +132,7 @@ class Pool:
 
     A segment goes back to the pool only after every rank answered the call that named it; one
     whose call failed is retired (kept, never reused) because a retried call may still read it.
+    close() deletes them all, those still in use (e.g. by a future nobody waited for) included.
     """
 
     def __init__(self, max_idle_bytes: int = 1 << 30, max_retired: int = 4) -> None:
@@ -140,6 +141,7 @@ class Pool:
         self.max_retired = max_retired
         self._idle: list[Segment] = []
         self._retired: list[Segment] = []
+        self._in_use: set[Segment] = set()
         self._lock = threading.Lock()
         self._closed = False
 
@@ -153,13 +155,22 @@ class Pool:
             if fitting:
                 segment = min(fitting, key=lambda candidate: candidate.size)
                 self._idle.remove(segment)
+                self._in_use.add(segment)
                 return segment
         if nbytes <= 64 << 20:
-            return Segment(max(1 << 20, 1 << max(0, nbytes - 1).bit_length()))
-        return Segment(-(-nbytes // (64 << 20)) * (64 << 20))
+            segment = Segment(max(1 << 20, 1 << max(0, nbytes - 1).bit_length()))
+        else:
+            segment = Segment(-(-nbytes // (64 << 20)) * (64 << 20))
+        with self._lock:
+            if not self._closed:
+                self._in_use.add(segment)
+                return segment
+        segment.destroy()
+        raise FailedPrecondition("the client is closed")
 
     def release(self, segment: Segment) -> None:
         with self._lock:
+            self._in_use.discard(segment)
             if not self._closed:
                 self._idle.append(segment)
                 while sum(idle.size for idle in self._idle) > self.max_idle_bytes:
@@ -169,6 +180,7 @@ class Pool:
 
     def retire(self, segment: Segment) -> None:
         with self._lock:
+            self._in_use.discard(segment)
             if not self._closed:
                 self._retired.append(segment)
                 while len(self._retired) > self.max_retired:
@@ -179,7 +191,8 @@ class Pool:
     def close(self) -> None:
         with self._lock:
             self._closed = True
-            segments, self._idle, self._retired = self._idle + self._retired, [], []
+            segments = self._idle + self._retired + list(self._in_use)
+            self._idle, self._retired, self._in_use = [], [], set()
         for segment in segments:
             segment.destroy()
 

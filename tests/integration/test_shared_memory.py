@@ -173,3 +173,12 @@ def test_export_weights_names_the_rank_on_error(remote, config) -> None:  # type
     with pytest.raises(NotFound, match=r"ExportWeights failed on rank 0 \(127\.0\.0\.1:\d+\):.*unknown adapter 'nope'"):
         model.export_weights(adapter_name="nope")
     assert len(model.export_weights()) > 2  # still serving
+
+
+def test_close_deletes_segments_of_futures_nobody_waited_for(remote, config) -> None:  # type: ignore[no-untyped-def]
+    model = remote(config=config, seed=0)
+    pending = model.forward_only_async(_big_batch(5), return_logits=True)  # never asked for its result
+    assert _segments()
+    model.close()
+    assert _segments() == []
+    del pending
