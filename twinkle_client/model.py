@@ -618,19 +618,26 @@ class _SharedCall:
     ) -> None:
         self.pool, self.ranks = pool, ranks
         self.keys = sorted(slices[0])
-        # little-endian and contiguous, data rank after data rank, columns in key order
-        self.arrays = [[tensors.encode_header(part[key], tensor_pb2.Tensor()) for key in self.keys] for part in slices]
-        _, size = shared_memory.layout([array.nbytes for arrays in self.arrays for array in arrays])
-        self.inputs: shared_memory.Segment | None = pool.acquire(size)
-        flat = self.inputs.write([array for arrays in self.arrays for array in arrays])
+        # Data rank after data rank, columns in key order, in the wire dtype but still views: a slice
+        # trimmed to its longest sample is strided, and is copied once, straight into the segment.
+        self.headers = [[tensor_pb2.Tensor() for _ in self.keys] for _ in slices]
+        arrays = [
+            tensors.encode_header(part[key], header, contiguous=False)
+            for part, headers in zip(slices, self.headers, strict=True)
+            for key, header in zip(self.keys, headers, strict=True)
+        ]
+        self.inputs: shared_memory.Segment | None = pool.acquire(
+            shared_memory.segment_bytes([a.nbytes for a in arrays])
+        )
+        flat = self.inputs.write(arrays)
         self.offsets = [flat[index * len(self.keys) : (index + 1) * len(self.keys)] for index in range(len(slices))]
         self.outputs: dict[int, shared_memory.Segment] = {}
 
     def fill(self, request: Any, rank: int, data_rank: int) -> None:
         """Points a rank's request at its slice (dtype and shape inline, bytes in the segment)."""
         assert self.inputs is not None
-        for key, array in zip(self.keys, self.arrays[data_rank], strict=True):
-            tensors.encode_header(array, request.inputs.tensors[key])
+        for key, header in zip(self.keys, self.headers[data_rank], strict=True):
+            request.inputs.tensors[key].CopyFrom(header)
         request.shared_inputs.segment = self.inputs.name
         request.shared_inputs.offsets[:] = self.offsets[data_rank]
         if rank in self.outputs:

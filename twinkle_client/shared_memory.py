@@ -58,9 +58,10 @@ _copiers_lock = threading.Lock()
 
 
 def copy(target: np.ndarray, source: np.ndarray) -> None:
-    """np.copyto of two 1-D arrays, in COPY_THREADS pieces when it is big."""
+    """np.copyto of two arrays of one shape (either may be strided), in COPY_THREADS pieces along the
+    first axis when it is big."""
     global _copiers
-    if source.nbytes < PARALLEL_COPY_BYTES or COPY_THREADS == 1:
+    if source.nbytes < PARALLEL_COPY_BYTES or COPY_THREADS == 1 or source.ndim == 0 or len(source) < COPY_THREADS:
         np.copyto(target, source)
         return
     with _copiers_lock:
@@ -105,11 +106,11 @@ class Segment:
         self._fd = fd
 
     def write(self, arrays: Sequence[np.ndarray], start: int = 0) -> list[int]:
-        """Copies the arrays in, laid out from `start`; returns their offsets (one copy each)."""
+        """Copies the arrays in (strided views too: one copy each), laid out from `start`; returns their offsets."""
         offsets, _ = layout([array.nbytes for array in arrays])
         for array, offset in zip(arrays, offsets, strict=True):
             target = np.frombuffer(self.buffer, dtype=array.dtype, count=array.size, offset=start + offset)
-            copy(target, array.reshape(-1))
+            copy(target.reshape(array.shape), array)
         return [start + offset for offset in offsets]
 
     def read(self, shared: tensor_pb2.SharedTensors, tensor_map: tensor_pb2.TensorMap) -> dict[str, np.ndarray]:
@@ -308,7 +309,7 @@ def write_arrays(name: str, arrays: Sequence[np.ndarray]) -> list[int] | None:
         if total > size:
             return None
         for array, offset in zip(arrays, offsets, strict=True):
-            copy(np.frombuffer(buffer, dtype=array.dtype, count=array.size, offset=offset), array.reshape(-1))
+            copy(np.frombuffer(buffer, dtype=array.dtype, count=array.size, offset=offset).reshape(array.shape), array)
     finally:
         with contextlib.suppress(BufferError):
             buffer.close()

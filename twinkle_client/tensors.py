@@ -54,8 +54,9 @@ def to_proto(value: Any, out: tensor_pb2.Tensor | None = None) -> tensor_pb2.Ten
     return message
 
 
-def encode_header(value: Any, message: tensor_pb2.Tensor) -> np.ndarray:
-    """Sets dtype and shape; returns the value as a contiguous little-endian array (no copy when it already is one)."""
+def encode_header(value: Any, message: tensor_pb2.Tensor, contiguous: bool = True) -> np.ndarray:
+    """Sets dtype and shape; returns the value as a little-endian array of the wire dtype, contiguous
+    unless `contiguous` is False (no copy when it already is one; a strided view stays a view then)."""
     if _is_torch(value):
         import torch
 
@@ -74,6 +75,8 @@ def encode_header(value: Any, message: tensor_pb2.Tensor) -> np.ndarray:
         raise InvalidArgument(f"tensor dtype {array.dtype} cannot be sent; use one of {sorted(_WIRE_OF)}")
     message.dtype = wire
     message.shape[:] = array.shape
+    if not contiguous:
+        return np.asarray(array, dtype=_NUMPY_OF[wire])
     return np.ascontiguousarray(array, dtype=_NUMPY_OF[wire])
 
 
