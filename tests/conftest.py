@@ -70,3 +70,18 @@ def connect(pool: LocalWorkers, **kwargs):  # type: ignore[no-untyped-def]
     kwargs.setdefault("seed", 0)
     kwargs.setdefault("config", tiny_config())
     return TransformersModel(addresses=pool.addresses, **kwargs)
+
+
+def open_clients(pool: LocalWorkers):  # type: ignore[no-untyped-def]
+    """Body of a factory fixture: yields connect(pool, **kwargs); closes (Resets) every client it made
+    when the test ends, pass or fail, so the next test finds the pool clean."""
+    opened = []
+
+    def open_model(**kwargs):  # type: ignore[no-untyped-def]
+        model = connect(pool, **kwargs)
+        opened.append(model)
+        return model
+
+    yield open_model
+    for model in opened:
+        model.close()

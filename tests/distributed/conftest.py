@@ -29,7 +29,8 @@ def _root_conftest() -> Any:
     return module
 
 
-connect = _root_conftest().connect
+_shared = _root_conftest()
+connect = _shared.connect
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -38,23 +39,10 @@ def _one_thread() -> None:
     torch.set_num_threads(1)
 
 
-def _factory(pool: LocalWorkers) -> Iterator[Callable[..., Any]]:
-    opened: list[Any] = []
-
-    def open_model(**kwargs: Any) -> Any:
-        model = connect(pool, **kwargs)
-        opened.append(model)
-        return model
-
-    yield open_model
-    for model in opened:
-        model.close()
-
-
 @pytest.fixture
 def mesh_model(two_workers: LocalWorkers) -> Iterator[Callable[..., Any]]:
     """Factory of clients on the two pooled workers; each is closed (Reset) at teardown."""
-    yield from _factory(two_workers)
+    yield from _shared.open_clients(two_workers)
 
 
 @pytest.fixture(scope="session")
@@ -71,7 +59,7 @@ def four_workers(output_root: pathlib.Path, tmp_path_factory: pytest.TempPathFac
 
 @pytest.fixture
 def hsdp_model(four_workers: LocalWorkers) -> Iterator[Callable[..., Any]]:
-    yield from _factory(four_workers)
+    yield from _shared.open_clients(four_workers)
 
 
 @pytest.fixture(scope="session")

@@ -48,13 +48,4 @@ def config() -> Any:
 @pytest.fixture
 def remote(one_worker: Any) -> Iterator[Callable[..., Any]]:
     """Factory of clients on the pooled worker; each is closed (Reset) at teardown."""
-    opened: list[Any] = []
-
-    def open_model(**kwargs: Any) -> Any:
-        model = connect(one_worker, **kwargs)
-        opened.append(model)
-        return model
-
-    yield open_model
-    for model in opened:
-        model.close()
+    yield from _shared.open_clients(one_worker)
