@@ -404,12 +404,15 @@ class TransformersModel:
         wrapped = self._ensure_wrapped()
         if not wrapped.training:  # train() walks every module: only when forward_only left it in eval mode
             wrapped.train()
-        group.micro_step += 1
-        sync = group.window_complete(gradient_accumulation_steps)
+        # As Twinkle's backward: a count given here is the group's from now on, so a step without one
+        # closes the window on the same micro-batch (and gradients are synchronised on that one).
+        self._remember_gas(group, gradient_accumulation_steps)
+        sync = (group.micro_step + 1) % group.gradient_accumulation_steps == 0
         with self._collective("forward_backward"), strategies.no_gradient_sync(wrapped, sync):
             logps, logits = self._forward(wrapped, batch, temperature)
             result = group.loss(logps, batch["loss_mask"], batch)
             result.loss_sum.backward()
+        group.micro_step += 1  # counted once its backward succeeded
         group.window_tokens += result.num_tokens
         group.normalized = False
         outputs = {"logps": logps.detach()}
