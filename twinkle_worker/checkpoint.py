@@ -289,22 +289,67 @@ def load_object(path: pathlib.Path) -> Any:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def rng_state() -> dict[str, Any]:
+def rng_state(device: torch.device | None = None) -> dict[str, torch.Tensor]:
+    """This process's RNG state (Python, NumPy, torch CPU, and the CUDA device's when `device` is one)
+    as a flat dict of tensors: safetensors can carry it to rank 0, and load_object can read it back."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     version, internal, gauss = random.getstate()
-    return {
-        "python": [version, list(internal), gauss],
-        "numpy": [kind, torch.from_numpy(np.asarray(keys, dtype=np.int64)), pos, has_gauss, cached],
+    state = {
+        "python_internal": torch.tensor(internal, dtype=torch.int64),
+        "python_meta": torch.tensor([version, gauss is not None, gauss or 0.0], dtype=torch.float64),
+        "numpy_keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+        "numpy_meta": torch.tensor([pos, has_gauss, cached], dtype=torch.float64),
         "torch": torch.get_rng_state(),
     }
+    if device is not None and device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+def set_rng_state(state: dict[str, Any], device: torch.device | None = None) -> None:
+    """Restores what rng_state returned (or the older layout, one state for every rank)."""
+    if "python" in state:  # the older layout: lists and tuples
+        version, internal, gauss = state["python"]
+        random.setstate((version, tuple(internal), gauss))
+        kind, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    else:
+        version, has_py_gauss, py_gauss = state["python_meta"].tolist()
+        internal = tuple(int(value) for value in state["python_internal"].tolist())
+        random.setstate((int(version), internal, py_gauss if has_py_gauss else None))
+        pos, has_gauss, cached = state["numpy_meta"].tolist()
+        keys = state["numpy_keys"].numpy().astype(np.uint32)
+        np.random.set_state(("MT19937", keys, int(pos), int(has_gauss), cached))
     torch.set_rng_state(state["torch"])
+    if "cuda" in state and device is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def pack_tensors(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """A dict of CPU tensors as one uint8 tensor (safetensors bytes), to send through a collective."""
+    from safetensors.torch import save
+
+    return torch.frombuffer(bytearray(save({k: v.contiguous() for k, v in tensors.items()})), dtype=torch.uint8)
+
+
+def unpack_tensors(packed: torch.Tensor) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load
+
+    return load(bytes(packed.cpu().numpy().tobytes()))
+
+
+def save_rng_states(path: pathlib.Path, states: list[dict[str, torch.Tensor]]) -> None:
+    """Every rank's RNG state, in rank order."""
+    save_object(path, {"ranks": states})
+
+
+def rank_rng_state(path: pathlib.Path, rank: int) -> dict[str, Any] | None:
+    """Rank `rank`'s saved RNG state; None when the checkpoint was saved by fewer ranks."""
+    saved = load_object(path)
+    if "ranks" not in saved:  # older checkpoints kept rank 0's state only, for every rank
+        return dict(saved)
+    states = saved["ranks"]
+    return dict(states[rank]) if rank < len(states) else None
 
 
 def write_json(path: pathlib.Path, value: dict[str, Any]) -> None:

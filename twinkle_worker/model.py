@@ -816,10 +816,11 @@ class TransformersModel:
         ckpt.check_replaceable(target)
         state = self._full_state_dict()
         optimizer_state = self._optimizer_state(group) if save_optimizer else None
+        rng_states = self._gather_rng_states() if save_optimizer else []
         failure: BaseException | None = None
         if self.rank == 0:
             try:
-                self._write_checkpoint(group, target, state, optimizer_state, consumed_train_samples)
+                self._write_checkpoint(group, target, state, optimizer_state, consumed_train_samples, rng_states)
             except OSError as error:
                 failure = (ResourceExhausted if error.errno == errno.ENOSPC else FailedPrecondition)(
                     f"cannot write checkpoint {str(target)!r}: {error}"
@@ -836,6 +837,7 @@ class TransformersModel:
         state: dict[str, torch.Tensor],
         optimizer_state: dict[str, Any] | None,
         consumed_train_samples: int,
+        rng_states: list[dict[str, torch.Tensor]],
     ) -> None:
         """Rank 0's part of save: every file into a hidden directory, then one atomic rename."""
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -845,7 +847,7 @@ class TransformersModel:
                 ckpt.save_object(tmp / ckpt.OPTIMIZER_FILE, optimizer_state)
                 if group.scheduler is not None:
                     ckpt.save_object(tmp / ckpt.SCHEDULER_FILE, group.scheduler.state_dict())
-                ckpt.save_object(tmp / ckpt.RNG_FILE, ckpt.rng_state())
+                ckpt.save_rng_states(tmp / ckpt.RNG_FILE, rng_states)
                 ckpt.write_json(
                     tmp / ckpt.TRAINER_STATE,
                     {
@@ -879,6 +881,27 @@ class TransformersModel:
         config = self.model.peft_config[group.name]
         config.base_model_name_or_path = self.model_id or None
         config.save_pretrained(str(directory))
+
+    def _gather_rng_states(self) -> list[dict[str, torch.Tensor]]:
+        """Every rank's RNG state (CPU, and CUDA on a GPU) in rank order, on rank 0; [] on the others.
+        Each rank's differs (dropout draws on its own slice), so each gets its own back at resume."""
+        own = ckpt.rng_state(self.device)
+        if self.mesh.world_size == 1:
+            return [own]
+        packed = ckpt.pack_tensors(own).to(self.device)
+        world = self.mesh.world_size
+        with self._collective("gather RNG states"):
+            sizes = torch.zeros(world, dtype=torch.int64, device=self.device)
+            dist.all_gather_into_tensor(sizes, torch.tensor([packed.numel()], dtype=torch.int64, device=self.device))
+            longest = int(sizes.max())
+            padded = torch.zeros(longest, dtype=torch.uint8, device=self.device)
+            padded[: packed.numel()] = packed
+            gathered = torch.empty(world * longest, dtype=torch.uint8, device=self.device)
+            dist.all_gather_into_tensor(gathered, padded)
+        if self.rank != 0:
+            return []
+        rows = gathered.view(world, longest)
+        return [ckpt.unpack_tensors(rows[rank, : int(sizes[rank])]) for rank in range(world)]
 
     def _optimizer_state(self, group: Group) -> dict[str, Any]:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
@@ -987,10 +1010,14 @@ class TransformersModel:
                     raise NotFound(
                         f"checkpoint {str(path)!r} lacks {file}; pass resume_only_model=True to load weights only"
                     )
+        rng = None if resume_only_model else ckpt.rank_rng_state(path / ckpt.RNG_FILE, self.rank)
+        if rng is None and not resume_only_model:
+            log.warning("rank %d: %s holds no RNG state for this rank; its RNG is not restored", self.rank, path)
         self._load_weights(group, path)
         if not resume_only_model:
             self._load_optimizer(group, path)
-            ckpt.set_rng_state(ckpt.load_object(path / ckpt.RNG_FILE))
+            if rng is not None:
+                ckpt.set_rng_state(rng, self.device)
             group.optimizer_step = int(state["cur_step"])
             group.micro_step = int(state.get("micro_step", group.optimizer_step * state["gradient_accumulation_steps"]))
             group.gradient_accumulation_steps = int(state["gradient_accumulation_steps"])
