@@ -957,8 +957,7 @@ class TransformersModel:
             saved: dict[str, torch.Tensor] = {}
             for file in files:
                 saved.update(ckpt.load_tensors(file))
-            expected = {k for k in self.model.state_dict() if k in saved or not k.endswith("lm_head.weight")}
-            wanted = {k: saved[k] for k in expected if k in saved}
+            wanted = self._matching_keys(path, saved)
         else:
             saved = ckpt.load_tensors(path / ckpt.ADAPTER_WEIGHTS)
             pattern = ckpt.adapter_param_pattern(group.name)
@@ -970,15 +969,51 @@ class TransformersModel:
                         raise InvalidArgument(f"checkpoint {str(path)!r} lacks {peft_key!r} for adapter {group.name!r}")
                     wanted[key] = saved[peft_key]
         current = self.model.state_dict()
-        for key, value in wanted.items():
-            if tuple(value.shape) != tuple(current[key].shape):
-                raise InvalidArgument(
-                    f"checkpoint {str(path)!r}: {key} has shape {list(value.shape)}, "
-                    f"the model has {list(current[key].shape)}"
-                )
+        mismatched = [
+            f"{key} {list(value.shape)} (the model's is {list(current[key].shape)})"
+            for key, value in wanted.items()
+            if tuple(value.shape) != tuple(current[key].shape)
+        ]
+        if mismatched:
+            raise InvalidArgument(f"checkpoint {str(path)!r}: shape mismatches: {_listed(mismatched)}")
         with self._collective("load weights"):
             set_model_state_dict(self.model, wanted, options=StateDictOptions(full_state_dict=True, strict=False))
         self._forget_parameters()
+
+    def _architecture_difference(self, path: pathlib.Path) -> str | None:
+        """How a full model's config.json differs from this model in type or class (None: it does not)."""
+        config_file = path / "config.json"
+        if not config_file.is_file():
+            return None
+        saved = ckpt.read_json(config_file)
+        ours_type = getattr(getattr(self.model, "config", None), "model_type", None)
+        ours_class = type(self.model).__name__
+        saved_type, saved_classes = saved.get("model_type"), saved.get("architectures") or []
+        other_type = bool(saved_type and ours_type and saved_type != ours_type)
+        if other_type or (saved_classes and ours_class not in saved_classes):
+            return (
+                f"it holds a {saved_type} model ({', '.join(saved_classes) or 'no class named'}), "
+                f"this worker a {ours_type} model ({ours_class})"
+            )
+        return None
+
+    def _matching_keys(self, path: pathlib.Path, saved: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The saved tensors by the model's keys; refused, naming what differs, unless the architecture and
+        the key sets are the same (save_pretrained leaves out a tied lm_head, which the model's tie restores)."""
+        model_keys = set(self.model.state_dict())
+        tied = bool(getattr(getattr(self.model, "config", None), "tie_word_embeddings", False))
+        missing = sorted(k for k in model_keys - set(saved) if not (tied and k.endswith("lm_head.weight")))
+        unexpected = sorted(set(saved) - model_keys)
+        architecture = self._architecture_difference(path)
+        problems = [architecture] if architecture else []
+        problems += [f"missing keys: {_listed(missing)}"] if missing else []
+        problems += [f"unexpected keys: {_listed(unexpected)}"] if unexpected else []
+        if problems:
+            raise InvalidArgument(
+                f"checkpoint {str(path)!r} does not match this {type(self.model).__name__}, nothing was loaded: "
+                + "; ".join(problems)
+            )
+        return {k: saved[k] for k in model_keys if k in saved}
 
     def _load_optimizer(self, group: Group, path: pathlib.Path) -> None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
@@ -1221,6 +1256,12 @@ def _config_from(config: dict[str, Any] | str, trust_remote_code: bool) -> Any:
 def _no_decay(name: str) -> bool:
     lowered = name.lower()
     return lowered.endswith(".bias") or "norm" in lowered
+
+
+def _listed(names: list[str], limit: int = 8) -> str:
+    """The first `limit` names, and how many more there are."""
+    shown = ", ".join(names[:limit])
+    return f"{shown} (and {len(names) - limit} more)" if len(names) > limit else shown
 
 
 def _adapter_seed(adapter_name: str) -> int:
