@@ -3,8 +3,9 @@
 Used by twinkle_worker.servicer. Every mutating request carries a CallContext:
 
 - `session_id`: Init with a session id makes that session the owner. Until Reset, or until
-  the owner has been silent for `lease_seconds`, a call from another session is refused
-  with FAILED_PRECONDITION, so two clients never interleave steps on one mesh.
+  the owner has been silent for `lease_seconds` (silent: none of its calls in flight), a call
+  from another session is refused with FAILED_PRECONDITION, so two clients never interleave
+  steps on one mesh.
 - `sequence_number`: 1, 2, 3, ... per worker since Init (0: unsequenced). Calls start on the
   model thread in number order; the outcome of each call (its response or its error) is
   kept for the last MAX_KEPT calls, so a retry gets the stored outcome and the call never
@@ -47,6 +48,9 @@ class Ledger:
         self._last_started = 0
         self.last_finished = 0
         self._running: dict[int, Future[Any]] = {}
+        # The owner's calls admitted (waiting for their turn, queued or running) and not finished:
+        # the lease cannot lapse while there is one (a long save outlasting it is still the owner's).
+        self._busy = 0
         self._kept: OrderedDict[int, tuple[Any, int]] = OrderedDict()
 
     # -------------------------------------------------------------- session
@@ -55,10 +59,12 @@ class Ledger:
         with self._cond:
             if not self.session_id:
                 return 0.0
+            if self._busy:  # held while the owner's calls run; the countdown restarts after the last
+                return self._lease if self._lease > 0 else math.inf
             return self._lease_deadline - time.monotonic()
 
     def _expired(self) -> bool:
-        return bool(self.session_id) and time.monotonic() >= self._lease_deadline
+        return bool(self.session_id) and not self._busy and time.monotonic() >= self._lease_deadline
 
     def _renew(self) -> None:
         self._lease_deadline = time.monotonic() + self._lease if self._lease > 0 else math.inf
@@ -122,6 +128,7 @@ class Ledger:
         self._last_started = max(0, number - 1)
         self.last_finished = self._last_started
         self._running.clear()
+        self._busy = 0
         self._kept.clear()
         self._cond.notify_all()
 
@@ -137,8 +144,37 @@ class Ledger:
         """Starts a call in its turn and returns the future of its outcome (the stored one for a retry).
 
         session_id None: a read-only call, open to anyone. submit() puts the call on the model
-        thread; it is called under the lock, so calls start in number order.
+        thread; it is called under the lock, so calls start in number order. While an owner's
+        call is admitted and not finished, the owner's lease holds.
         """
+        with self._cond:
+            if session_id is not None:
+                self._check_owner(session_id)
+            owner = bool(session_id) and session_id == self.session_id
+            generation = self._generation
+            if owner:
+                self._busy += 1
+        try:
+            future = self._admit(session_id, number, submit, wait_seconds)
+        except BaseException:
+            if owner:
+                self._idle(generation)
+            raise
+        if owner:
+            future.add_done_callback(lambda _: self._idle(generation))
+        return future
+
+    def _idle(self, generation: int) -> None:
+        """One of the owner's calls finished: the lease counts down again after its last."""
+        with self._cond:
+            if self._generation == generation and self._busy > 0:
+                self._busy -= 1
+                if not self._busy:
+                    self._renew()
+
+    def _admit(
+        self, session_id: str | None, number: int, submit: Callable[[], Future[Any]], wait_seconds: float
+    ) -> Future[Any]:
         with self._cond:
             if session_id is not None:
                 self._check_owner(session_id)
