@@ -46,6 +46,10 @@ STREAM_RESPONSES = {
 _CONSEQUENTIAL = (grpc.StatusCode.ABORTED, grpc.StatusCode.CANCELLED)
 # Outcomes that leave a sequenced call unconfirmed: it may or may not have run.
 _IN_DOUBT = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED)
+# RPCs with one request and a stream of responses (collected whole, or by the caller's `collect`).
+UNARY_STREAM = frozenset({"ExportWeights"})
+# collect(rank, responses): the result of one rank's response stream.
+Collect = Callable[[int, Iterator[Any]], Any]
 # Unsequenced calls that are safe to repeat.
 IDEMPOTENT = frozenset({"GetStatus", "GetTrainConfigs", "Reset"})
 MAX_ATTEMPTS = 3
@@ -175,12 +179,15 @@ class Coordinator:
         sequenced: bool = True,
         frames: Callable[[Any], Iterator[Any]] | None = None,
         timeout: float | None = None,
+        collect: Collect | None = None,
     ) -> list[Any]:
         """Starts `method` on each rank (requests[i] goes to ranks[i]) without waiting.
 
         With `frames`, `method` is a streaming RPC: frames(request) yields the messages to
-        send, and the future's result is the list of messages received. `timeout` (seconds)
-        overrides the coordinator's per-call timeout for these calls.
+        send, and the future's result is the list of messages received. For a response
+        stream (frames, or a method in UNARY_STREAM), collect(rank, responses) turns the
+        messages into the future's result instead of a list. `timeout` (seconds) overrides
+        the coordinator's per-call timeout for these calls.
         """
         ranks = list(range(self.size)) if ranks is None else list(ranks)
         calls: list[_RankCall] = []
@@ -196,7 +203,7 @@ class Coordinator:
                     if sequenced:
                         self._sequence[rank] += 1
                         number = context.sequence_number = self._sequence[rank]
-                call = _RankCall(self, rank, method, request, number, frames, timeout)
+                call = _RankCall(self, rank, method, request, number, frames, timeout, collect)
                 call.start()
                 calls.append(call)
         return calls
@@ -305,7 +312,8 @@ class Coordinator:
                 ) from None
         again = []
         for rank, call in doubts:
-            resend = _RankCall(self, rank, call.method, call.request, call.number, call.frames)  # the default timeout
+            # the default timeout
+            resend = _RankCall(self, rank, call.method, call.request, call.number, call.frames, collect=call.collect)
             resend.start()
             again.append(resend)
         for resend in again:
@@ -336,6 +344,7 @@ class _RankCall:
         number: int,
         frames: Callable[[Any], Iterator[Any]] | None,
         timeout: float | None = None,
+        collect: Collect | None = None,
     ) -> None:
         self.owner, self.rank, self.method, self.request, self.number, self.frames = (
             owner,
@@ -345,6 +354,7 @@ class _RankCall:
             number,
             frames,
         )
+        self.collect = collect
         self.timeout = timeout if timeout is not None else owner.timeout
         self.outcome: Future[Any] = Future()
         self._attempts = 0
@@ -360,18 +370,21 @@ class _RankCall:
         self._attempts += 1
         stub = self.owner.stream_calls[self.rank].get(self.method) or getattr(self.owner.stubs[self.rank], self.method)
         options = {"timeout": self.timeout, "metadata": self.owner.metadata, "wait_for_ready": wait_for_ready}
+        streamed = self.frames is not None or self.method in UNARY_STREAM
         try:
-            if self.frames is None:
-                self._call = stub.future(self.request, **options)
-            else:
+            if self.frames is not None:
                 self._call = stub(self.frames(self.request), **options)
+            elif streamed:
+                self._call = stub(self.request, **options)
+            else:
+                self._call = stub.future(self.request, **options)
         except ValueError as error:  # the channel was closed (the client is closing)
             self._settle(None, _LocalError(grpc.StatusCode.CANCELLED, f"not sent: {error}"))
             return
-        if self.frames is None:
-            self._call.add_done_callback(self._unary_done)
-        else:
+        if streamed:
             threading.Thread(target=self._drain, args=(self._call,), daemon=True, name="twinkle-stream").start()
+        else:
+            self._call.add_done_callback(self._unary_done)
 
     def _unary_done(self, call: Any) -> None:
         try:
@@ -383,9 +396,14 @@ class _RankCall:
 
     def _drain(self, call: Any) -> None:
         try:
-            self._settle(list(call), None)
+            value = list(call) if self.collect is None else self.collect(self.rank, call)
         except grpc.RpcError as error:
             self._settle(None, error)
+        except TwinkleError as error:  # the responses did not make sense (a bad stream): fails this call
+            call.cancel()
+            self._settle(None, _LocalError(error.code, str(error)))
+        else:
+            self._settle(value, None)
 
     def _settle(self, value: Any, error: grpc.RpcError | None) -> None:
         if (

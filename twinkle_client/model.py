@@ -22,7 +22,6 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import Future
 from typing import Any
 
-import grpc
 import numpy as np
 
 from twinkle_client import cluster, shared_memory, streaming, tensors
@@ -552,36 +551,40 @@ class TransformersModel:
 
     def get_train_configs(self, adapter_name: str | None = None) -> str:
         """A readable summary of the group's configuration (rank 0's)."""
-        reply = self.coordinator.stubs[0].GetTrainConfigs(
-            worker_pb2.GetTrainConfigsRequest(adapter_name=adapter_name or ""), metadata=self.coordinator.metadata
-        )
-        return reply.summary
+        request = worker_pb2.GetTrainConfigsRequest(adapter_name=adapter_name or "")
+        return str(self.coordinator.call("GetTrainConfigs", [request], ranks=[0], sequenced=False)[0].summary)
 
     def export_weights(
         self, adapter_name: str | None = None, chunk_bytes: int = 1 << 20, shared_memory: bool = True
     ) -> dict[str, np.ndarray]:
         """The group's weights as numpy arrays (names as in a saved checkpoint): through a shared-memory
-        segment when rank 0 shares this host and they fit (unless shared_memory=False), streamed in chunks otherwise."""
+        segment when rank 0 shares this host and they fit (unless shared_memory=False), streamed in chunks otherwise.
+
+        The export is numbered like every call that runs collectives: it sees every call sent before it
+        (a pipelined `clip_grad_and_step_async` included)."""
         group = adapter_name or ""
         request = worker_pb2.ExportWeightsRequest(adapter_name=group, chunk_bytes=chunk_bytes)
-        request.context.session_id = self.session_id
         segment = None
         if shared_memory and 0 in self.shared_ranks and group in self._export_bytes:
             # The first export of a group streams and measures; later ones (weight syncs repeat) get a segment.
             with contextlib.suppress(OSError):  # /dev/shm has no room: stream
                 segment = self._pool.acquire(self._export_bytes[group])
                 request.output_segment = segment.name
-        streams = [stub.ExportWeights(request, metadata=self.coordinator.metadata) for stub in self.coordinator.stubs]
-        rank = 0
+
+        def collect(rank: int, responses: Any) -> Any:
+            if rank == 0:
+                return streaming.assemble_weights(responses, segment)
+            for _ in responses:  # the other ranks take part in the gather and send nothing
+                pass
+            return None
+
+        futures = self.coordinator.submit("ExportWeights", _copies(request, self.coordinator.size), collect=collect)
         try:
-            weights = streaming.assemble_weights(streams[0], segment)
-            for rank in range(1, len(streams)):
-                for _ in streams[rank]:  # the other ranks take part in the gather and send nothing
-                    pass
-        except grpc.RpcError as error:
+            weights: dict[str, np.ndarray] = self.coordinator.gather("ExportWeights", futures)[0]
+        except BaseException:
             if segment is not None:
-                self._pool.retire(segment)
-            raise self.coordinator.error_of("ExportWeights", rank, error) from None
+                self._pool.retire(segment)  # a resent export may still write into it: never reuse it
+            raise
         if segment is not None:
             self._pool.release(segment)
         self._export_bytes[group] = segment_bytes([array.nbytes for array in weights.values()])

@@ -665,11 +665,14 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         self, request: worker_pb2.ExportWeightsRequest, context: grpc.ServicerContext
     ) -> Iterator[worker_pb2.ExportWeightsResponse]:
         chunk = request.chunk_bytes or DEFAULT_CHUNK_BYTES
-        if chunk < 1024 or chunk > 64 << 20:
-            self._abort(context, InvalidArgument(f"chunk_bytes must be in [1024, 64 MiB], got {chunk}"))
-        context_or_none = request.context if request.HasField("context") else worker_pb2.CallContext()
-        context_or_none.sequence_number = 0  # an export changes nothing: never sequenced
-        state = self._run(context, context_or_none, lambda: self._model().export_weights(request.adapter_name))
+
+        def export() -> dict[str, Any]:
+            if chunk < 1024 or chunk > 64 << 20:  # checked in its turn: a refused export still uses its number
+                raise InvalidArgument(f"chunk_bytes must be in [1024, 64 MiB], got {chunk}")
+            return self._model().export_weights(request.adapter_name)
+
+        # Numbered like every call that runs collectives, so it runs after the calls sent before it.
+        state = self._run(context, request.context, export)
         if request.output_segment and self.options.shared_memory and state:
             placed = self._export_to_segment(request.output_segment, state)
             if placed is not None:

@@ -104,6 +104,21 @@ def rss_bytes(pid: int) -> int:
     raise AssertionError(f"no VmRSS for pid {pid}")
 
 
+def in_thread(call: Any) -> tuple[threading.Thread, list[Any]]:
+    """Runs call() in a thread; the list gets its result or the exception it raised."""
+    outcome: list[Any] = []
+
+    def run() -> None:
+        try:
+            outcome.append(call())
+        except Exception as error:
+            outcome.append(error)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, outcome
+
+
 # ------------------------------------------------------------ save pause hook
 
 

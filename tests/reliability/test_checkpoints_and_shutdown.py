@@ -13,13 +13,12 @@ import hashlib
 import pathlib
 import shutil
 import signal
-import threading
 from typing import Any
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from reliability_support import SavePause, batch, code_of, connect, start_workers, stub
+from reliability_support import SavePause, batch, code_of, connect, in_thread, start_workers, stub
 
 from twinkle_client._proto import worker_pb2
 from twinkle_client.errors import FailedPrecondition, TwinkleError
@@ -42,21 +41,6 @@ def trained(pool: LocalWorkers, steps: int = 1, **kwargs: Any) -> TransformersMo
         model.forward_backward(batch(step), adapter_name="sft")
         model.clip_grad_and_step(adapter_name="sft")
     return model
-
-
-def in_thread(call: Any) -> tuple[threading.Thread, list[Any]]:
-    """Runs call() in a thread; the list gets its result or the exception it raised."""
-    outcome: list[Any] = []
-
-    def run() -> None:
-        try:
-            outcome.append(call())
-        except Exception as error:
-            outcome.append(error)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread, outcome
 
 
 def test_a_worker_killed_mid_save_leaves_the_previous_checkpoint_whole(
