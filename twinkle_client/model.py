@@ -499,6 +499,7 @@ class TransformersModel:
                 "lr": reply.lr,
                 "optimizer_step": reply.optimizer_step,
                 "micro_step": reply.micro_step,
+                "skipped_nonfinite": reply.skipped_nonfinite,
             }
 
         return _LazyFuture(result)

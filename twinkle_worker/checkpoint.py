@@ -32,6 +32,7 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 OPTIMIZER_FILE = "optimizer.pt"
 SCHEDULER_FILE = "scheduler.pt"
+SCALER_FILE = "scaler.pt"  # the fp16 GradScaler's state_dict
 RNG_FILE = "rng_state.pt"
 TRAINER_STATE = "trainer_state.json"
 MANIFEST = "manifest.json"

@@ -42,7 +42,7 @@ from twinkle_client.errors import (
 )
 from twinkle_client.mesh import DeviceMesh
 from twinkle_worker import checkpoint as ckpt
-from twinkle_worker import strategies
+from twinkle_worker import precision, strategies
 from twinkle_worker.losses import CrossEntropyLoss, Loss, make_loss, token_logps
 from twinkle_worker.strategies import Rendezvous, StrategyPlan
 
@@ -92,6 +92,8 @@ class StepResult:
     lr: float = 0.0
     optimizer_step: int = 0
     micro_step: int = 0
+    # fp16: the loss scaler found inf/NaN gradients and skipped this window's optimizer step.
+    skipped: bool = False
 
 
 @dataclass
@@ -113,6 +115,9 @@ class Group:
     window_tokens: int = 0
     normalized: bool = False
     last_grad_norm: float = 0.0
+    # fp16 only: this group's loss scaler (precision.make_scaler), and whether it skipped the last step.
+    scaler: torch.amp.GradScaler | None = None
+    last_step_skipped: bool = False
 
     # micro_step at which each end-of-window operation last ran: a second call in the same window does nothing.
     applied_at: dict[str, int] = field(default_factory=dict)
@@ -127,6 +132,10 @@ class Group:
 
     def mark(self, operation: str) -> None:
         self.applied_at[operation] = self.micro_step
+
+    def step_skipped(self) -> bool:
+        """fp16: the loss scaler skipped this window's optimizer step (inf/NaN gradients)."""
+        return self.last_step_skipped and self.applied_at.get("step") == self.micro_step
 
     def require_optimizer(self) -> torch.optim.Optimizer:
         if self.optimizer is None:
@@ -189,8 +198,7 @@ class TransformersModel:
             fsdp_config=dict(fsdp_config or {}),
         )
         self.plan.validate()
-        if grad_scaler_config:
-            raise FailedPrecondition("grad_scaler_config applies to mixed_precision 'fp16' only, which needs a GPU")
+        self.scaler_config = precision.check_scaler_config(self.plan.mixed_precision, grad_scaler_config)
         if trust_remote_code and not allow_remote_code:
             raise PermissionDenied(
                 "trust_remote_code was requested but this worker does not run a model's own code; "
@@ -411,7 +419,7 @@ class TransformersModel:
         with self._collective("forward_backward"), strategies.no_gradient_sync(wrapped, sync):
             logps, logits = self._forward(wrapped, batch, temperature)
             result = group.loss(logps, batch["loss_mask"], batch)
-            result.loss_sum.backward()
+            precision.backward(self._scaler(group), result.loss_sum)
         group.micro_step += 1  # counted once its backward succeeded
         group.window_tokens += result.num_tokens
         group.normalized = False
@@ -462,9 +470,18 @@ class TransformersModel:
         return logps, logits
 
     def _autocast(self) -> Any:
-        if self.plan.mixed_precision == "bf16" and not self.plan.uses_fsdp:
-            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
-        return _null_context()
+        return precision.autocast(self.plan.mixed_precision, self.device, self.plan.uses_fsdp)
+
+    def _scaler(self, group: Group) -> torch.amp.GradScaler | None:
+        """The group's fp16 loss scaler (made at its first use); None without fp16."""
+        if self.scaler_config is not None and group.scaler is None:
+            group.scaler = precision.make_scaler(self.device, self.scaler_config)
+        return group.scaler
+
+    def _require_scaler_optimizer(self, group: Group) -> None:
+        """fp16 unscales the gradients through the group's optimizer: refuse before anything runs."""
+        if self.scaler_config is not None and group.optimizer is None:
+            group.require_optimizer()
 
     @contextmanager
     def _lora_disabled(self, disable: bool) -> Iterator[None]:
@@ -534,6 +551,7 @@ class TransformersModel:
         _check_norm(max_grad_norm, norm_type)
         if gradient_accumulation_steps:
             _positive_int(gradient_accumulation_steps, "gradient_accumulation_steps")
+        self._require_scaler_optimizer(group)
         due = group.due("clip", gradient_accumulation_steps)
         global_tokens = self._agree_on_window(group, due)
         if not due:
@@ -565,10 +583,13 @@ class TransformersModel:
         with self._collective("step"):
             self._normalize(group, global_tokens)
             _override(optimizer, optim_params)
-            optimizer.step()
-        group.optimizer_step += 1
+            group.last_step_skipped = precision.step(self._scaler(group), optimizer)
+        if group.last_step_skipped:
+            log.warning("rank %d: group %r: fp16 gradients hold inf/NaN, the step was skipped", self.rank, group.name)
+        else:
+            group.optimizer_step += 1
         group.mark("step")
-        return True
+        return not group.last_step_skipped
 
     def zero_grad(self, adapter_name: str | None = None, gradient_accumulation_steps: int | None = None) -> bool:
         group = self.group(adapter_name)
@@ -587,7 +608,7 @@ class TransformersModel:
         if not group.due("lr_step", gradient_accumulation_steps):
             return False
         group.mark("lr_step")
-        if group.scheduler is not None:
+        if group.scheduler is not None and not group.step_skipped():  # as Twinkle: no lr step on a skipped one
             try:
                 group.scheduler.step()
             except (ValueError, ZeroDivisionError, OverflowError) as error:  # e.g. OneCycleLR past total_steps
@@ -625,7 +646,10 @@ class TransformersModel:
             lr = float(optim_params["lr"])
         self.zero_grad(group.name, gradient_accumulation_steps)
         self.lr_step(group.name, gradient_accumulation_steps)
-        return StepResult(True, float(grad_norm or 0.0), lr, group.optimizer_step, group.micro_step)
+        skipped = group.last_step_skipped
+        return StepResult(
+            not skipped, float(grad_norm or 0.0), lr, group.optimizer_step, group.micro_step, skipped=skipped
+        )
 
     def _remember_gas(self, group: Group, gradient_accumulation_steps: int | None) -> None:
         if gradient_accumulation_steps:
@@ -655,6 +679,7 @@ class TransformersModel:
         params = [p for _, p in self._group_parameters(group) if p.grad is not None]
         if not params:
             return 0.0
+        precision.unscale(self._scaler(group), group.optimizer)
         limit = max_grad_norm if max_grad_norm and max_grad_norm > 0 else math.inf
         total = torch.nn.utils.clip_grad_norm_(params, limit, norm_type=norm_type or 2.0)
         if hasattr(total, "full_tensor"):
@@ -847,6 +872,8 @@ class TransformersModel:
                 ckpt.save_object(tmp / ckpt.OPTIMIZER_FILE, optimizer_state)
                 if group.scheduler is not None:
                     ckpt.save_object(tmp / ckpt.SCHEDULER_FILE, group.scheduler.state_dict())
+                if group.scaler is not None:
+                    ckpt.save_object(tmp / ckpt.SCALER_FILE, group.scaler.state_dict())
                 ckpt.save_rng_states(tmp / ckpt.RNG_FILE, rng_states)
                 ckpt.write_json(
                     tmp / ckpt.TRAINER_STATE,
@@ -1027,6 +1054,14 @@ class TransformersModel:
             )
         if group.scheduler is not None and (path / ckpt.SCHEDULER_FILE).is_file():
             group.scheduler.load_state_dict(ckpt.load_object(path / ckpt.SCHEDULER_FILE))
+        scaler = self._scaler(group)
+        if scaler is not None:
+            if (path / ckpt.SCALER_FILE).is_file():
+                scaler.load_state_dict(ckpt.load_object(path / ckpt.SCALER_FILE))
+            else:
+                log.warning(
+                    "rank %d: %s has no %s: the fp16 loss scale starts afresh", self.rank, path, ckpt.SCALER_FILE
+                )
 
     @agreed_call
     def resume_from_checkpoint(
@@ -1084,6 +1119,9 @@ class TransformersModel:
             "micro_step": group.micro_step,
             "trainable_parameters": sum(p.numel() for _, p in self._group_parameters(group)) if group.trainable else 0,
         }
+        scaler = self._scaler(group)
+        if scaler is not None:
+            configs["grad_scaler"] = {**scaler.state_dict(), "last_step_skipped": group.last_step_skipped}
         if group.name:
             configs["lora"] = json.loads(json.dumps(self.model.peft_config[group.name].to_dict(), default=str))
         return configs
@@ -1326,8 +1364,3 @@ def _warmup_scheduler(optimizer: torch.optim.Optimizer, name: str, kwargs: dict[
         return floor + (1.0 - floor) * decay
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-@contextmanager
-def _null_context() -> Iterator[None]:
-    yield

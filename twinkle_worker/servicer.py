@@ -538,8 +538,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             applied = model.step(
                 request.adapter_name, request.gradient_accumulation_steps or None, optim_params(request.optim_params)
             )
+            group = model.group(request.adapter_name)
             return worker_pb2.StepResponse(
-                applied=applied, optimizer_step=model.group(request.adapter_name).optimizer_step
+                applied=applied, optimizer_step=group.optimizer_step, skipped_nonfinite=group.step_skipped()
             )
 
         return self._run(context, request.context, step, request)
@@ -579,6 +580,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 lr=result.lr,
                 optimizer_step=result.optimizer_step,
                 micro_step=result.micro_step,
+                skipped_nonfinite=result.skipped,
             )
 
         return self._run(context, request.context, clip_and_step, request)

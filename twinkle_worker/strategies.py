@@ -57,10 +57,15 @@ class StrategyPlan:
                 f"mesh {self.mesh} has {self.mesh.unsupported_dims} > 1: tensor, pipeline and context "
                 "parallelism are not served yet; use dp and fsdp only"
             )
-        if self.mixed_precision in ("fp16", "fp8") and self.device.type != "cuda":
+        if self.mixed_precision == "fp8" and self.device.type != "cuda":
             raise FailedPrecondition(
-                f"mixed_precision {self.mixed_precision!r} needs a CUDA device (this worker runs on "
-                f"{self.device}); use 'bf16' or 'no'"
+                f"mixed_precision 'fp8' needs a CUDA device (this worker runs on {self.device}); use 'bf16' or 'no'"
+            )
+        if self.mixed_precision == "fp16" and self.uses_fsdp:
+            raise FailedPrecondition(
+                "mixed_precision 'fp16' with FSDP2/HSDP is not supported: its loss scaler would check each rank's "
+                "gradient shard for inf/NaN alone, so ranks could disagree on skipping a step; use fp16 with DDP "
+                "(a mesh of dp only) or 'bf16' with FSDP2"
             )
         if self.mixed_precision == "fp8":
             raise FailedPrecondition("mixed_precision 'fp8' is not supported yet; use 'bf16'")

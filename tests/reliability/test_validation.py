@@ -118,14 +118,26 @@ def init_cases(output_root: pathlib.Path) -> list[tuple[str, worker_pb2.InitRequ
         ("device unknown", _init(device="tpu"), Code.INVALID_ARGUMENT, "device"),
         ("precision enum", _init(mixed_precision=99), Code.INVALID_ARGUMENT, "mixed_precision"),
         ("strategy enum", _init(strategy=42), Code.INVALID_ARGUMENT, "strategy"),
-        ("fp16 on CPU", _init(mixed_precision=worker_pb2.MIXED_PRECISION_FP16), Code.FAILED_PRECONDITION, "fp16"),
+        ("fp8 on CPU", _init(mixed_precision=worker_pb2.MIXED_PRECISION_FP8), Code.FAILED_PRECONDITION, "fp8"),
         ("negative seed", _init(seed=-1), Code.INVALID_ARGUMENT, "seed"),
         ("kwargs smuggle code", _init(model_kwargs={"trust_remote_code": True}), Code.INVALID_ARGUMENT, "model_kwargs"),
         ("remote code", _init(trust_remote_code=True), Code.PERMISSION_DENIED, "remote_code"),
         ("model_id missing", _init(model_id="/nonexistent/model"), Code.NOT_FOUND, "model_id"),
         ("model_id not a model", _init(model_id=str(output_root)), Code.INVALID_ARGUMENT, "model_id"),
         ("fsdp_config key", _init(fsdp_config={"foo": 1}), Code.INVALID_ARGUMENT, "fsdp_config"),
-        ("grad scaler on CPU", _init(grad_scaler_config={"init_scale": 2.0}), Code.FAILED_PRECONDITION, "grad_scaler"),
+        ("grad scaler without fp16", _init(grad_scaler_config={"init_scale": 2.0}), Code.FAILED_PRECONDITION, "fp16"),
+        (
+            "grad scaler key",
+            _init(mixed_precision=worker_pb2.MIXED_PRECISION_FP16, grad_scaler_config={"init_scal": 2.0}),
+            Code.INVALID_ARGUMENT,
+            "grad_scaler_config",
+        ),
+        (
+            "grad scaler value",
+            _init(mixed_precision=worker_pb2.MIXED_PRECISION_FP16, grad_scaler_config={"backoff_factor": 2.0}),
+            Code.INVALID_ARGUMENT,
+            "grad_scaler_config",
+        ),
     ]
     if not torch.cuda.is_available():
         cases.append(("cuda without GPU", _init(device="cuda:0"), Code.FAILED_PRECONDITION, "cuda"))

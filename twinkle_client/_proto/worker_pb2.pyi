@@ -323,12 +323,14 @@ class StepRequest(_message.Message):
     def __init__(self, context: _Optional[_Union[CallContext, _Mapping]] = ..., adapter_name: _Optional[str] = ..., gradient_accumulation_steps: _Optional[int] = ..., optim_params: _Optional[_Union[OptimParams, _Mapping]] = ...) -> None: ...
 
 class StepResponse(_message.Message):
-    __slots__ = ("applied", "optimizer_step")
+    __slots__ = ("applied", "optimizer_step", "skipped_nonfinite")
     APPLIED_FIELD_NUMBER: _ClassVar[int]
     OPTIMIZER_STEP_FIELD_NUMBER: _ClassVar[int]
+    SKIPPED_NONFINITE_FIELD_NUMBER: _ClassVar[int]
     applied: bool
     optimizer_step: int
-    def __init__(self, applied: _Optional[bool] = ..., optimizer_step: _Optional[int] = ...) -> None: ...
+    skipped_nonfinite: bool
+    def __init__(self, applied: _Optional[bool] = ..., optimizer_step: _Optional[int] = ..., skipped_nonfinite: _Optional[bool] = ...) -> None: ...
 
 class ZeroGradRequest(_message.Message):
     __slots__ = ("context", "adapter_name", "gradient_accumulation_steps")
@@ -381,18 +383,20 @@ class ClipGradAndStepRequest(_message.Message):
     def __init__(self, context: _Optional[_Union[CallContext, _Mapping]] = ..., adapter_name: _Optional[str] = ..., max_grad_norm: _Optional[float] = ..., norm_type: _Optional[float] = ..., gradient_accumulation_steps: _Optional[int] = ..., optim_params: _Optional[_Union[OptimParams, _Mapping]] = ...) -> None: ...
 
 class ClipGradAndStepResponse(_message.Message):
-    __slots__ = ("applied", "grad_norm", "lr", "optimizer_step", "micro_step")
+    __slots__ = ("applied", "grad_norm", "lr", "optimizer_step", "micro_step", "skipped_nonfinite")
     APPLIED_FIELD_NUMBER: _ClassVar[int]
     GRAD_NORM_FIELD_NUMBER: _ClassVar[int]
     LR_FIELD_NUMBER: _ClassVar[int]
     OPTIMIZER_STEP_FIELD_NUMBER: _ClassVar[int]
     MICRO_STEP_FIELD_NUMBER: _ClassVar[int]
+    SKIPPED_NONFINITE_FIELD_NUMBER: _ClassVar[int]
     applied: bool
     grad_norm: float
     lr: float
     optimizer_step: int
     micro_step: int
-    def __init__(self, applied: _Optional[bool] = ..., grad_norm: _Optional[float] = ..., lr: _Optional[float] = ..., optimizer_step: _Optional[int] = ..., micro_step: _Optional[int] = ...) -> None: ...
+    skipped_nonfinite: bool
+    def __init__(self, applied: _Optional[bool] = ..., grad_norm: _Optional[float] = ..., lr: _Optional[float] = ..., optimizer_step: _Optional[int] = ..., micro_step: _Optional[int] = ..., skipped_nonfinite: _Optional[bool] = ...) -> None: ...
 
 class SaveRequest(_message.Message):
     __slots__ = ("context", "adapter_name", "name", "output_dir", "interval", "save_optimizer", "consumed_train_samples")
