@@ -27,6 +27,9 @@ class LossResult:
 
 
 class Loss(Protocol):
+    def check(self, inputs: Mapping[str, torch.Tensor]) -> None:
+        """Refuses a batch the loss cannot use (InvalidArgument), before anything runs."""
+
     def __call__(self, logps: torch.Tensor, mask: torch.Tensor, inputs: Mapping[str, torch.Tensor]) -> LossResult: ...
 
 
@@ -36,6 +39,9 @@ class CrossEntropyLoss:
     def __init__(self, label_smoothing: float = 0.0) -> None:
         if label_smoothing != 0.0:
             raise InvalidArgument("CrossEntropyLoss: label_smoothing is not supported (it needs the full logits)")
+
+    def check(self, inputs: Mapping[str, torch.Tensor]) -> None:
+        pass
 
     def __call__(self, logps: torch.Tensor, mask: torch.Tensor, inputs: Mapping[str, torch.Tensor]) -> LossResult:
         return LossResult(loss_sum=-(logps * mask).sum(), num_tokens=int(mask.sum().item()))
@@ -47,8 +53,25 @@ class ImportanceSamplingLoss:
     Inputs: `advantages` [B] or [B, T] and optionally `old_logps` [B, T] (absent: ratio 1).
     """
 
+    def check(self, inputs: Mapping[str, torch.Tensor]) -> None:
+        rows, width = inputs["labels"].shape
+        advantages = inputs.get("advantages")
+        if advantages is None:
+            raise InvalidArgument("ImportanceSamplingLoss: the batch needs an 'advantages' tensor ([B] or [B, T])")
+        if tuple(advantages.shape) not in ((rows,), (rows, width)):
+            raise InvalidArgument(
+                f"ImportanceSamplingLoss: inputs.advantages has shape {list(advantages.shape)}; "
+                f"it must be [B] = [{rows}] or [B, T] = [{rows}, {width}] like labels"
+            )
+        old = inputs.get("old_logps")
+        if old is not None and tuple(old.shape) != (rows, width):
+            raise InvalidArgument(
+                f"ImportanceSamplingLoss: inputs.old_logps has shape {list(old.shape)}; "
+                f"it must be [B, T] = [{rows}, {width}] like labels"
+            )
+
     def __call__(self, logps: torch.Tensor, mask: torch.Tensor, inputs: Mapping[str, torch.Tensor]) -> LossResult:
-        if "advantages" not in inputs:
+        if "advantages" not in inputs:  # the model calls check() first; this is for direct use
             raise InvalidArgument("ImportanceSamplingLoss: the batch needs an 'advantages' tensor ([B] or [B, T])")
         advantages = inputs["advantages"].to(logps.dtype)
         if advantages.dim() == 1:

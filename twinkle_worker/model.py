@@ -404,6 +404,7 @@ class TransformersModel:
         if not self._group_parameters(group):
             raise FailedPrecondition(f"group {group.name!r} has no trainable parameters")
         batch = self._prepare(inputs, require_labels=True)
+        group.loss.check(batch)  # before the vote: a refused call changes nothing, on any rank
         _positive_float(temperature, "temperature")
         if gradient_accumulation_steps:
             _positive_int(gradient_accumulation_steps, "gradient_accumulation_steps")
@@ -441,6 +442,8 @@ class TransformersModel:
         """Forward in eval mode without gradients; with labels it also reports the loss."""
         group = self.group(adapter_name)
         batch = self._prepare(inputs, require_labels=False)
+        if "labels" in batch:
+            group.loss.check(batch)
         _positive_float(temperature, "temperature")
         self._agree()
         self._activate(group)
