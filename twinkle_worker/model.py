@@ -1058,7 +1058,7 @@ class TransformersModel:
         if scaler is not None:
             configs["grad_scaler"] = {**scaler.state_dict(), "last_step_skipped": group.last_step_skipped}
         if group.name:
-            configs["lora"] = json.loads(json.dumps(self.model.peft_config[group.name].to_dict(), default=str))
+            configs["lora"] = json.loads(json.dumps(self.model.peft_config[group.name].to_dict(), default=_jsonable))
         return configs
 
     def close(self) -> None:
@@ -1224,6 +1224,11 @@ def _config_from(config: dict[str, Any] | str, trust_remote_code: bool) -> Any:
         return transformers.AutoConfig.for_model(model_type, **values)
     except (ValueError, KeyError, TypeError, AttributeError) as error:
         raise InvalidArgument(f"config: {error}") from None
+
+
+def _jsonable(value: Any) -> Any:
+    """json.dumps' fallback for a peft config: sets as sorted lists (stable across processes), else str."""
+    return sorted(value) if isinstance(value, (set, frozenset)) else str(value)
 
 
 def _no_decay(name: str) -> bool:
