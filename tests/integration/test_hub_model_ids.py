@@ -29,19 +29,10 @@ COMMIT = hashlib.sha1(b"tiny, first commit").hexdigest()
 OTHER_COMMIT = hashlib.sha1(b"tiny, second commit").hexdigest()
 
 
-def _saved_model(directory: pathlib.Path) -> dict[str, torch.Tensor]:
+def _saved_model(directory: pathlib.Path, config: Any) -> dict[str, torch.Tensor]:
     import transformers
 
-    config = transformers.Qwen2Config(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=256,
-        tie_word_embeddings=False,
-    )
-    transformers.set_seed(7)
+    transformers.set_seed(7)  # not the tests' seed 0: weights that no from_config on a worker would give
     model = transformers.AutoModelForCausalLM.from_config(config)
     model.save_pretrained(directory, safe_serialization=True)
     return {key: value.detach().clone() for key, value in model.state_dict().items()}
@@ -64,9 +55,11 @@ def _lay_out_cache(cache: pathlib.Path, files: pathlib.Path, snapshots: list[str
 
 
 @pytest.fixture(scope="module")
-def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[list[LocalWorkers], dict[str, torch.Tensor]]]:
+def hub(
+    tmp_path_factory: pytest.TempPathFactory, session_config: Any
+) -> Iterator[tuple[list[LocalWorkers], dict[str, torch.Tensor]]]:
     files = tmp_path_factory.mktemp("tiny-model")
-    weights = _saved_model(files)
+    weights = _saved_model(files, session_config)
     caches = [tmp_path_factory.mktemp("hub-cache-0"), tmp_path_factory.mktemp("hub-cache-1")]
     _lay_out_cache(caches[0], files, [COMMIT], main=COMMIT)
     _lay_out_cache(caches[1], files, [COMMIT, OTHER_COMMIT], main=OTHER_COMMIT)
