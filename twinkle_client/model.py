@@ -30,6 +30,7 @@ from twinkle_client.batch import collate, take_rows
 from twinkle_client.coordinator import ChannelSecurity, Coordinator
 from twinkle_client.errors import InvalidArgument
 from twinkle_client.local import LocalWorkers, wait_serving
+from twinkle_client.lora import fill_lora_config
 from twinkle_client.mesh import DeviceMesh, slice_bounds
 from twinkle_client.shared_memory import segment_bytes
 
@@ -203,7 +204,7 @@ class TransformersModel:
         if isinstance(config_or_dir, (str, os.PathLike)):
             request.pretrained_path = os.fspath(config_or_dir)
         else:
-            _fill_lora(request.lora_config, config_or_dir)
+            fill_lora_config(request.lora_config, config_or_dir)
         return int(self._all("AddAdapter", request).num_trainable_parameters)
 
     def set_optimizer(
@@ -745,28 +746,6 @@ def _config_json(config: Any) -> str:
 def _fill_struct(struct: Any, values: Mapping[str, Any]) -> None:
     if values:
         struct.update({key: list(value) if isinstance(value, tuple) else value for key, value in values.items()})
-
-
-def _fill_lora(message: worker_pb2.LoraConfig, config: Any) -> None:
-    values = (
-        dict(config)
-        if isinstance(config, Mapping)
-        else {k: v for k, v in vars(config).items() if not k.startswith("_")}
-    )
-    targets = values.get("target_modules") or "all-linear"
-    message.r = int(values.get("r", 8))
-    message.lora_alpha = float(values.get("lora_alpha", 2 * message.r))
-    message.lora_dropout = float(values.get("lora_dropout", 0.0))
-    message.target_modules.extend([targets] if isinstance(targets, str) else sorted(targets))
-    message.bias = values.get("bias") or "none"
-    message.use_rslora = bool(values.get("use_rslora", False))
-    message.modules_to_save.extend(values.get("modules_to_save") or [])
-    if isinstance(config, Mapping):
-        extra = {k: v for k, v in config.items() if k not in _LORA_FIELDS}
-        _fill_struct(message.extra, extra)
-
-
-_LORA_FIELDS = {"r", "lora_alpha", "lora_dropout", "target_modules", "bias", "use_rslora", "modules_to_save"}
 
 
 def _fill_optim_params(message: worker_pb2.OptimParams, values: Mapping[str, Any] | None) -> None:

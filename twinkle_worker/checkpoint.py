@@ -85,10 +85,13 @@ def adapter_param_pattern(adapter_name: str) -> re.Pattern[str]:
 def to_peft_key(model_key: str, adapter_name: str) -> str:
     """PEFT's saved name of an adapter parameter: the `.{adapter}` segment removed, and for a
     modules_to_save copy the `.modules_to_save` segment too (`lm_head.modules_to_save.a.weight`
-    is saved as `lm_head.weight`), as peft's save_pretrained writes and its loader expects."""
-    return adapter_param_pattern(adapter_name).sub(
+    is saved as `lm_head.weight`), and for DoRA's magnitude its `.weight` too
+    (`q_proj.lora_magnitude_vector.a.weight` is saved as `q_proj.lora_magnitude_vector`), as peft's
+    save_pretrained writes and its loader expects."""
+    key = adapter_param_pattern(adapter_name).sub(
         lambda m: "" if m.group(1) == "modules_to_save" else "." + m.group(1), model_key
     )
+    return re.sub(r"\.lora_magnitude_vector\.weight$", ".lora_magnitude_vector", key)
 
 
 class AtomicDirectory:

@@ -42,7 +42,7 @@ from twinkle_client.errors import (
 )
 from twinkle_client.mesh import DeviceMesh
 from twinkle_worker import checkpoint as ckpt
-from twinkle_worker import precision, strategies
+from twinkle_worker import hub, precision, strategies
 from twinkle_worker.losses import CrossEntropyLoss, Loss, make_loss, token_logps
 from twinkle_worker.strategies import Rendezvous, StrategyPlan
 
@@ -208,7 +208,11 @@ class TransformersModel:
             raise InvalidArgument(f"rank {rank} is outside the mesh {self.mesh} of {self.mesh.world_size} ranks")
         self.model_id = model_id or ""
         self.gradient_checkpointing = bool(kwargs.pop("gradient_checkpointing", False))
-        self.model = _build_model(model_cls, model_id, config, seed, trust_remote_code, kwargs).to(self.device)
+        source = hub.resolve(model_id) if model_id else None
+        self.model_revision = source.revision if source else None
+        self.model = _build_model(
+            model_cls, source.path if source else None, config, seed, trust_remote_code, kwargs
+        ).to(self.device)
         if self.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.vocab_size = int(self.model.get_input_embeddings().num_embeddings)
@@ -221,6 +225,12 @@ class TransformersModel:
         self._group_cache: dict[str, list[tuple[str, nn.Parameter]]] = {}
         self._active: str | None = None  # the adapter _activate made active last
         strategies.init_process_group(self.plan, rank, rendezvous or Rendezvous())
+        if source is not None:
+            try:
+                hub.check_same_revision(source, rank, self.device)
+            except BaseException:
+                strategies.destroy_process_group()  # Init failed: the worker can Init again
+                raise
         log.info("rank %d: %s, %s", rank, type(self.model).__name__, self.plan.describe())
 
     # ----------------------------------------------------------------- groups
@@ -1111,6 +1121,7 @@ class TransformersModel:
         configs: dict[str, Any] = {
             "group": group.name,
             "model": self.model_id or type(self.model).__name__,
+            "model_revision": self.model_revision or "",
             "strategy": self.plan.describe(),
             "mixed_precision": self.plan.mixed_precision,
             "mesh": str(self.mesh),
@@ -1126,7 +1137,7 @@ class TransformersModel:
         if scaler is not None:
             configs["grad_scaler"] = {**scaler.state_dict(), "last_step_skipped": group.last_step_skipped}
         if group.name:
-            configs["lora"] = json.loads(json.dumps(self.model.peft_config[group.name].to_dict(), default=str))
+            configs["lora"] = json.loads(json.dumps(self.model.peft_config[group.name].to_dict(), default=_jsonable))
         return configs
 
     def close(self) -> None:
@@ -1166,12 +1177,7 @@ def _build_model(
     cls = getattr(transformers, name)
     if isinstance(config, (dict, str)):
         config = _config_from(config, trust_remote_code)
-    if model_id:
-        if not os.path.isdir(model_id):
-            raise NotFound(
-                f"model_id {model_id!r} is not a local directory; this worker loads models from local "
-                "paths only (download the model first, or pass a config to build one from scratch)"
-            )
+    if model_id:  # a local directory (hub.resolve)
         extra = {"config": config} if config is not None else {}
         if seed is not None:
             transformers.set_seed(int(seed))
@@ -1292,6 +1298,11 @@ def _config_from(config: dict[str, Any] | str, trust_remote_code: bool) -> Any:
         return transformers.AutoConfig.for_model(model_type, **values)
     except (ValueError, KeyError, TypeError, AttributeError) as error:
         raise InvalidArgument(f"config: {error}") from None
+
+
+def _jsonable(value: Any) -> Any:
+    """json.dumps' fallback for a peft config: sets as sorted lists (stable across processes), else str."""
+    return sorted(value) if isinstance(value, (set, frozenset)) else str(value)
 
 
 def _no_decay(name: str) -> bool:

@@ -100,20 +100,24 @@ def lora_config(message: worker_pb2.LoraConfig) -> Any:
     from peft import LoraConfig
 
     validation.check_lora(message)
-    targets: Any = list(message.target_modules) or "all-linear"
+    extra = struct_to_dict(message.extra)
+    targets: Any = list(message.target_modules) or "all-linear"  # empty: all-linear (docs/protocol.md)
     if targets == ["all-linear"]:
         targets = "all-linear"
+    if "target_modules" in extra:  # null: peft's default, the architecture's own targets
+        targets = extra.pop("target_modules")
+    if message.lora_alpha:  # 0: peft's default
+        extra["lora_alpha"] = message.lora_alpha
     try:
         return LoraConfig(
             r=message.r,
-            lora_alpha=message.lora_alpha or 2 * message.r,
             lora_dropout=message.lora_dropout,
             target_modules=targets,
             bias=message.bias or "none",
             use_rslora=message.use_rslora,
             modules_to_save=list(message.modules_to_save) or None,
             task_type="CAUSAL_LM",
-            **struct_to_dict(message.extra),
+            **extra,
         )
     except (TypeError, ValueError) as error:
         raise InvalidArgument(f"lora_config: {error}") from None

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from twinkle_client import lora
 from twinkle_client._proto import worker_pb2
 from twinkle_client.errors import InvalidArgument, ResourceExhausted
 
@@ -29,16 +30,9 @@ MODEL_KWARGS = (
     "use_cache",
 )
 # peft.LoraConfig fields accepted in LoraConfig.extra.
-LORA_EXTRA = (
-    "init_lora_weights",
-    "fan_in_fan_out",
-    "layers_to_transform",
-    "layers_pattern",
-    "rank_pattern",
-    "alpha_pattern",
-    "exclude_modules",
-    "use_dora",
-)
+# peft LoraConfig fields that travel in LoraConfig.extra (twinkle_client.lora's allow-list), and
+# target_modules: null there asks for peft's default targets.
+LORA_EXTRA = (*lora.EXTRA_FIELDS, "target_modules")
 LORA_BIASES = ("none", "all", "lora_only")
 MAX_LORA_RANK = 4096
 MAX_INPUT_TENSORS = 32
@@ -129,7 +123,9 @@ def check_lora(message: worker_pb2.LoraConfig) -> None:
     if not 1 <= message.r <= MAX_LORA_RANK:
         raise InvalidArgument(f"lora_config.r must be in [1, {MAX_LORA_RANK}], got {message.r}")
     if not (math.isfinite(message.lora_alpha) and message.lora_alpha >= 0):
-        raise InvalidArgument(f"lora_config.lora_alpha must be a finite number >= 0 (0: 2r), got {message.lora_alpha}")
+        raise InvalidArgument(
+            f"lora_config.lora_alpha must be a finite number >= 0 (0: peft's default, 8), got {message.lora_alpha}"
+        )
     if not (math.isfinite(message.lora_dropout) and 0 <= message.lora_dropout < 1):
         raise InvalidArgument(f"lora_config.lora_dropout must be in [0, 1), got {message.lora_dropout}")
     if message.bias and message.bias not in LORA_BIASES:
@@ -141,11 +137,17 @@ def check_lora(message: worker_pb2.LoraConfig) -> None:
     unknown = sorted(set(message.extra.keys()) - set(LORA_EXTRA))
     if unknown:
         raise InvalidArgument(f"lora_config.extra {unknown} are not allowed; allowed: {list(LORA_EXTRA)}")
+    if "target_modules" in message.extra and message.extra["target_modules"] is not None:
+        raise InvalidArgument("lora_config.extra.target_modules may only be null (peft's default targets)")
     if "init_lora_weights" in message.extra:
         value = message.extra["init_lora_weights"]
-        if not isinstance(value, bool) and value != "gaussian":
+        named = isinstance(value, str) and (
+            value in lora.INIT_LORA_WEIGHTS or re.fullmatch(r"pissa_niter_\d+", value) is not None
+        )
+        if not isinstance(value, bool) and not named:
             raise InvalidArgument(
-                f"lora_config.extra.init_lora_weights must be true, false or 'gaussian', got {value!r}"
+                f"lora_config.extra.init_lora_weights must be true, false, {list(lora.INIT_LORA_WEIGHTS)} or "
+                f"'pissa_niter_N', got {value!r} (eva, corda and loftq need data or objects that do not travel)"
             )
 
 

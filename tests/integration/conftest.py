@@ -45,6 +45,12 @@ def config() -> Any:
     return tiny_config()
 
 
+@pytest.fixture(scope="session")
+def session_config() -> Any:
+    """The same config, for fixtures that live longer than one test."""
+    return tiny_config()
+
+
 @pytest.fixture
 def remote(one_worker: Any) -> Iterator[Callable[..., Any]]:
     """Factory of clients on the pooled worker; each is closed (Reset) at teardown."""
