@@ -34,7 +34,6 @@ cp "$HERE"/*.go "$SRC"/
 cp -r "$HERE/cmd" "$SRC"/
 generate "$SRC"
 export GO111MODULE=off GOPATH="$BUILD/gopath:/usr/share/gocode" GOFLAGS=-mod=
-export GOCACHE="${GOCACHE:-$BUILD/cache}"
 cd "$SRC"
 go build -o "$BUILD/bin/twinkle-sched" ./cmd/twinkle-sched
 if [ "${1:-}" = "--test" ]; then

@@ -91,7 +91,16 @@ func describe(w *twinkle.Worker) row {
 		r.owner = shorten(id) + leaseText(reply.GetLeaseSecondsLeft())
 	}
 	var names, steps []string
-	for _, name := range reply.GetGroups() {
+	groups := reply.GetGroups()
+	if len(groups) > 1 { // "" (the full model) stands for the only adapter then: list the adapters
+		groups = groups[:0:0]
+		for _, name := range reply.GetGroups() {
+			if name != "" {
+				groups = append(groups, name)
+			}
+		}
+	}
+	for _, name := range groups {
 		label := name
 		if label == "" {
 			label = "(model)"
