@@ -12,15 +12,12 @@ import (
 	"text/tabwriter"
 	"time"
 
-	"google.golang.org/grpc/codes"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/status"
 
 	"example.com/twinkle"
 	workerv1 "example.com/twinkle/gen/twinkle/worker/v1"
 )
-
-func statusCode(err error) codes.Code { return status.Code(err) }
 
 type row struct {
 	health, state, groups, steps, sequence, owner string

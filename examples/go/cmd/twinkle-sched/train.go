@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"math"
 
+	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/structpb"
 
@@ -48,10 +49,10 @@ func (t *trainer) run(ctx context.Context) error {
 
 func (t *trainer) init(ctx context.Context) error {
 	c, job := t.client, t.job
-	status, err := c.Workers[0].Service.GetStatus(ctx, &workerv1.GetStatusRequest{})
+	rank0, err := c.Workers[0].Service.GetStatus(ctx, &workerv1.GetStatusRequest{})
 	if err != nil {
 		return &twinkle.RankError{Method: "GetStatus", Rank: 0, Address: c.Workers[0].Address,
-			Code: statusCode(err), Detail: err.Error()}
+			Code: status.Code(err), Detail: status.Convert(err).Message()}
 	}
 	rendezvous := &workerv1.Rendezvous{MasterAddr: c.Targets.MasterAddr, MasterPort: int32(c.Targets.MasterPort),
 		TimeoutSeconds: job.RendezvousTimeoutSeconds}
@@ -59,7 +60,7 @@ func (t *trainer) init(ctx context.Context) error {
 		rendezvous.MasterAddr = twinkle.HostOf(c.Workers[0].Address)
 	}
 	if rendezvous.MasterPort == 0 {
-		rendezvous.MasterPort = status.GetFreePort()
+		rendezvous.MasterPort = rank0.GetFreePort()
 	}
 	config, err := job.configJSON()
 	if err != nil {
