@@ -154,7 +154,7 @@ func run(jobPath string, s *settings) int {
 	if err := trainer.run(ctx); err != nil {
 		fail(err, started)
 		failed := client.Reset(ctx, 30*time.Second) // free the survivors for the next job
-		var messages []string
+		messages := []string{}
 		for _, e := range failed {
 			messages = append(messages, e.Error())
 		}
