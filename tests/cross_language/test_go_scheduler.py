@@ -464,3 +464,41 @@ def test_go_scheduler_trains_over_tls_with_the_token_from_a_cluster_config(
     assert [e["event"] for e in events][-2:] == ["saved", "done"]
     security = ChannelSecurity.from_files(token=TOKEN, root_cert=str(pki.ca))
     assert not status_of(address, security).initialized  # Reset at the end
+
+
+# ------------------------------------------------------------ mesh rules, Go against Python
+
+MESHES = [
+    {"dp_size": 1},
+    {"dp_size": 4},
+    {"fsdp_size": 4},
+    {"dp_size": 2, "fsdp_size": 2},
+    {"dp_size": 4, "fsdp_size": 2},
+    {"dp_size": 2, "fsdp_size": 2, "tp_size": 2},
+    {"dp_size": 3, "cp_size": 2},
+    {"dp_size": 2, "pp_size": 2, "tp_size": 2},
+]
+
+
+@pytest.mark.parametrize("sizes", MESHES, ids=lambda sizes: ",".join(f"{k[:-5]}={v}" for k, v in sizes.items()))
+def test_go_mesh_rules_equal_the_python_client(twinkle_sched: str, sizes: dict[str, int]) -> None:
+    """Data ranks, collect ranks and slices of `twinkle-sched plan` = twinkle_client.mesh."""
+    from twinkle_client.mesh import DeviceMesh, slice_bounds
+
+    mesh = DeviceMesh.from_sizes(**sizes)
+    counts = [n for n in (7, 8, 13) if n >= mesh.data_world_size]
+    spec = ",".join(f"{key[: -len('_size')]}={value}" for key, value in sizes.items())
+    result = subprocess.run(
+        [twinkle_sched, "plan", "--mesh", spec, "--samples", ",".join(map(str, counts))],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    got = json.loads(result.stdout)
+    assert (tuple(got["dim_names"]), tuple(got["dim_sizes"])) == (mesh.dim_names, mesh.dim_sizes)
+    assert got["world_size"] == mesh.world_size and got["data_world_size"] == mesh.data_world_size
+    assert got["data_ranks"] == [mesh.data_rank(r) for r in range(mesh.world_size)]
+    assert got["collect_ranks"] == mesh.collect_ranks()
+    for n in counts:
+        assert got["slices"][str(n)] == [list(bounds) for bounds in slice_bounds(n, mesh.data_world_size)], n

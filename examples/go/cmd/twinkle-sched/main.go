@@ -5,6 +5,7 @@
 //
 //	twinkle-sched [flags] JOB.json           run a job (--resume: from its last checkpoint)
 //	twinkle-sched status [flags] ADDR...     a table of the workers' state
+//	twinkle-sched plan --mesh M --samples N  data ranks, collect ranks and slices of a mesh
 package main
 
 import (
@@ -74,6 +75,9 @@ func (s *settings) options() twinkle.Options {
 }
 
 func main() {
+	if len(os.Args) > 1 && os.Args[1] == "plan" {
+		os.Exit(plan(os.Stdout, os.Args[2:]))
+	}
 	if len(os.Args) > 1 && os.Args[1] == "status" {
 		set, s := flags("twinkle-sched status")
 		_ = set.Parse(os.Args[2:])
@@ -86,7 +90,7 @@ func main() {
 	}
 	set, s := flags("twinkle-sched")
 	set.Usage = func() {
-		fmt.Fprintln(set.Output(), "usage: twinkle-sched [flags] JOB.json | twinkle-sched status [flags] ADDR...")
+		fmt.Fprintln(set.Output(), "usage: twinkle-sched [flags] JOB.json | status [flags] ADDR... | plan --mesh M --samples N,...")
 		set.PrintDefaults()
 	}
 	_ = set.Parse(os.Args[1:])
