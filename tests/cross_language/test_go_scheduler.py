@@ -18,6 +18,7 @@ process, same kernels).
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -396,24 +397,61 @@ def test_killed_worker_is_named_within_the_bound_and_resume_reproduces_the_losse
             replacement.close()
 
 
+def test_a_connection_dropped_mid_save_is_retried_with_the_same_number(
+    twinkle_sched: str, tmp_path: pathlib.Path
+) -> None:
+    """The connection drops while the first checkpoint's Save runs on the worker: twinkle-sched
+    resends it with its number once the worker answers again, the worker joins the resend to
+    the running call, and the job goes on without a gap in the sequence (or it would fail)."""
+    support = reliability_support()
+    pause = support.SavePause(tmp_path / "pause.fifo")
+    workers = LocalWorkers(1, output_root=tmp_path / "out", threads=1, log_dir=tmp_path / "logs", env=pause.env)
+    proxy = support.Proxy(workers.addresses[0])
+    try:
+        job = write_job(tmp_path, "proxied", 2, every=1, mesh="dp=1")
+        pause.arm()
+        process = subprocess.Popen(
+            [twinkle_sched, "--workers", proxy.address, str(job)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            pause.wait_paused()
+            proxy.cut()
+        finally:
+            pause.release()
+        stdout, stderr = process.communicate(timeout=300)
+    finally:
+        proxy.close()
+        workers.close()
+    events = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+    assert process.returncode == 0, f"{stderr}\n{events}"
+    steps = of_kind(events, "step")
+    assert [s["micro_step"] for s in steps] == [1, 2, 3, 4]
+    assert [s["optimizer_step"] for s in steps] == [0, 1, 1, 2]  # each step applied once
+    assert [e["consumed_train_samples"] for e in of_kind(events, "checkpoint")] == [10, 20]
+
+
 # ------------------------------------------------------------ token and TLS
 
 
-def _pki(directory: pathlib.Path) -> Any:
-    """tests/reliability's throwaway CA (make_pki), loaded from its file."""
+@functools.cache
+def reliability_support() -> Any:
+    """tests/reliability/reliability_support.py (throwaway CA, TCP proxy, save pause), loaded from its file."""
     path = REPO / "tests" / "reliability" / "reliability_support.py"
     spec = importlib.util.spec_from_file_location("_go_reliability_support", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.make_pki(directory)
+    return module
 
 
 @pytest.fixture(scope="module")
 def locked_worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Any]]:
     """One worker that serves TLS with a certificate of a throwaway CA and requires TOKEN."""
     directory = tmp_path_factory.mktemp("go-locked")
-    pki = _pki(directory)
+    pki = reliability_support().make_pki(directory)
     token_file = directory / "token"
     token_file.write_text(TOKEN + "\n")
     token_file.chmod(0o600)
