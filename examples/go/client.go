@@ -96,9 +96,13 @@ type RankError struct {
 	Others  int   // further ranks that failed (usually ABORTED because of this one)
 	Silent  []int // ranks that had not answered when the grace ran out
 	timeout time.Duration
+	hung    bool // Rank is one of Silent: it never answered while its peers failed because of it
 }
 
 func (e *RankError) Error() string {
+	if e.hung {
+		return fmt.Sprintf("%s: rank %d (%s) did not answer (silent: %v): %s", e.Method, e.Rank, e.Address, e.Silent, e.Detail)
+	}
 	text := fmt.Sprintf("%s failed on rank %d (%s)", e.Method, e.Rank, e.Address)
 	if e.Others > 0 {
 		text += fmt.Sprintf(" and %d other rank(s)", e.Others)
@@ -383,12 +387,20 @@ func (c *Client) rootCause(method string, failures map[int]error, silent []int) 
 			break
 		}
 	}
-	if cause < 0 && len(ranks) > 0 {
-		cause = ranks[0]
-	}
-	if cause < 0 { // nothing failed, but some ranks never answered
+	if cause < 0 && len(silent) > 0 {
+		// The ranks that failed did so because of a peer (ABORTED), and some never answered: a
+		// silent rank is the likely cause (hung or dead), so it is the one named.
+		detail := "probably hung or dead"
+		if len(ranks) > 0 {
+			detail = fmt.Sprintf("rank(s) %v failed because of a peer (%s) and it gave no answer within %v after that: %s",
+				ranks, status.Convert(failures[ranks[0]]).Message(), c.options.AbortGrace, detail)
+		}
 		return &RankError{Method: method, Rank: silent[0], Address: c.Workers[silent[0]].Address,
-			Code: codes.Unavailable, Detail: fmt.Sprintf("rank(s) %v did not answer", silent)}
+			Code: codes.Unavailable, Detail: detail, Others: len(ranks), Silent: silent, timeout: c.options.AbortGrace,
+			hung: true}
+	}
+	if cause < 0 {
+		cause = ranks[0]
 	}
 	code := status.Code(failures[cause])
 	if gone(code) {

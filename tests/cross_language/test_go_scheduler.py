@@ -53,6 +53,7 @@ MICRO_BATCH = 5  # odd on purpose: two data ranks get 3 and 2 samples
 RTOL = 1e-6
 # The dead-rank run: shorter windows than the defaults (5 s + 10 s), as tests/reliability does.
 KILL_STEPS, KILL_EVERY, RETRY_SECONDS, GRACE_SECONDS = 6, 2, 2, 5
+HUNG_TIMEOUT = 10  # the process-group timeout of the hung-worker run (rendezvous_timeout_seconds)
 TOKEN = "go-sched-token-0123456789"
 
 
@@ -318,6 +319,36 @@ def test_status_table_shows_state_groups_and_step(
 # ------------------------------------------------------------ a worker killed mid-job
 
 
+def interrupt_after_a_checkpoint(
+    command: list[str], interrupt: Any, after_error: Any = None
+) -> tuple[subprocess.Popen[str], list[dict[str, Any]], dict[str, Any] | None, float | None]:
+    """Starts twinkle-sched; at its first checkpoint event holds it (SIGSTOP: it has just sent the
+    next micro-batch, or is about to), calls interrupt() (kill or stop a worker) while it cannot
+    react, and lets it go on. Reads its events to the end; returns the process, the events, the
+    first error event and the seconds from interrupt() to that event (after_error() runs then)."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert process.stdout is not None
+    seen: list[dict[str, Any]] = []
+    for line in process.stdout:
+        seen.append(json.loads(line))
+        if seen[-1]["event"] == "checkpoint":
+            process.send_signal(signal.SIGSTOP)
+            interrupt()
+            interrupted = time.monotonic()
+            process.send_signal(signal.SIGCONT)
+            break
+    else:
+        pytest.fail(f"no checkpoint event: {seen}; {process.stderr.read() if process.stderr else ''}")
+    error, waited = None, None
+    for line in process.stdout:
+        seen.append(json.loads(line))
+        if seen[-1]["event"] == "error" and error is None:
+            error, waited = seen[-1], time.monotonic() - interrupted
+            if after_error is not None:
+                after_error()
+    return process, seen, error, waited
+
+
 def test_killed_worker_is_named_within_the_bound_and_resume_reproduces_the_losses(
     twinkle_sched: str, tmp_path: pathlib.Path
 ) -> None:
@@ -335,32 +366,8 @@ def test_killed_worker_is_named_within_the_bound_and_resume_reproduces_the_losse
         assert len(expected) == KILL_STEPS * ACCUMULATION
 
         job = write_job(tmp_path, "killed", KILL_STEPS, every=KILL_EVERY)
-        process = subprocess.Popen(
-            [twinkle_sched, *windows, "--workers", ",".join(workers.addresses), str(job)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        assert process.stdout is not None
-        seen = []
-        for line in process.stdout:
-            seen.append(json.loads(line))
-            if seen[-1]["event"] == "checkpoint":
-                # Hold the scheduler (it has just sent the next micro-batch, or is about to), kill
-                # rank 1 while it cannot react, then let it go on and find the rank dead.
-                process.send_signal(signal.SIGSTOP)
-                workers.processes[1].kill()
-                workers.processes[1].wait()
-                killed = time.monotonic()
-                process.send_signal(signal.SIGCONT)
-                break
-        else:
-            pytest.fail(f"no checkpoint event: {seen}; {process.stderr.read() if process.stderr else ''}")
-        error, waited = None, None
-        for line in process.stdout:
-            seen.append(json.loads(line))
-            if seen[-1]["event"] == "error" and error is None:
-                error, waited = seen[-1], time.monotonic() - killed
+        command = [twinkle_sched, *windows, "--workers", ",".join(workers.addresses), str(job)]
+        process, seen, error, waited = interrupt_after_a_checkpoint(command, workers.processes[1].kill)
         code = process.wait(timeout=120)
         assert code == 1, seen
         assert error is not None, seen
@@ -395,6 +402,30 @@ def test_killed_worker_is_named_within_the_bound_and_resume_reproduces_the_losse
         workers.close()
         if replacement is not None:
             replacement.close()
+
+
+def test_a_hung_worker_is_named_after_the_collective_timeout_and_the_grace(
+    twinkle_sched: str, tmp_path: pathlib.Path
+) -> None:
+    """A worker stopped (SIGSTOP) mid-job: its peer's collective fails after the process-group
+    timeout (ABORTED, not its own fault), and the silent rank is the one named, a grace later."""
+    workers = LocalWorkers(2, output_root=tmp_path / "out", threads=1, log_dir=tmp_path / "logs")
+    hung = workers.processes[1]
+    try:
+        job = write_job(tmp_path, "hung", KILL_STEPS, every=KILL_EVERY, rendezvous_timeout_seconds=HUNG_TIMEOUT)
+        command = [twinkle_sched, "--abort-grace", f"{GRACE_SECONDS}s", "--workers", ",".join(workers.addresses)]
+        # Once the hung rank is named, kill it, so that the Reset sent to it fails at once.
+        process, seen, error, waited = interrupt_after_a_checkpoint(
+            [*command, str(job)], lambda: hung.send_signal(signal.SIGSTOP), hung.kill
+        )
+        assert process.wait(timeout=120) == 1, seen
+        assert error is not None and waited is not None, seen
+        assert error["rank"] == 1 and error["silent_ranks"] == [1] and "hung or dead" in error["message"], error
+        assert waited < HUNG_TIMEOUT + GRACE_SECONDS + 15, (waited, error)
+        survivor = status_of(workers.addresses[0])
+        assert not survivor.initialized and survivor.session_id == "", survivor
+    finally:
+        workers.close()
 
 
 def test_a_connection_dropped_mid_save_is_retried_with_the_same_number(

@@ -15,7 +15,9 @@ import (
 	"flag"
 	"fmt"
 	"os"
+	"os/signal"
 	"strings"
+	"syscall"
 	"time"
 
 	"example.com/twinkle"
@@ -147,7 +149,9 @@ func run(jobPath string, s *settings) int {
 		return 2
 	}
 	defer client.Close()
-	ctx := context.Background()
+	// SIGINT / SIGTERM cancel the calls in flight; the workers are still Reset below.
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
 	if err := client.WaitServing(ctx, s.health); err != nil {
 		fail(err, started)
 		return 1
@@ -157,7 +161,7 @@ func run(jobPath string, s *settings) int {
 	trainer := &trainer{client: client, job: job, resume: s.resume}
 	if err := trainer.run(ctx); err != nil {
 		fail(err, started)
-		failed := client.Reset(ctx, 30*time.Second) // free the survivors for the next job
+		failed := client.Reset(context.Background(), 30*time.Second) // free the survivors for the next job
 		messages := []string{}
 		for _, e := range failed {
 			messages = append(messages, e.Error())
@@ -165,7 +169,7 @@ func run(jobPath string, s *settings) int {
 		emit("reset", map[string]interface{}{"failed": messages})
 		return 1
 	}
-	if failed := client.Reset(ctx, 60*time.Second); len(failed) > 0 {
+	if failed := client.Reset(context.Background(), 60*time.Second); len(failed) > 0 {
 		fail(failed[0], started)
 		return 1
 	}
