@@ -149,6 +149,8 @@ class Coordinator:
         self.session_id = session_id or uuid.uuid4().hex
         self.retry_seconds = retry_seconds
         self.abort_grace_seconds = abort_grace_seconds
+        # Set by the model: rewrites the error of a failed rank (e.g. one that restarted: cluster.RestartCheck).
+        self.explain_failure: Callable[[int, TwinkleError], TwinkleError] | None = None
         self._sequence = [0] * len(self.addresses)
         self._in_doubt: list[dict[int, _RankCall]] = [{} for _ in self.addresses]
         self._lock = threading.RLock()  # held while numbering and sending
@@ -279,7 +281,8 @@ class Coordinator:
                 f"; rank(s) {silent} did not answer within {self.abort_grace_seconds:.0f} s after that: "
                 "they are probably hung or dead"
             )
-        return from_status(error.code(), f"{prefix}: {details}")
+        failure = from_status(error.code(), f"{prefix}: {details}")
+        return self.explain_failure(rank, failure) if self.explain_failure else failure
 
     # ------------------------------------------------------- in-doubt calls
 

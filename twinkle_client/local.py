@@ -92,6 +92,7 @@ class LocalWorkers:
             "--device", device if device != "cuda" else f"cuda:{rank}",
             "--output-root", self.output_root,
             "--threads", str(threads),
+            "--placement", "none",  # the client assigns the ranks, whatever torchrun or Slurm variables are set
             *extra_args,
         ]  # fmt: skip
         env = dict(os.environ, PYTHONUNBUFFERED="1", **self.extra_env)

@@ -62,7 +62,10 @@ class TransformersModel:
     (seconds per call, default none), `rendezvous_timeout` (seconds any collective may
     wait, default 300), `trust_remote_code` (default False), `addresses` (worker
     addresses in rank order, instead of a cluster config: for schedulers that place
-    workers themselves). Security (docs/reliability.md): `token` (bearer token; default the
+    workers themselves), `rank0_address` (only rank 0's address, of workers that an engine
+    placed: the others come from its GetMesh; `discover_timeout` seconds, default 120, for
+    every rank to register), `launcher="ray"` (start the workers as Ray actors; needs the
+    `[ray]` extra). Security (docs/reliability.md): `token` (bearer token; default the
     cluster config's token_env; embedded workers get a random one), `tls_root_cert`,
     `tls_client_cert`, `tls_client_key` (PEM paths; default the cluster config's),
     `tls_server_name`. Failures: `retry_seconds` (how long an unreachable worker is retried
@@ -106,11 +109,14 @@ class TransformersModel:
         if mixed_precision not in PRECISIONS:
             raise InvalidArgument(f"mixed_precision {mixed_precision!r} is unknown; use one of {sorted(PRECISIONS)}")
         addresses_given = kwargs.pop("addresses", None)
-        group = (
-            cluster.resolve(remote_group)
-            if addresses_given is None
-            else cluster.WorkerGroup("addresses", tuple(addresses_given))
-        )
+        rank0_given = kwargs.pop("rank0_address", None)
+        discover_timeout = float(kwargs.pop("discover_timeout", 120.0))
+        if rank0_given is not None:
+            group: cluster.WorkerGroup | None = cluster.WorkerGroup("rank0", (), rank0=rank0_given)
+        elif addresses_given is not None:
+            group = cluster.WorkerGroup("addresses", tuple(addresses_given))
+        else:
+            group = cluster.resolve(remote_group)
         self.local: LocalWorkers | None = None
         if group is None:
             token = token or secrets.token_urlsafe(24)  # other local users cannot drive embedded workers
@@ -121,8 +127,6 @@ class TransformersModel:
             addresses = self.local.addresses
             master_addr, master_port = "127.0.0.1", None
         else:
-            addresses = list(group.workers)
-            master_addr, master_port = group.master_addr or cluster.host_of(addresses[0]), group.master_port
             security = ChannelSecurity.from_files(
                 token=token or group.token(),
                 root_cert=tls_files["tls_root_cert"] or group.tls_root_cert,
@@ -130,6 +134,13 @@ class TransformersModel:
                 client_key=tls_files["tls_client_key"] or group.tls_client_key,
                 server_name=tls_server_name or group.tls_server_name,
             )
+            addresses, rendezvous_host, master_port = list(group.workers), group.master_addr, group.master_port
+            if group.rank0:  # placed workers: rank 0 knows the others, and where they meet
+                found = cluster.discover(group.rank0, security, discover_timeout)
+                addresses = [member.address for member in found.members]
+                rendezvous_host = rendezvous_host or found.master_addr
+                master_port = master_port or found.master_port or None  # 0: rank 0 offers a free port
+            master_addr = rendezvous_host or cluster.host_of(addresses[0])
             for address in addresses:
                 wait_serving(address, timeout=60.0, security=security)
         if len(addresses) != self.mesh.world_size:
@@ -153,6 +164,8 @@ class TransformersModel:
         except BaseException:
             self.close()
             raise
+        # From now on a call failing on a rank whose worker restarted says so.
+        self.coordinator.explain_failure = cluster.RestartCheck(addresses, [s.incarnation for s in statuses], security)
         if master_port is None and self.mesh.world_size > 1:
             master_port = statuses[0].free_port
         request = worker_pb2.InitRequest(

@@ -2,6 +2,14 @@
 
     twinkle-worker --port 50051 --device cpu --output-root ./outputs
     TWINKLE_WORKER_TOKEN=... twinkle-worker --tls-cert server.pem --tls-key server.key --tls-client-ca ca.pem
+    srun twinkle-worker --host 0.0.0.0 --port-base 50100 --device cuda        # one task per GPU
+    torchrun --nproc-per-node 8 -m twinkle_worker --host 0.0.0.0 --port-base 50100 --device cuda
+
+The worker reads its rank, local rank, world size and rank 0's host from its flags, else from
+torchrun's, Slurm's or a Kubernetes pod's environment (twinkle_worker.placement). It listens on
+--port, or on --port-base + local rank; `--device cuda` is the local rank's GPU. In a mesh of
+more than one rank, every rank registers with rank 0 (at rank 0's host, on --port, or on
+--port-base), and rank 0 answers GetMesh, so a client needs only rank 0's address.
 
 Prints `twinkle-worker listening on HOST:PORT` on stdout once it serves (with --port 0
 the bound port is in that line). On SIGTERM or SIGINT it refuses new calls (UNAVAILABLE),
@@ -16,10 +24,19 @@ import os
 import signal
 import sys
 import threading
+from typing import TYPE_CHECKING
 
+from twinkle_client.errors import TwinkleError
+from twinkle_worker import placement
 from twinkle_worker.servicer import WorkerOptions
 
+if TYPE_CHECKING:
+    from twinkle_worker.mesh_registry import Registrar
+    from twinkle_worker.server import WorkerServer
+
 TOKEN_ENV = "TWINKLE_WORKER_TOKEN"
+PLACEMENT_FLAGS = ("rank", "local_rank", "world_size", "master_addr", "master_port")
+WILDCARD_HOSTS = ("0.0.0.0", "::", "")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -28,8 +45,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     add = parser.add_argument
     add("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
-    add("--port", type=int, default=50051, help="port to listen on; 0 picks a free one (default 50051)")
-    add("--device", default="cpu", help="default device: cpu, cuda or cuda:N (default cpu)")
+    add("--port", type=int, help="port to listen on; 0 picks a free one (default 50051)")
+    add("--port-base", type=int, help="listen on PORT_BASE + local rank (one worker per GPU on a host)")
+    add("--device", default="cpu", help="default device: cpu, cuda (the local rank's GPU) or cuda:N (default cpu)")
+    add(
+        "--placement",
+        choices=("auto", "none"),
+        default="auto",
+        help="auto: rank and world from the flags or the engine's environment; none: ignore the environment "
+        "(the client assigns the rank at Init; used by embedded workers)",
+    )
+    add("--rank", type=int, help="global rank (default: from torchrun, Slurm or Kubernetes; else 0)")
+    add("--local-rank", type=int, help="rank on this host (default: from the engine; else 0)")
+    add("--world-size", type=int, help="ranks in the mesh (default: from the engine; else 1)")
+    add("--master-addr", help="host at which every rank reaches rank 0 (default: from the engine)")
+    add("--master-port", type=int, help="fixed rendezvous port on rank 0 (default: rank 0 offers a free one)")
+    add("--advertise-host", help="host name clients dial for this worker (default: --host, or this host's name)")
+    add("--rank0-address", help="rank 0's gRPC address to register with (default: MASTER_ADDR and rank 0's port)")
+    add(
+        "--tls-root-cert",
+        help="PEM CA that signed rank 0's certificate, to register over TLS (default --tls-client-ca)",
+    )
     add("--output-root", default="outputs", help="checkpoints are confined under this directory")
     add("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     add("--max-message-mb", type=int, default=256, help="largest gRPC message accepted, MiB")
@@ -64,6 +100,51 @@ def read_token(args: argparse.Namespace) -> str | None:
     return os.environ.get(TOKEN_ENV, "").strip() or None
 
 
+def join_mesh(
+    server: WorkerServer, args: argparse.Namespace, where: placement.Placement, token: str | None
+) -> Registrar | None:
+    """Rank 0 keeps the mesh's registry; every other rank gets a Registrar (started with the server)."""
+    import socket
+
+    from twinkle_client._proto import worker_pb2
+    from twinkle_client.coordinator import ChannelSecurity
+    from twinkle_worker import mesh_registry
+
+    servicer = server.servicer
+    host = args.advertise_host or (socket.getfqdn() if args.host in WILDCARD_HOSTS else args.host)
+    address = f"[{host}]:{server.port}" if ":" in host else f"{host}:{server.port}"
+    member = worker_pb2.MeshMember(
+        rank=where.rank,
+        local_rank=where.local_rank,
+        world_size=where.world_size,
+        address=address,
+        host=host,
+        device=server.servicer.options.device,
+        incarnation=mesh_registry.INCARNATION,
+        pid=os.getpid(),
+        source=where.source,
+    )
+    servicer.rank = where.rank
+    if where.source != "none":
+        servicer.placed_rank = where.rank
+    servicer.rank0_address = args.rank0_address or placement.rank0_address(where, args.port, args.port_base)
+    if where.rank == 0:
+        servicer.registry = mesh_registry.MeshRegistry(member, where.master_addr or host, where.master_port)
+        return None
+    if servicer.rank0_address is None:
+        raise SystemExit(f"twinkle-worker: rank {where.rank} does not know rank 0's host: pass --master-addr")
+    root = args.tls_root_cert or args.tls_client_ca
+    mutual = args.tls_client_ca is not None  # rank 0 asks for a client certificate: present our own
+    security = ChannelSecurity.from_files(
+        token=token,
+        root_cert=root,
+        client_cert=args.tls_cert if mutual else None,
+        client_key=args.tls_key if mutual else None,
+        tls=args.tls_cert is not None,
+    )
+    return mesh_registry.Registrar(servicer.rank0_address, member, security)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(
@@ -77,9 +158,18 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     from twinkle_worker.server import TlsFiles, WorkerServer
 
+    try:
+        where = placement.resolve(
+            os.environ if args.placement == "auto" else {}, {name: getattr(args, name) for name in PLACEMENT_FLAGS}
+        )
+        port = placement.listen_port(args.port, args.port_base, where.local_rank)
+        visible = torch.cuda.device_count() if args.device == "cuda" else 0
+        device = placement.local_device(args.device, where.local_rank, visible)
+    except TwinkleError as error:
+        raise SystemExit(f"twinkle-worker: {error}") from None
     options = WorkerOptions(
         host=args.host,
-        device=args.device,
+        device=device,
         output_root=args.output_root,
         allow_remote_code=args.allow_remote_code,
         lease_seconds=args.lease_seconds,
@@ -87,7 +177,9 @@ def main(argv: list[str] | None = None) -> None:
         shared_memory=not args.no_shared_memory,
     )
     tls = TlsFiles(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
-    server = WorkerServer(options, args.port, args.max_message_mb, token=read_token(args), tls=tls)
+    token = read_token(args)
+    server = WorkerServer(options, port, args.max_message_mb, token=token, tls=tls)
+    registrar = join_mesh(server, args, where, token)
     stopping = threading.Event()
 
     def on_signal(signum: int, frame: object) -> None:
@@ -96,9 +188,13 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     server.start()
+    if registrar is not None:
+        registrar.start()
     print(f"twinkle-worker listening on {server.address}", flush=True)
     stopping.wait()
     logging.getLogger(__name__).info("signal received: refusing new calls, finishing the one in progress")
+    if registrar is not None:
+        registrar.stop()
     server.stop(grace=args.shutdown_grace)
     logging.getLogger(__name__).info("stopped")
     sys.exit(0)

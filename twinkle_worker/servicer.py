@@ -25,7 +25,7 @@ from twinkle_client import __version__, shared_memory, streaming, tensors
 from twinkle_client._proto import tensor_pb2, worker_pb2, worker_pb2_grpc
 from twinkle_client.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, TwinkleError, Unavailable
 from twinkle_client.mesh import DeviceMesh
-from twinkle_worker import validation
+from twinkle_worker import mesh_registry, validation
 from twinkle_worker.model import ForwardResult, TransformersModel
 from twinkle_worker.session import SEQUENCE_WAIT_SECONDS, Ledger
 from twinkle_worker.strategies import Rendezvous
@@ -145,6 +145,11 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         self.mesh = DeviceMesh.single()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
         self._ledger = Ledger(options.lease_seconds)
+        # Set by the twinkle-worker command when the engine placed this worker (twinkle_worker.placement):
+        # Init must then ask for that rank, and rank 0 keeps the mesh's registry.
+        self.placed_rank: int | None = None
+        self.registry: mesh_registry.MeshRegistry | None = None
+        self.rank0_address: str | None = None
         os.makedirs(options.output_root, exist_ok=True)
 
     # ------------------------------------------------------------ plumbing
@@ -266,6 +271,11 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 raise FailedPrecondition("the worker is already initialised; call Reset first to start a new job")
             self.rank = request.rank  # errors name the rank Init asked for
             validation.check_init(request)
+            if self.placed_rank is not None and request.rank != self.placed_rank:
+                self.rank = self.placed_rank
+                raise InvalidArgument(
+                    f"rank: this worker was placed as rank {self.placed_rank}, Init asks for rank {request.rank}"
+                )
             mesh = (
                 DeviceMesh(tuple(request.mesh.dim_names), tuple(request.mesh.dim_sizes))
                 if request.mesh.dim_names
@@ -328,7 +338,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         if self.model is not None:
             model, self.model = self.model, None
             model.close()
-        self.rank, self.world_size, self.mesh = 0, 1, DeviceMesh.single()
+        self.rank, self.world_size, self.mesh = self.placed_rank or 0, 1, DeviceMesh.single()
 
     def AddAdapter(
         self, request: worker_pb2.AddAdapterRequest, context: grpc.ServicerContext
@@ -657,7 +667,29 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             free_port=free_port(self.options.host),
             vocab_size=model.vocab_size if model else 0,
             shared_memory_probe_data=self._probe(request.shared_memory_probe),
+            incarnation=mesh_registry.INCARNATION,
         )
+
+    def RegisterRank(
+        self, request: worker_pb2.RegisterRankRequest, context: grpc.ServicerContext
+    ) -> worker_pb2.RegisterRankResponse:
+        try:
+            return self._mesh_registry().register(request.member)
+        except TwinkleError as error:
+            self._abort(context, error)
+            raise  # not reached: abort raises
+
+    def GetMesh(self, request: worker_pb2.GetMeshRequest, context: grpc.ServicerContext) -> worker_pb2.GetMeshResponse:
+        try:
+            return self._mesh_registry().describe(request.wait_seconds)
+        except TwinkleError as error:
+            self._abort(context, error)
+            raise  # not reached: abort raises
+
+    def _mesh_registry(self) -> mesh_registry.MeshRegistry:
+        if self.registry is None:
+            raise mesh_registry.not_rank0(self.rank, self.rank0_address)
+        return self.registry
 
     def _probe(self, name: str) -> bytes:
         if not name or not self.options.shared_memory:

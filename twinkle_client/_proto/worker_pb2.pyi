@@ -487,7 +487,7 @@ class GetStatusRequest(_message.Message):
     def __init__(self, shared_memory_probe: _Optional[str] = ...) -> None: ...
 
 class GetStatusResponse(_message.Message):
-    __slots__ = ("initialized", "rank", "world_size", "mesh", "model", "device", "groups", "last_sequence_number", "pid", "version", "session_id", "free_port", "vocab_size", "lease_seconds_left", "shared_memory_probe_data")
+    __slots__ = ("initialized", "rank", "world_size", "mesh", "model", "device", "groups", "last_sequence_number", "pid", "version", "session_id", "free_port", "vocab_size", "lease_seconds_left", "shared_memory_probe_data", "incarnation")
     INITIALIZED_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -503,6 +503,7 @@ class GetStatusResponse(_message.Message):
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     LEASE_SECONDS_LEFT_FIELD_NUMBER: _ClassVar[int]
     SHARED_MEMORY_PROBE_DATA_FIELD_NUMBER: _ClassVar[int]
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
     initialized: bool
     rank: int
     world_size: int
@@ -518,7 +519,8 @@ class GetStatusResponse(_message.Message):
     vocab_size: int
     lease_seconds_left: float
     shared_memory_probe_data: bytes
-    def __init__(self, initialized: _Optional[bool] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., mesh: _Optional[_Union[DeviceMesh, _Mapping]] = ..., model: _Optional[str] = ..., device: _Optional[str] = ..., groups: _Optional[_Iterable[str]] = ..., last_sequence_number: _Optional[int] = ..., pid: _Optional[int] = ..., version: _Optional[str] = ..., session_id: _Optional[str] = ..., free_port: _Optional[int] = ..., vocab_size: _Optional[int] = ..., lease_seconds_left: _Optional[float] = ..., shared_memory_probe_data: _Optional[bytes] = ...) -> None: ...
+    incarnation: str
+    def __init__(self, initialized: _Optional[bool] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., mesh: _Optional[_Union[DeviceMesh, _Mapping]] = ..., model: _Optional[str] = ..., device: _Optional[str] = ..., groups: _Optional[_Iterable[str]] = ..., last_sequence_number: _Optional[int] = ..., pid: _Optional[int] = ..., version: _Optional[str] = ..., session_id: _Optional[str] = ..., free_port: _Optional[int] = ..., vocab_size: _Optional[int] = ..., lease_seconds_left: _Optional[float] = ..., shared_memory_probe_data: _Optional[bytes] = ..., incarnation: _Optional[str] = ...) -> None: ...
 
 class ResetRequest(_message.Message):
     __slots__ = ("context", "force")
@@ -595,3 +597,59 @@ class ForwardOnlyStreamResponse(_message.Message):
     header: ForwardOnlyResponse
     data: bytes
     def __init__(self, header: _Optional[_Union[ForwardOnlyResponse, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class MeshMember(_message.Message):
+    __slots__ = ("rank", "local_rank", "world_size", "address", "host", "device", "incarnation", "pid", "source", "seconds_since_registered")
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_RANK_FIELD_NUMBER: _ClassVar[int]
+    WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    HOST_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_SINCE_REGISTERED_FIELD_NUMBER: _ClassVar[int]
+    rank: int
+    local_rank: int
+    world_size: int
+    address: str
+    host: str
+    device: str
+    incarnation: str
+    pid: int
+    source: str
+    seconds_since_registered: float
+    def __init__(self, rank: _Optional[int] = ..., local_rank: _Optional[int] = ..., world_size: _Optional[int] = ..., address: _Optional[str] = ..., host: _Optional[str] = ..., device: _Optional[str] = ..., incarnation: _Optional[str] = ..., pid: _Optional[int] = ..., source: _Optional[str] = ..., seconds_since_registered: _Optional[float] = ...) -> None: ...
+
+class RegisterRankRequest(_message.Message):
+    __slots__ = ("member",)
+    MEMBER_FIELD_NUMBER: _ClassVar[int]
+    member: MeshMember
+    def __init__(self, member: _Optional[_Union[MeshMember, _Mapping]] = ...) -> None: ...
+
+class RegisterRankResponse(_message.Message):
+    __slots__ = ("incarnation",)
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    incarnation: str
+    def __init__(self, incarnation: _Optional[str] = ...) -> None: ...
+
+class GetMeshRequest(_message.Message):
+    __slots__ = ("wait_seconds",)
+    WAIT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    wait_seconds: float
+    def __init__(self, wait_seconds: _Optional[float] = ...) -> None: ...
+
+class GetMeshResponse(_message.Message):
+    __slots__ = ("world_size", "members", "complete", "master_addr", "master_port")
+    WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    COMPLETE_FIELD_NUMBER: _ClassVar[int]
+    MASTER_ADDR_FIELD_NUMBER: _ClassVar[int]
+    MASTER_PORT_FIELD_NUMBER: _ClassVar[int]
+    world_size: int
+    members: _containers.RepeatedCompositeFieldContainer[MeshMember]
+    complete: bool
+    master_addr: str
+    master_port: int
+    def __init__(self, world_size: _Optional[int] = ..., members: _Optional[_Iterable[_Union[MeshMember, _Mapping]]] = ..., complete: _Optional[bool] = ..., master_addr: _Optional[str] = ..., master_port: _Optional[int] = ...) -> None: ...

@@ -150,6 +150,16 @@ class WorkerServiceStub:
                 request_serializer=twinkle_dot_worker_dot_v1_dot_worker__pb2.ForwardOnlyStreamRequest.SerializeToString,
                 response_deserializer=twinkle_dot_worker_dot_v1_dot_worker__pb2.ForwardOnlyStreamResponse.FromString,
                 _registered_method=True)
+        self.RegisterRank = channel.unary_unary(
+                '/twinkle.worker.v1.WorkerService/RegisterRank',
+                request_serializer=twinkle_dot_worker_dot_v1_dot_worker__pb2.RegisterRankRequest.SerializeToString,
+                response_deserializer=twinkle_dot_worker_dot_v1_dot_worker__pb2.RegisterRankResponse.FromString,
+                _registered_method=True)
+        self.GetMesh = channel.unary_unary(
+                '/twinkle.worker.v1.WorkerService/GetMesh',
+                request_serializer=twinkle_dot_worker_dot_v1_dot_worker__pb2.GetMeshRequest.SerializeToString,
+                response_deserializer=twinkle_dot_worker_dot_v1_dot_worker__pb2.GetMeshResponse.FromString,
+                _registered_method=True)
 
 
 class WorkerServiceServicer:
@@ -313,6 +323,23 @@ class WorkerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RegisterRank(self, request, context):
+        """Rank 0 only: records one rank of the mesh (its address, host, device, incarnation). Every worker
+        that knows its place from its engine (Slurm, torchrun, Kubernetes, Ray) calls it on rank 0 at
+        start and again every few seconds, so a rank 0 that restarted learns the mesh again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetMesh(self, request, context):
+        """Rank 0 only, read-only: every registered rank's address, host, device and incarnation, so a
+        client that knows only rank 0's address finds the whole mesh (see docs/protocol.md, "Discovery").
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -420,6 +447,16 @@ def add_WorkerServiceServicer_to_server(servicer, server):
                     servicer.ForwardOnlyStream,
                     request_deserializer=twinkle_dot_worker_dot_v1_dot_worker__pb2.ForwardOnlyStreamRequest.FromString,
                     response_serializer=twinkle_dot_worker_dot_v1_dot_worker__pb2.ForwardOnlyStreamResponse.SerializeToString,
+            ),
+            'RegisterRank': grpc.unary_unary_rpc_method_handler(
+                    servicer.RegisterRank,
+                    request_deserializer=twinkle_dot_worker_dot_v1_dot_worker__pb2.RegisterRankRequest.FromString,
+                    response_serializer=twinkle_dot_worker_dot_v1_dot_worker__pb2.RegisterRankResponse.SerializeToString,
+            ),
+            'GetMesh': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetMesh,
+                    request_deserializer=twinkle_dot_worker_dot_v1_dot_worker__pb2.GetMeshRequest.FromString,
+                    response_serializer=twinkle_dot_worker_dot_v1_dot_worker__pb2.GetMeshResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -999,6 +1036,60 @@ class WorkerService:
             '/twinkle.worker.v1.WorkerService/ForwardOnlyStream',
             twinkle_dot_worker_dot_v1_dot_worker__pb2.ForwardOnlyStreamRequest.SerializeToString,
             twinkle_dot_worker_dot_v1_dot_worker__pb2.ForwardOnlyStreamResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RegisterRank(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/twinkle.worker.v1.WorkerService/RegisterRank',
+            twinkle_dot_worker_dot_v1_dot_worker__pb2.RegisterRankRequest.SerializeToString,
+            twinkle_dot_worker_dot_v1_dot_worker__pb2.RegisterRankResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetMesh(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/twinkle.worker.v1.WorkerService/GetMesh',
+            twinkle_dot_worker_dot_v1_dot_worker__pb2.GetMeshRequest.SerializeToString,
+            twinkle_dot_worker_dot_v1_dot_worker__pb2.GetMeshResponse.FromString,
             options,
             channel_credentials,
             insecure,
