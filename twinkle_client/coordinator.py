@@ -351,6 +351,10 @@ class _RankCall:
         self._cancelled = False
         self._call: Any = None
         self._first_error: grpc.RpcError | None = None
+        # For twinkle_client.timing: when the last attempt was sent and answered, and its trailing metadata.
+        self.sent_at = 0.0
+        self.finished_at: float | None = None
+        self.trailing: Any = ()
 
     @property
     def idempotent(self) -> bool:
@@ -360,6 +364,7 @@ class _RankCall:
         self._attempts += 1
         stub = self.owner.stream_calls[self.rank].get(self.method) or getattr(self.owner.stubs[self.rank], self.method)
         options = {"timeout": self.timeout, "metadata": self.owner.metadata, "wait_for_ready": wait_for_ready}
+        self.sent_at = time.perf_counter()
         try:
             if self.frames is None:
                 self._call = stub.future(self.request, **options)
@@ -374,6 +379,7 @@ class _RankCall:
             threading.Thread(target=self._drain, args=(self._call,), daemon=True, name="twinkle-stream").start()
 
     def _unary_done(self, call: Any) -> None:
+        self._answered(call)
         try:
             self._settle(call.result(), None)
         except grpc.RpcError as error:
@@ -383,9 +389,20 @@ class _RankCall:
 
     def _drain(self, call: Any) -> None:
         try:
-            self._settle(list(call), None)
+            messages = list(call)
         except grpc.RpcError as error:
+            self._answered(call)
             self._settle(None, error)
+            return
+        self._answered(call)
+        self._settle(messages, None)
+
+    def _answered(self, call: Any) -> None:
+        self.finished_at = time.perf_counter()
+        try:
+            self.trailing = call.trailing_metadata() or ()
+        except grpc.RpcError:  # a call that never started has none
+            self.trailing = ()
 
     def _settle(self, value: Any, error: grpc.RpcError | None) -> None:
         if (

@@ -25,7 +25,7 @@ from twinkle_client import __version__, shared_memory, streaming, tensors
 from twinkle_client._proto import tensor_pb2, worker_pb2, worker_pb2_grpc
 from twinkle_client.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, TwinkleError, Unavailable
 from twinkle_client.mesh import DeviceMesh
-from twinkle_worker import validation
+from twinkle_worker import metrics, validation
 from twinkle_worker.model import ForwardResult, TransformersModel
 from twinkle_worker.session import SEQUENCE_WAIT_SECONDS, Ledger
 from twinkle_worker.strategies import Rendezvous
@@ -141,6 +141,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         self.mesh = DeviceMesh.single()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
         self._ledger = Ledger(options.lease_seconds)
+        self.metrics_port = 0  # the Prometheus endpoint's, once WorkerServer serves one
         os.makedirs(options.output_root, exist_ok=True)
 
     # ------------------------------------------------------------ plumbing
@@ -162,7 +163,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         """
         number = call.sequence_number if call is not None else 0
         session = call.session_id if call is not None else None
-        checked = fn if request is None else lambda: self._checked(request, fn)
+        checked = metrics.timed(fn if request is None else lambda: self._checked(request, fn))
         remaining = context.time_remaining()  # answer a gap before the caller's deadline passes
         wait = SEQUENCE_WAIT_SECONDS if remaining is None else max(0.0, min(SEQUENCE_WAIT_SECONDS, remaining - 0.25))
         try:
@@ -651,7 +652,12 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             free_port=free_port(self.options.host),
             vocab_size=model.vocab_size if model else 0,
             shared_memory_probe_data=self._probe(request.shared_memory_probe),
+            metrics_port=self.metrics_port,
         )
+
+    def lease_state(self) -> tuple[bool, bool, float]:
+        """(initialised, owned by a session, lease seconds left): the metrics' lease gauges."""
+        return self.model is not None, bool(self._ledger.session_id), self._ledger.lease_seconds_left()
 
     def _probe(self, name: str) -> bytes:
         if not name or not self.options.shared_memory:
