@@ -367,7 +367,13 @@ class _Instrumented:
     def _end(self, call: _Call, context: grpc.ServicerContext, failed: bool) -> None:
         _current.call = None
         code = context.code() or (grpc.StatusCode.UNKNOWN if failed else grpc.StatusCode.OK)
-        queue, compute, _, handler = self.metrics.finish(self.rpc, call, code, context.details() or "")
+        details = context.details() or b""  # gRPC keeps the status message encoded
+        text = details.decode(errors="replace") if isinstance(details, bytes) else str(details)
+        try:
+            queue, compute, _, handler = self.metrics.finish(self.rpc, call, code, text)
+        except Exception:  # a bug here must not change the call's outcome: log it
+            log.exception("metrics of %s not recorded", self.rpc)
+            return
         if not failed and code == grpc.StatusCode.OK:
             context.set_trailing_metadata(
                 (
