@@ -119,7 +119,9 @@ class Coordinator:
         session_id: str | None = None,
         retry_seconds: float = 5.0,
         abort_grace_seconds: float = 10.0,
+        wrap_channel: Callable[[grpc.Channel], grpc.Channel] | None = None,
     ) -> None:
+        """`wrap_channel` (e.g. twinkle_client.tracing's) wraps the channels of the unary WorkerService calls."""
         options = [
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -127,7 +129,9 @@ class Coordinator:
         self.security = security or ChannelSecurity()
         self.addresses = list(addresses)
         self.channels = [self.security.channel(address, options) for address in self.addresses]
-        self.stubs = [worker_pb2_grpc.WorkerServiceStub(channel) for channel in self.channels]
+        # Health checks and the stream RPCs keep the plain channels: they need cancel() and trailing_metadata().
+        wrapped = [wrap_channel(channel) for channel in self.channels] if wrap_channel else self.channels
+        self.stubs = [worker_pb2_grpc.WorkerServiceStub(channel) for channel in wrapped]
         # The stream RPCs with streaming's frame codec (data frames as raw bytes both ways; same wire format).
         self.stream_calls = [
             {

@@ -26,7 +26,7 @@ from typing import Any
 import grpc
 import numpy as np
 
-from twinkle_client import cluster, shared_memory, streaming, tensors, timing
+from twinkle_client import cluster, shared_memory, streaming, tensors, timing, tracing
 from twinkle_client._proto import tensor_pb2, worker_pb2
 from twinkle_client.batch import collate, take_rows
 from twinkle_client.coordinator import ChannelSecurity, Coordinator
@@ -71,7 +71,9 @@ class TransformersModel:
     other ranks once one rank's collective failed, default 10), `lease_seconds` (how long this
     client may stay silent before another client may take its workers over; default the
     workers' --lease-seconds). Observability: `metrics` (embedded workers serve Prometheus
-    metrics on free ports: see metrics_urls(); default False).
+    metrics on free ports: see metrics_urls(); default False), `tracer_provider` (an
+    OpenTelemetry TracerProvider: every call gets a span and carries its trace context to the
+    workers; extra `[otel]`; default none).
     """
 
     def __init__(
@@ -104,6 +106,7 @@ class TransformersModel:
         abort_grace_seconds = float(kwargs.pop("abort_grace_seconds", 10.0))
         use_shared_memory = bool(kwargs.pop("shared_memory", True))
         serve_metrics = bool(kwargs.pop("metrics", False))
+        tracer_provider = kwargs.pop("tracer_provider", None)
         if strategy not in STRATEGIES:
             raise InvalidArgument(f"strategy {strategy!r} is unknown; use one of {sorted(STRATEGIES)}")
         if mixed_precision not in PRECISIONS:
@@ -150,6 +153,7 @@ class TransformersModel:
             security=security,
             retry_seconds=retry_seconds,
             abort_grace_seconds=abort_grace_seconds,
+            wrap_channel=tracing.channel_wrapper(tracer_provider) if tracer_provider is not None else None,
         )
         self._pool = shared_memory.Pool()
         self._export_bytes: dict[str, int] = {}  # bytes of the last export of each group (its segment's size)

@@ -52,6 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         help="serve Prometheus metrics at http://HOST:PORT/metrics (0: a free port, in GetStatus); off by default",
     )
+    add("--trace-file", help="write OpenTelemetry spans of every call here, a JSON object a line (extra [otel])")
     add("--lease-seconds", type=float, default=900.0, help="an owner silent this long may be replaced (0: never)")
     add("--shutdown-grace", type=float, default=60.0, help="seconds the call in progress may take after SIGTERM")
     add("--log-level", default="INFO")
@@ -93,7 +94,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     tls = TlsFiles(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
     server = WorkerServer(
-        options, args.port, args.max_message_mb, token=read_token(args), tls=tls, metrics_port=args.metrics_port
+        options,
+        args.port,
+        args.max_message_mb,
+        token=read_token(args),
+        tls=tls,
+        metrics_port=args.metrics_port,
+        trace_file=args.trace_file,
     )
     stopping = threading.Event()
 

@@ -184,6 +184,14 @@ def _guarded(handler: Any, guard: Callable[[grpc.ServicerContext], Any], frames_
     return factory(unary, **codec)
 
 
+def _tracing(trace_file: str | None) -> list[Any]:
+    if not trace_file:
+        return []
+    from twinkle_worker.tracing import server_interceptor
+
+    return [server_interceptor(trace_file)]
+
+
 class WorkerServer:
     """A started server; `port` is the bound port (ask for port 0 to get a free one). With `metrics_port`
     (0: a free one) it serves Prometheus metrics over HTTP from start(); `metrics_port` is then the bound one."""
@@ -196,6 +204,7 @@ class WorkerServer:
         token: str | None = None,
         tls: TlsFiles | None = None,
         metrics_port: int | None = None,
+        trace_file: str | None = None,
     ) -> None:
         limit = max_message_mb << 20
         self.servicer = WorkerServicer(options)
@@ -205,7 +214,8 @@ class WorkerServer:
         self._metrics_endpoint: MetricsEndpoint | None = None
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=HANDLER_THREADS, thread_name_prefix="grpc"),
-            interceptors=[MetricsInterceptor(self.metrics), self.gate],  # outermost: refused calls are counted too
+            # metrics outermost: refused calls are counted too; tracing (optional) sees the gate's refusals
+            interceptors=[MetricsInterceptor(self.metrics), *_tracing(trace_file), self.gate],
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
