@@ -219,6 +219,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"held-out loss: before {held_out_losses[0][1]:.4f} -> after {held_out_losses[-1][1]:.4f}")
         shape = f"{config.grad_accum} micro-batches of {config.batch_size} x {config.seq_len} bytes"
         print(f"trained {config.steps} steps x {shape} in {train_seconds:.1f} s")
+        timing = model.last_step_timing()
+        if timing is not None:
+            print(f"last step, where the time went: {timing.describe()}")
         saved = model.save(name="adapter" if adapter else "model", adapter_name=adapter)
         plot_path = out / "loss.png"
         plot(losses, held_out_losses, plot_path, f"Qwen2 {config.hidden}x{config.layers} on {config.ranks} rank(s)")

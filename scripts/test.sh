@@ -2,7 +2,7 @@
 # The test command (README, CI): installs the project with its test tools, then runs every test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python3 -m pip install -q -e '.[worker,demo,dev]'
+python3 -m pip install -q -e '.[worker,demo,dev,otel]'
 if [ -f examples/node/package.json ]; then (cd examples/node && npm ci --silent --no-audit --no-fund); fi
 
 # The Go scheduler (examples/go) builds offline from Debian's packages; install them when missing.

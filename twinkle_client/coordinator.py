@@ -123,7 +123,9 @@ class Coordinator:
         session_id: str | None = None,
         retry_seconds: float = 5.0,
         abort_grace_seconds: float = 10.0,
+        wrap_channel: Callable[[grpc.Channel], grpc.Channel] | None = None,
     ) -> None:
+        """`wrap_channel` (e.g. twinkle_client.tracing's) wraps the channels of the unary WorkerService calls."""
         options = [
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -131,7 +133,9 @@ class Coordinator:
         self.security = security or ChannelSecurity()
         self.addresses = list(addresses)
         self.channels = [self.security.channel(address, options) for address in self.addresses]
-        self.stubs = [worker_pb2_grpc.WorkerServiceStub(channel) for channel in self.channels]
+        # Health checks and the stream RPCs keep the plain channels: they need cancel() and trailing_metadata().
+        wrapped = [wrap_channel(channel) for channel in self.channels] if wrap_channel else self.channels
+        self.stubs = [worker_pb2_grpc.WorkerServiceStub(channel) for channel in wrapped]
         # The stream RPCs with streaming's frame codec (data frames as raw bytes both ways; same wire format).
         self.stream_calls = [
             {
@@ -364,6 +368,10 @@ class _RankCall:
         self._cancelled = False
         self._call: Any = None
         self._first_error: grpc.RpcError | None = None
+        # For twinkle_client.timing: when the last attempt was sent and answered, and its trailing metadata.
+        self.sent_at = 0.0
+        self.finished_at: float | None = None
+        self.trailing: Any = ()
 
     @property
     def idempotent(self) -> bool:
@@ -374,6 +382,7 @@ class _RankCall:
         stub = self.owner.stream_calls[self.rank].get(self.method) or getattr(self.owner.stubs[self.rank], self.method)
         options = {"timeout": self.timeout, "metadata": self.owner.metadata, "wait_for_ready": wait_for_ready}
         streamed = self.frames is not None or self.method in UNARY_STREAM
+        self.sent_at = time.perf_counter()
         try:
             if self.frames is not None:
                 self._call = stub(self.frames(self.request), **options)
@@ -390,6 +399,7 @@ class _RankCall:
             self._call.add_done_callback(self._unary_done)
 
     def _unary_done(self, call: Any) -> None:
+        self._answered(call)
         try:
             self._settle(call.result(), None)
         except grpc.RpcError as error:
@@ -401,12 +411,21 @@ class _RankCall:
         try:
             value = list(call) if self.collect is None else self.collect(self.rank, call)
         except grpc.RpcError as error:
+            self._answered(call)
             self._settle(None, error)
         except TwinkleError as error:  # the responses did not make sense (a bad stream): fails this call
             call.cancel()
             self._settle(None, _LocalError(error.code, str(error)))
         else:
+            self._answered(call)
             self._settle(value, None)
+
+    def _answered(self, call: Any) -> None:
+        self.finished_at = time.perf_counter()
+        try:
+            self.trailing = call.trailing_metadata() or ()
+        except grpc.RpcError:  # a call that never started has none
+            self.trailing = ()
 
     def _settle(self, value: Any, error: grpc.RpcError | None) -> None:
         if (

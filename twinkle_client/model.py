@@ -17,6 +17,7 @@ import json
 import os
 import random
 import secrets
+import time
 import weakref
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future
@@ -24,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from twinkle_client import cluster, shared_memory, streaming, tensors
+from twinkle_client import cluster, shared_memory, streaming, tensors, timing, tracing
 from twinkle_client._proto import tensor_pb2, worker_pb2
 from twinkle_client.batch import collate, take_rows
 from twinkle_client.coordinator import ChannelSecurity, Coordinator
@@ -72,7 +73,10 @@ class TransformersModel:
     before its error is raised, default 5), `abort_grace_seconds` (how long to wait for the
     other ranks once one rank's collective failed, default 10), `lease_seconds` (how long this
     client may stay silent before another client may take its workers over; default the
-    workers' --lease-seconds).
+    workers' --lease-seconds). Observability: `metrics` (embedded workers serve Prometheus
+    metrics on free ports: see metrics_urls(); default False), `tracer_provider` (an
+    OpenTelemetry TracerProvider: every call gets a span and carries its trace context to the
+    workers; extra `[otel]`; default none).
     """
 
     def __init__(
@@ -104,6 +108,8 @@ class TransformersModel:
         retry_seconds = float(kwargs.pop("retry_seconds", 5.0))
         abort_grace_seconds = float(kwargs.pop("abort_grace_seconds", 10.0))
         use_shared_memory = bool(kwargs.pop("shared_memory", True))
+        serve_metrics = bool(kwargs.pop("metrics", False))
+        tracer_provider = kwargs.pop("tracer_provider", None)
         if strategy not in STRATEGIES:
             raise InvalidArgument(f"strategy {strategy!r} is unknown; use one of {sorted(STRATEGIES)}")
         if mixed_precision not in PRECISIONS:
@@ -121,7 +127,11 @@ class TransformersModel:
         if group is None:
             token = token or secrets.token_urlsafe(24)  # other local users cannot drive embedded workers
             self.local = LocalWorkers(
-                self.mesh.world_size, device=device, output_root=output_root, env={"TWINKLE_WORKER_TOKEN": token}
+                self.mesh.world_size,
+                device=device,
+                output_root=output_root,
+                env={"TWINKLE_WORKER_TOKEN": token},
+                extra_args=["--metrics-port", "0"] if serve_metrics else None,
             )
             security = ChannelSecurity(token=token)
             addresses = self.local.addresses
@@ -154,9 +164,11 @@ class TransformersModel:
             security=security,
             retry_seconds=retry_seconds,
             abort_grace_seconds=abort_grace_seconds,
+            wrap_channel=tracing.channel_wrapper(tracer_provider) if tracer_provider is not None else None,
         )
         self._pool = shared_memory.Pool()
         self._export_bytes: dict[str, int] = {}  # bytes of the last export of each group (its segment's size)
+        self._clock = timing.StepClock()
         self._finalizer = weakref.finalize(self, _shutdown, self.coordinator, self.local, self._pool)
         self.session_id = self.coordinator.session_id  # the lease: this client owns the workers until close()
         try:
@@ -311,6 +323,7 @@ class TransformersModel:
         return self._forward("ForwardOnly", template, inputs)
 
     def _forward(self, method: str, template: Any, inputs: Any) -> Future[dict[str, Any]]:
+        started = time.perf_counter()
         columns, lengths = collate(inputs)
         self._check_tokens(columns)
         batch_size = len(lengths)
@@ -344,6 +357,7 @@ class TransformersModel:
         stream_type = _STREAM_TYPES[method] if stream else None
         frames = (lambda outgoing: streaming.frames(outgoing, stream_type[0])) if stream_type else None
         futures = self.coordinator.submit(method + "Stream" if stream else method, requests, frames=frames)
+        client_seconds = time.perf_counter() - started
         as_list = not isinstance(inputs, Mapping)
         width = next(iter(columns.values())).shape[1]
         collect = self.mesh.collect_ranks()
@@ -358,6 +372,7 @@ class TransformersModel:
                 if shared:
                     shared.retire()  # a retried call may still read the segments: never reuse them
                 raise
+            merging = time.perf_counter()
             try:
                 outputs = []
                 for rank in collect:
@@ -379,7 +394,9 @@ class TransformersModel:
             finally:
                 if shared:
                     shared.release()
-            return _merge_outputs(outputs, lengths, width, as_list)
+            merged = _merge_outputs(outputs, lengths, width, as_list)
+            self._clock.add(timing.call_timing(futures, client_seconds, time.perf_counter() - merging))
+            return merged
 
         return _LazyFuture(merge)
 
@@ -496,6 +513,7 @@ class TransformersModel:
         gradient_accumulation_steps: int | None = None,
         optim_params: Mapping[str, Any] | None = None,
     ) -> Future[dict[str, Any]]:
+        started = time.perf_counter()
         request = worker_pb2.ClipGradAndStepRequest(
             adapter_name=adapter_name or "",
             max_grad_norm=max_grad_norm,
@@ -504,9 +522,11 @@ class TransformersModel:
         )
         _fill_optim_params(request.optim_params, optim_params)
         futures = self.coordinator.submit("ClipGradAndStep", _copies(request, self.coordinator.size))
+        client_seconds = time.perf_counter() - started
 
         def result() -> dict[str, Any]:
             reply = self.coordinator.gather("ClipGradAndStep", futures)[0]
+            self._clock.add(timing.call_timing(futures, client_seconds), step_done=reply.applied)
             return {
                 "applied": reply.applied,
                 "grad_norm": reply.grad_norm if reply.applied else None,
@@ -605,6 +625,34 @@ class TransformersModel:
         self._export_bytes[group] = segment_bytes([array.nbytes for array in weights.values()])
         return weights
 
+    def last_step_timing(self) -> timing.StepTiming | None:
+        """Where the last optimizer step's time went: client, wire, queue, compute, worker codec, merge.
+
+        Returns:
+            The calls since the step before it up to the step that applied (Step or
+            clip_grad_and_step), summed; None before the first step.
+
+        Example:
+            model.clip_grad_and_step()
+            print(model.last_step_timing().describe())
+        """
+        return self._clock.last
+
+    def metrics_urls(self) -> list[str]:
+        """Each rank's Prometheus endpoint (http://HOST:PORT/metrics), "" for a rank that serves none.
+
+        Example:
+            model = TransformersModel(config=config, metrics=True)  # embedded workers on free ports
+            urls = model.metrics_urls()
+        """
+        hosts = [cluster.host_of(address) for address in self.coordinator.addresses]
+        return [
+            f"http://{f'[{host}]' if ':' in host else host}:{status.metrics_port}/metrics"
+            if status.metrics_port
+            else ""
+            for host, status in zip(hosts, self.status(), strict=True)
+        ]
+
     def status(self) -> list[Any]:
         """GetStatus of every rank."""
         return self.coordinator.call(
@@ -614,8 +662,13 @@ class TransformersModel:
     # ------------------------------------------------------------ plumbing
 
     def _all(self, method: str, request: Any) -> Any:
-        """The same call to every rank; rank 0's reply."""
-        return self.coordinator.call(method, _copies(request, self.coordinator.size))[0]
+        """The same call to every rank; rank 0's reply (its time counts in the step in progress)."""
+        started = time.perf_counter()
+        futures = self.coordinator.submit(method, _copies(request, self.coordinator.size))
+        client_seconds = time.perf_counter() - started
+        reply = self.coordinator.gather(method, futures)[0]
+        self._clock.add(timing.call_timing(futures, client_seconds), step_done=method == "Step" and reply.applied)
+        return reply
 
     def close(self) -> None:
         """Releases the workers: Reset on remote ones, stops embedded ones."""

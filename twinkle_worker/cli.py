@@ -83,6 +83,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--tls-cert", help="PEM certificate (chain) of this worker: serve TLS")
     add("--tls-key", help="PEM private key of --tls-cert")
     add("--tls-client-ca", help="PEM CA bundle: require client certificates signed by it (mutual TLS)")
+    add(
+        "--metrics-port",
+        type=int,
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (0: a free port, in GetStatus); off by default",
+    )
+    add("--trace-file", help="write OpenTelemetry spans of every call here, a JSON object a line (extra [otel])")
     add("--lease-seconds", type=float, default=900.0, help="an owner silent this long may be replaced (0: never)")
     add("--shutdown-grace", type=float, default=60.0, help="seconds the call in progress may take after SIGTERM")
     add("--log-level", default="INFO")
@@ -178,7 +184,15 @@ def main(argv: list[str] | None = None) -> None:
     )
     tls = TlsFiles(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
     token = read_token(args)
-    server = WorkerServer(options, port, args.max_message_mb, token=token, tls=tls)
+    server = WorkerServer(
+        options,
+        port,
+        args.max_message_mb,
+        token=token,
+        tls=tls,
+        metrics_port=args.metrics_port,
+        trace_file=args.trace_file,
+    )
     registrar = join_mesh(server, args, where, token)
     stopping = threading.Event()
 
@@ -190,6 +204,8 @@ def main(argv: list[str] | None = None) -> None:
     server.start()
     if registrar is not None:
         registrar.start()
+    if server.metrics_port is not None:  # on stderr: stdout's one line is parsed by launchers
+        logging.getLogger(__name__).info("metrics on http://%s:%d/metrics", options.host, server.metrics_port)
     print(f"twinkle-worker listening on {server.address}", flush=True)
     stopping.wait()
     logging.getLogger(__name__).info("signal received: refusing new calls, finishing the one in progress")

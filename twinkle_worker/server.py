@@ -21,6 +21,7 @@ from grpc_reflection.v1alpha import reflection
 
 from twinkle_client._proto import worker_pb2, worker_pb2_grpc
 from twinkle_client.streaming import frame_parser, serialize_frame
+from twinkle_worker.metrics import MetricsEndpoint, MetricsInterceptor, WorkerMetrics
 from twinkle_worker.servicer import WorkerOptions, WorkerServicer
 
 log = logging.getLogger(__name__)
@@ -183,8 +184,17 @@ def _guarded(handler: Any, guard: Callable[[grpc.ServicerContext], Any], frames_
     return factory(unary, **codec)
 
 
+def _tracing(trace_file: str | None) -> list[Any]:
+    if not trace_file:
+        return []
+    from twinkle_worker.tracing import server_interceptor
+
+    return [server_interceptor(trace_file)]
+
+
 class WorkerServer:
-    """A started server; `port` is the bound port (ask for port 0 to get a free one)."""
+    """A started server; `port` is the bound port (ask for port 0 to get a free one). With `metrics_port`
+    (0: a free one) it serves Prometheus metrics over HTTP from start(); `metrics_port` is then the bound one."""
 
     def __init__(
         self,
@@ -193,13 +203,19 @@ class WorkerServer:
         max_message_mb: int = DEFAULT_MAX_MESSAGE_MB,
         token: str | None = None,
         tls: TlsFiles | None = None,
+        metrics_port: int | None = None,
+        trace_file: str | None = None,
     ) -> None:
         limit = max_message_mb << 20
         self.servicer = WorkerServicer(options)
         self.gate = GateInterceptor(token)
+        self.metrics = WorkerMetrics(self.servicer.lease_state)
+        self.metrics_port = metrics_port
+        self._metrics_endpoint: MetricsEndpoint | None = None
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=HANDLER_THREADS, thread_name_prefix="grpc"),
-            interceptors=[self.gate],
+            # metrics outermost: refused calls are counted too; tracing (optional) sees the gate's refusals
+            interceptors=[MetricsInterceptor(self.metrics), *_tracing(trace_file), self.gate],
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
@@ -221,6 +237,9 @@ class WorkerServer:
         self.security += ", bearer token required" if token else ", no token"
 
     def start(self) -> None:
+        if self.metrics_port is not None:
+            self._metrics_endpoint = MetricsEndpoint(self.metrics, self.servicer.options.host, self.metrics_port)
+            self.metrics_port = self.servicer.metrics_port = self._metrics_endpoint.port
         self.server.start()
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -235,6 +254,8 @@ class WorkerServer:
             log.warning("calls still in progress after %s s; stopping anyway", grace)
         self.server.stop(1.0).wait()
         self.servicer.close()
+        if self._metrics_endpoint is not None:
+            self._metrics_endpoint.close()
 
     def wait(self) -> None:
         self.server.wait_for_termination()

@@ -25,7 +25,7 @@ from twinkle_client import __version__, shared_memory, streaming, tensors
 from twinkle_client._proto import tensor_pb2, worker_pb2, worker_pb2_grpc
 from twinkle_client.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, TwinkleError, Unavailable
 from twinkle_client.mesh import DeviceMesh
-from twinkle_worker import mesh_registry, validation
+from twinkle_worker import mesh_registry, metrics, validation
 from twinkle_worker.model import ForwardResult, TransformersModel
 from twinkle_worker.session import SEQUENCE_WAIT_SECONDS, Ledger
 from twinkle_worker.strategies import Rendezvous
@@ -150,6 +150,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         self.placed_rank: int | None = None
         self.registry: mesh_registry.MeshRegistry | None = None
         self.rank0_address: str | None = None
+        self.metrics_port = 0  # the Prometheus endpoint's, once WorkerServer serves one
         os.makedirs(options.output_root, exist_ok=True)
 
     # ------------------------------------------------------------ plumbing
@@ -171,7 +172,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         """
         number = call.sequence_number if call is not None else 0
         session = call.session_id if call is not None else None
-        checked = fn if request is None else lambda: self._checked(request, fn)
+        checked = metrics.timed(fn if request is None else lambda: self._checked(request, fn))
         remaining = context.time_remaining()  # answer a gap before the caller's deadline passes
         wait = SEQUENCE_WAIT_SECONDS if remaining is None else max(0.0, min(SEQUENCE_WAIT_SECONDS, remaining - 0.25))
         try:
@@ -668,7 +669,12 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             vocab_size=model.vocab_size if model else 0,
             shared_memory_probe_data=self._probe(request.shared_memory_probe),
             incarnation=mesh_registry.INCARNATION,
+            metrics_port=self.metrics_port,
         )
+
+    def lease_state(self) -> tuple[bool, bool, float]:
+        """(initialised, owned by a session, lease seconds left): the metrics' lease gauges."""
+        return self.model is not None, bool(self._ledger.session_id), self._ledger.lease_seconds_left()
 
     def RegisterRank(
         self, request: worker_pb2.RegisterRankRequest, context: grpc.ServicerContext

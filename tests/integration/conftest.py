@@ -55,3 +55,9 @@ def session_config() -> Any:
 def remote(one_worker: Any) -> Iterator[Callable[..., Any]]:
     """Factory of clients on the pooled worker; each is closed (Reset) at teardown."""
     yield from _shared.open_clients(one_worker)
+
+
+@pytest.fixture(scope="module")
+def module_config() -> Any:
+    """The tiny qwen2 config, for module-scoped fixtures (which cannot use `config`)."""
+    return tiny_config()

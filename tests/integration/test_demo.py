@@ -61,6 +61,8 @@ def check_outputs(out: pathlib.Path, stdout: str) -> None:
     assert losses["last"] < losses["first"] - 0.3, f"the training loss did not fall: {losses}"
     assert losses["held_out_after"] < losses["held_out_before"] - 0.3, f"the held-out loss did not fall: {losses}"
     assert f"checkpoint: {adapter.resolve()}" in stdout and f"loss curve: {plot.resolve()}" in stdout
+    phases = ", ".join(f"{phase} [0-9.]+" for phase in ("client", "wire", "queue", "compute", "worker codec", "merge"))
+    assert re.search(rf"last step, where the time went: [1-9][0-9]* calls, ms: {phases}\n", stdout), stdout
 
 
 @pytest.fixture(scope="module")

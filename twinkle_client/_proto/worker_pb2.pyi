@@ -487,7 +487,7 @@ class GetStatusRequest(_message.Message):
     def __init__(self, shared_memory_probe: _Optional[str] = ...) -> None: ...
 
 class GetStatusResponse(_message.Message):
-    __slots__ = ("initialized", "rank", "world_size", "mesh", "model", "device", "groups", "last_sequence_number", "pid", "version", "session_id", "free_port", "vocab_size", "lease_seconds_left", "shared_memory_probe_data", "incarnation")
+    __slots__ = ("initialized", "rank", "world_size", "mesh", "model", "device", "groups", "last_sequence_number", "pid", "version", "session_id", "free_port", "vocab_size", "lease_seconds_left", "shared_memory_probe_data", "incarnation", "metrics_port")
     INITIALIZED_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -504,6 +504,7 @@ class GetStatusResponse(_message.Message):
     LEASE_SECONDS_LEFT_FIELD_NUMBER: _ClassVar[int]
     SHARED_MEMORY_PROBE_DATA_FIELD_NUMBER: _ClassVar[int]
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    METRICS_PORT_FIELD_NUMBER: _ClassVar[int]
     initialized: bool
     rank: int
     world_size: int
@@ -520,7 +521,8 @@ class GetStatusResponse(_message.Message):
     lease_seconds_left: float
     shared_memory_probe_data: bytes
     incarnation: str
-    def __init__(self, initialized: _Optional[bool] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., mesh: _Optional[_Union[DeviceMesh, _Mapping]] = ..., model: _Optional[str] = ..., device: _Optional[str] = ..., groups: _Optional[_Iterable[str]] = ..., last_sequence_number: _Optional[int] = ..., pid: _Optional[int] = ..., version: _Optional[str] = ..., session_id: _Optional[str] = ..., free_port: _Optional[int] = ..., vocab_size: _Optional[int] = ..., lease_seconds_left: _Optional[float] = ..., shared_memory_probe_data: _Optional[bytes] = ..., incarnation: _Optional[str] = ...) -> None: ...
+    metrics_port: int
+    def __init__(self, initialized: _Optional[bool] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., mesh: _Optional[_Union[DeviceMesh, _Mapping]] = ..., model: _Optional[str] = ..., device: _Optional[str] = ..., groups: _Optional[_Iterable[str]] = ..., last_sequence_number: _Optional[int] = ..., pid: _Optional[int] = ..., version: _Optional[str] = ..., session_id: _Optional[str] = ..., free_port: _Optional[int] = ..., vocab_size: _Optional[int] = ..., lease_seconds_left: _Optional[float] = ..., shared_memory_probe_data: _Optional[bytes] = ..., incarnation: _Optional[str] = ..., metrics_port: _Optional[int] = ...) -> None: ...
 
 class ResetRequest(_message.Message):
     __slots__ = ("context", "force")
