@@ -17,7 +17,8 @@ from plain_reference import base_model, counting_samples
 from twinkle_client.errors import InvalidArgument
 
 ATOL = 1e-5
-LORA = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear")
+# Dropout on: a sample must run in eval mode to equal the (eval-mode) reference.
+DROPOUT_LORA = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.5, target_modules="all-linear")
 PROMPTS = [[5, 6, 7], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [200, 17], [42]]
 
 
@@ -47,7 +48,21 @@ def _forward_only_logprobs(model, prompt: list[int], completion: list[int], temp
     return logps[len(prompt) - 1 : -1]
 
 
-def test_greedy_equals_plain_generate_and_logprobs_equal_forward_only(remote, config) -> None:  # type: ignore[no-untyped-def]
+def _gpt2_config():  # type: ignore[no-untyped-def]
+    """GPT-2 learns absolute positions (RoPE models are shift-invariant): wrong position ids under
+    left padding change its results."""
+    from transformers import GPT2Config
+
+    return GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=256, n_positions=256, resid_pdrop=0.5)
+
+
+@pytest.fixture(params=["qwen2", "gpt2"])
+def any_config(request, config):  # type: ignore[no-untyped-def]
+    return config if request.param == "qwen2" else _gpt2_config()
+
+
+def test_greedy_equals_plain_generate_and_logprobs_equal_forward_only(remote, any_config) -> None:  # type: ignore[no-untyped-def]
+    config = any_config
     model = remote(config=config, seed=0)
     reference = base_model(config, seed=0)
     out = model.sample(PROMPTS, max_tokens=10, temperature=0.0, stop=[])
@@ -85,8 +100,8 @@ def test_same_seed_same_samples_other_seed_others(remote, config) -> None:  # ty
     assert first == again  # logprobs and stop reasons too, bit for bit
 
 
-def test_left_padding_does_not_change_a_prompt_s_samples(remote, config) -> None:  # type: ignore[no-untyped-def]
-    model = remote(config=config, seed=0)
+def test_left_padding_does_not_change_a_prompt_s_samples(remote, any_config) -> None:  # type: ignore[no-untyped-def]
+    model = remote(config=any_config, seed=0)
     short = [9, 8]  # index 0 in both calls (the seed hashes the prompt's index): padded by 9 in the batch
     batch = model.sample([short, *PROMPTS], num_samples=2, max_tokens=10, temperature=1.2, seed=5)
     alone = model.sample([short], num_samples=2, max_tokens=10, temperature=1.2, seed=5)
@@ -189,14 +204,14 @@ def test_sampling_after_a_step_sees_the_new_weights(remote, config) -> None:  # 
 
 def test_adapter_name_samples_that_adapter_and_none_the_base(remote, config) -> None:  # type: ignore[no-untyped-def]
     model = remote(config=config, seed=0)
-    model.add_adapter_to_model("policy", LORA)
+    model.add_adapter_to_model("policy", DROPOUT_LORA)
     model.set_optimizer("AdamW", lr=5e-2, adapter_name="policy")
     batch = counting_samples(np.random.default_rng(0), 4, 12)
     for _ in range(2):
         model.forward_backward(batch, adapter_name="policy")
         model.clip_grad_and_step(max_grad_norm=1.0, adapter_name="policy")
     base = base_model(config, seed=0)
-    tuned = get_peft_model(base_model(config, seed=0), LORA, adapter_name="policy")
+    tuned = get_peft_model(base_model(config, seed=0), DROPOUT_LORA, adapter_name="policy")
     set_peft_model_state_dict(
         tuned, {k: torch.as_tensor(v) for k, v in model.export_weights("policy").items()}, adapter_name="policy"
     )
