@@ -383,7 +383,8 @@ class TransformersModel:
                 f"{len(rows)} prompts x num_samples {num_samples} make {len(prompt_indices)} rows, fewer than the "
                 f"data world size {data_world} of {self.mesh}: send at least {data_world}"
             )
-        params = worker_pb2.SamplingParams(
+        params = sampling.to_proto(
+            worker_pb2.SamplingParams(),
             max_tokens=max_tokens,
             temperature=temperature,
             top_p=top_p,

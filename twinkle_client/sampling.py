@@ -91,6 +91,17 @@ def check_num_samples(num_samples: Any) -> int:
     return int(num_samples)
 
 
+def to_proto(message: Any, **values: Any) -> Any:
+    """Fills a SamplingParams message; a value its field cannot hold (a float for max_tokens, a
+    negative seed) is InvalidArgument naming the field. Ranges are the worker's to check."""
+    for name, value in values.items():
+        try:
+            setattr(message, name, value)
+        except (TypeError, ValueError) as error:
+            raise InvalidArgument(f"{name}: {value!r} does not fit the field ({error})") from None
+    return message
+
+
 def expand(rows: Sequence[np.ndarray], num_samples: int) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
     """Right-padded columns of every (prompt, sample) row, prompt-major, with each row's prompt and sample index."""
     count = len(rows) * num_samples

@@ -318,3 +318,62 @@ def test_sample_async_runs_in_submission_order(remote, config) -> None:  # type:
     reference = base_model(config, seed=0)
     assert [g[0].tokens for g in before.result()] == [_greedy(reference, p, 8) for p in PROMPTS]
     assert [g[0].tokens for g in after.result()] != [g[0].tokens for g in before.result()]
+
+
+def _raw_request(**change):  # type: ignore[no-untyped-def]
+    """A valid Sample request for 2 rows, as a client in another language would build it."""
+    from twinkle_client import tensors
+    from twinkle_client._proto import worker_pb2
+
+    ids = np.array([[5, 6, 7], [8, 0, 0]], dtype=np.int64)
+    mask = np.array([[1, 1, 1], [1, 0, 0]], dtype=np.int64)
+    arrays = {"input_ids": change.pop("input_ids", ids), "attention_mask": change.pop("attention_mask", mask)}
+    params = worker_pb2.SamplingParams(max_tokens=4, seed=1, num_samples=1)
+    for key in ("max_tokens", "num_samples", "top_k"):
+        if key in change:
+            setattr(params, key, change.pop(key))
+    if "stop" in change:
+        params.stop.sequences.extend(worker_pb2.TokenSequence(token_ids=s) for s in change.pop("stop"))
+    request = worker_pb2.SampleRequest(
+        prompt_indices=change.pop("prompt_indices", [0, 1]),
+        sample_indices=change.pop("sample_indices", [0, 0]),
+        sampling_params=params,
+    )
+    tensors.map_to_proto({k: v for k, v in arrays.items() if v is not None}, request.prompts)
+    assert not change
+    return request
+
+
+RAW_BAD = [
+    ({"prompt_indices": [0]}, "prompt_indices"),
+    ({"sample_indices": [0, 1]}, "sample_indices"),
+    ({"prompt_indices": [0, -1]}, "prompt_indices"),
+    ({"attention_mask": np.array([[0, 1, 1], [1, 0, 0]], dtype=np.int64)}, "right-padded"),
+    ({"attention_mask": np.array([[1, 1, 1], [0, 0, 0]], dtype=np.int64)}, "empty"),
+    ({"input_ids": None}, "input_ids"),
+    ({"input_ids": np.array([[5.0, 6, 7], [8, 0, 0]])}, "input_ids"),
+    ({"num_samples": 5000}, "num_samples"),
+    ({"max_tokens": -3}, "max_tokens"),
+    ({"top_k": -2}, "top_k"),
+    ({"stop": [[]]}, "stop[0]"),
+    ({"stop": [[1] * 65]}, "stop[0]"),
+]
+
+
+@pytest.mark.parametrize(("change", "field"), RAW_BAD, ids=[f"{field}-{i}" for i, (_, field) in enumerate(RAW_BAD)])
+def test_malformed_raw_requests_are_invalid_argument(remote, config, change: dict, field: str) -> None:  # type: ignore[no-untyped-def, type-arg]
+    model = remote(config=config, seed=0)
+    good = model.coordinator.call("Sample", [_raw_request()])[0]
+    assert len(good.sequences) == 2 and all(len(s.tokens) == len(s.logprobs) > 0 for s in good.sequences)
+    with pytest.raises(InvalidArgument, match=field.replace("[", r"\[").replace("]", r"\]")):
+        model.coordinator.call("Sample", [_raw_request(**change)])
+    assert model.coordinator.call("Sample", [_raw_request()])[0] == good
+
+
+@pytest.mark.parametrize(
+    ("change", "field"), [({"max_tokens": 1.5}, "max_tokens"), ({"seed": -1}, "seed"), ({"top_k": "5"}, "top_k")]
+)
+def test_values_the_fields_cannot_hold_are_refused_by_the_client(remote, config, change: dict, field: str) -> None:  # type: ignore[no-untyped-def, type-arg]
+    model = remote(config=config, seed=0)
+    with pytest.raises(InvalidArgument, match=field):
+        model.sample(**{"prompts": PROMPTS, "max_tokens": 5, **change})
