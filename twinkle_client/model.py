@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from twinkle_client import cluster, shared_memory, streaming, tensors, timing, tracing
+from twinkle_client import cluster, sampling, shared_memory, streaming, tensors, timing, tracing
 from twinkle_client._proto import tensor_pb2, worker_pb2
 from twinkle_client.batch import collate, take_rows
 from twinkle_client.coordinator import ChannelSecurity, Coordinator
@@ -33,6 +33,7 @@ from twinkle_client.errors import InvalidArgument
 from twinkle_client.local import LocalWorkers, wait_serving
 from twinkle_client.lora import fill_lora_config
 from twinkle_client.mesh import DeviceMesh, slice_bounds
+from twinkle_client.sampling import SampledSequence
 from twinkle_client.shared_memory import segment_bytes
 
 STRATEGIES = {"accelerate": worker_pb2.STRATEGY_ACCELERATE, "native_fsdp": worker_pb2.STRATEGY_NATIVE_FSDP}
@@ -321,6 +322,155 @@ class TransformersModel:
             disable_lora=disable_lora,
         )
         return self._forward("ForwardOnly", template, inputs)
+
+    # ----------------------------------------------------------- sampling
+
+    def sample(
+        self,
+        prompts: Any,
+        num_samples: int = 1,
+        max_tokens: int = 16,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        stop: Any = None,
+        seed: int | None = None,
+        adapter_name: str | None = None,
+    ) -> list[list[SampledSequence]]:
+        """Samples completions of prompts from the model being trained (its current weights: a
+        sample after clip_grad_and_step sees the step), in eval mode, without gradients.
+
+        Rows (prompt, sample) are sliced over the data ranks like a batch; each row draws from its
+        own generator seeded from (seed, prompt index, sample index), so the same seed gives the
+        same samples whatever the mesh shape and whatever else is in the batch.
+
+        Args:
+            prompts: token-id lists, or a dict of 2-D arrays {"input_ids", "attention_mask"} (the
+                tokens where the mask is 1, left or right padded).
+            num_samples: completions per prompt, in [1, 1024].
+            max_tokens: tokens to generate at most per completion, in [1, 8192].
+            temperature: logits are divided by it; 0 is greedy.
+            top_p: draw from the most likely tokens whose probabilities sum to top_p, in (0, 1].
+            top_k: draw from the top_k most likely tokens; 0: all.
+            stop: token ids and/or token-id sequences that end a completion; None: the model's EOS
+                (its generation_config, else its config); [] : none, only max_tokens.
+            seed: the samples' seed; None: a random one.
+            adapter_name: sample from this adapter's current weights; None: the full model, or the
+                base model with every adapter switched off.
+
+        Returns:
+            Per prompt, per sample, a SampledSequence: the generated tokens (ending with the stop
+            sequence when one ended it), one log-probability per token (under softmax(logits /
+            temperature) without top_p / top_k renormalisation, as forward_only computes it; see
+            SampledSequence), and stop_reason "stop" or "length".
+
+        Example:
+            >>> groups = model.sample([[1, 2, 3]], num_samples=4, max_tokens=8, temperature=0.7, seed=0)
+            >>> [len(s.tokens) for s in groups[0]]
+            [8, 8, 3, 8]
+        """
+        return self.sample_async(
+            prompts, num_samples, max_tokens, temperature, top_p, top_k, stop, seed, adapter_name
+        ).result()
+
+    def sample_async(
+        self,
+        prompts: Any,
+        num_samples: int = 1,
+        max_tokens: int = 16,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        stop: Any = None,
+        seed: int | None = None,
+        adapter_name: str | None = None,
+    ) -> Future[list[list[SampledSequence]]]:
+        """sample(...), sent at once; the Future's result() is sample's return value. Calls still run
+        in submission order on every rank (a sample submitted after a step sees the step).
+
+        Args:
+            As sample.
+
+        Returns:
+            A Future of sample's result.
+
+        Example:
+            >>> future = model.sample_async([[1, 2, 3]], max_tokens=8, seed=0)
+            >>> model.forward_backward(batch)  # queued behind the sample on every rank
+            >>> completions = future.result()
+        """
+        rows = sampling.prompt_rows(prompts)
+        num_samples = sampling.check_num_samples(num_samples)
+        columns, prompt_indices, sample_indices = sampling.expand(rows, num_samples)
+        data_world = self.mesh.data_world_size
+        if len(prompt_indices) < data_world:
+            raise InvalidArgument(
+                f"{len(rows)} prompts x num_samples {num_samples} make {len(prompt_indices)} rows, fewer than the "
+                f"data world size {data_world} of {self.mesh}: send at least {data_world}"
+            )
+        params = sampling.to_proto(
+            worker_pb2.SamplingParams(),
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            seed=random.randrange(2**63) if seed is None else seed,
+            num_samples=num_samples,
+        )
+        stops = sampling.stop_sequences(stop)
+        if stops is not None:
+            params.stop.SetInParent()  # present even when empty: exactly these, no EOS
+            params.stop.sequences.extend(worker_pb2.TokenSequence(token_ids=sequence) for sequence in stops)
+        bounds = slice_bounds(len(prompt_indices), data_world)
+        requests = []
+        for rank in range(self.mesh.world_size):
+            start, stop_row = bounds[self.mesh.data_rank(rank)]
+            request = worker_pb2.SampleRequest(
+                adapter_name=adapter_name or "",
+                prompt_indices=prompt_indices[start:stop_row].tolist(),
+                sample_indices=sample_indices[start:stop_row].tolist(),
+                sampling_params=params,
+            )
+            tensors.map_to_proto(take_rows(columns, start, stop_row), request.prompts)
+            requests.append(request)
+        futures = self.coordinator.submit("Sample", requests)
+        collect = self.mesh.collect_ranks()
+
+        def result() -> list[list[SampledSequence]]:
+            replies = self.coordinator.gather("Sample", futures)
+            sequences = [sampling.from_proto(item) for rank in collect for item in replies[rank].sequences]
+            return sampling.group_by_prompt(sequences, num_samples)
+
+        return _LazyFuture(result)
+
+    def compute_logprobs(
+        self, sequences: Sequence[Sequence[int]], adapter_name: str | None = None, disable_lora: bool = False
+    ) -> list[list[float | None]]:
+        """Per-token log-probabilities of given token sequences (prompt and completion), e.g. the
+        reference-model pass of a KL penalty. A forward_only with labels = the next token.
+
+        Args:
+            sequences: token-id lists (each at least one token).
+            adapter_name: score with this adapter (None: as forward_only, the adapter added last).
+            disable_lora: score with the base model, every adapter switched off.
+
+        Returns:
+            Per sequence, log p(token t | tokens before t) for every t; None for the first token
+            (nothing precedes it), as in Tinker.
+
+        Example:
+            >>> model.compute_logprobs([[5, 6, 7]], disable_lora=True)
+            [[None, -5.41, -5.62]]
+        """
+        samples = []
+        for index, sequence in enumerate(sequences):
+            ids = np.asarray(sequence, dtype=np.int64)
+            if ids.ndim != 1 or ids.size == 0:
+                raise InvalidArgument(f"sequences[{index}] must be a non-empty list of token ids")
+            labels = np.append(ids[1:], -100)
+            samples.append({"input_ids": ids, "labels": labels})
+        logps = self.forward_only(samples, adapter_name=adapter_name, disable_lora=disable_lora)["logps"]
+        return [[None, *(float(value) for value in row[:-1])] for row in logps]
 
     def _forward(self, method: str, template: Any, inputs: Any) -> Future[dict[str, Any]]:
         started = time.perf_counter()

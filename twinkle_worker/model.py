@@ -20,7 +20,7 @@ import logging
 import math
 import os
 import pathlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,8 +41,9 @@ from twinkle_client.errors import (
     TwinkleError,
 )
 from twinkle_client.mesh import DeviceMesh
+from twinkle_client.sampling import SampledSequence
 from twinkle_worker import checkpoint as ckpt
-from twinkle_worker import hub, precision, strategies
+from twinkle_worker import hub, precision, sampling, strategies
 from twinkle_worker.losses import CrossEntropyLoss, Loss, make_loss, token_logps
 from twinkle_worker.strategies import Rendezvous, StrategyPlan
 
@@ -471,6 +472,48 @@ class TransformersModel:
         if return_logits:
             outputs["logits"] = logits.float()
         return ForwardResult(loss_sum, num_tokens, outputs)
+
+    @torch.no_grad()
+    @agreed_call
+    def sample(
+        self,
+        prompts: Any,
+        prompt_indices: Sequence[int],
+        sample_indices: Sequence[int],
+        params: sampling.SamplingParams,
+        adapter_name: str | None = None,
+    ) -> list[SampledSequence]:
+        """Samples every row (a prompt and a sample index) from the group's current weights, in eval
+        mode; adapter_name empty: the full model, or the base with every adapter off. See twinkle_worker.sampling."""
+        group = self.group(adapter_name) if adapter_name else self.groups[FULL_MODEL]
+        batch = self._prepare(prompts, require_labels=False)
+        sampling.check_params(params, self.vocab_size)
+        limit = sampling.max_positions(self.model.config)
+        sampling.check_rows(batch["attention_mask"], prompt_indices, sample_indices, params, limit)
+        stop = sampling.default_stop(self.model) if params.stop is None else params.stop
+        self._agree()
+        self._activate(group)
+        wrapped = self._ensure_wrapped()
+        training = wrapped.training
+        wrapped.eval()
+        seeds = [sampling.row_seed(params.seed, p, s) for p, s in zip(prompt_indices, sample_indices, strict=True)]
+        try:
+            # self.model, not a DDP wrapper: DDP's forward broadcasts buffers, a collective that ranks
+            # decoding different numbers of steps would not match; FSDP shards self.model in place.
+            with self._collective("sample"), self._lora_disabled(not adapter_name):
+                return sampling.decode(
+                    self.model,
+                    batch["input_ids"],
+                    batch["attention_mask"],
+                    seeds,
+                    params,
+                    stop,
+                    synced=self.plan.uses_fsdp,
+                    autocast=self._autocast,
+                )
+        finally:
+            if training:
+                wrapped.train()
 
     def _forward(self, wrapped: nn.Module, batch: dict[str, torch.Tensor], temperature: float) -> tuple[Any, Any]:
         model_inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}

@@ -25,8 +25,10 @@ from twinkle_client import __version__, shared_memory, streaming, tensors
 from twinkle_client._proto import tensor_pb2, worker_pb2, worker_pb2_grpc
 from twinkle_client.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, TwinkleError, Unavailable
 from twinkle_client.mesh import DeviceMesh
+from twinkle_client.sampling import SampledSequence
 from twinkle_worker import mesh_registry, metrics, validation
 from twinkle_worker.model import ForwardResult, TransformersModel
+from twinkle_worker.sampling import SamplingParams
 from twinkle_worker.session import SEQUENCE_WAIT_SECONDS, Ledger
 from twinkle_worker.strategies import Rendezvous
 
@@ -55,6 +57,7 @@ AGREED_REQUESTS = (
     worker_pb2.SaveRequest,
     worker_pb2.LoadRequest,
     worker_pb2.ResumeFromCheckpointRequest,
+    worker_pb2.SampleRequest,
 )
 MAX_ERROR_CHARS = 2000
 
@@ -466,6 +469,24 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
 
         return self._run(context, request.context, forward_only, request)
 
+    def Sample(self, request: worker_pb2.SampleRequest, context: grpc.ServicerContext) -> worker_pb2.SampleResponse:
+        def sample() -> worker_pb2.SampleResponse:
+            model = self._model()
+            prompts = tensors.map_to_numpy(request.prompts)
+            if "input_ids" not in prompts:
+                raise InvalidArgument("prompts: send input_ids (and attention_mask) of this rank's rows")
+            self._check_inputs(model, prompts, False)
+            sequences = model.sample(
+                prompts,
+                list(request.prompt_indices),
+                list(request.sample_indices),
+                sampling_params(request.sampling_params),
+                request.adapter_name,
+            )
+            return worker_pb2.SampleResponse(sequences=[sampled_sequence(sequence) for sequence in sequences])
+
+        return self._run(context, request.context, sample, request)
+
     def _export_to_segment(self, segment: str, state: dict[str, Any]) -> list[worker_pb2.ExportWeightsResponse] | None:
         """The weights written into the client's segment, one message per tensor; None (stream them) when
         they do not fit or the segment cannot be used."""
@@ -740,6 +761,26 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         """Lets the queued calls finish, then leaves the process group (the worker is stopping)."""
         self._executor.shutdown(wait=True)
         self._close_model()
+
+
+def sampling_params(message: worker_pb2.SamplingParams) -> SamplingParams:
+    stop = None
+    if message.HasField("stop"):
+        stop = tuple(tuple(sequence.token_ids) for sequence in message.stop.sequences)
+    return SamplingParams(
+        max_tokens=message.max_tokens,
+        temperature=message.temperature if message.HasField("temperature") else 1.0,
+        top_p=message.top_p if message.HasField("top_p") else 1.0,
+        top_k=message.top_k,
+        stop=stop,
+        seed=message.seed,
+        num_samples=message.num_samples or 1,
+    )
+
+
+def sampled_sequence(sequence: SampledSequence) -> worker_pb2.SampledSequence:
+    reason = worker_pb2.STOP_REASON_STOP if sequence.stop_reason == "stop" else worker_pb2.STOP_REASON_LENGTH
+    return worker_pb2.SampledSequence(tokens=sequence.tokens, logprobs=sequence.logprobs, stop_reason=reason)
 
 
 def optim_params(message: worker_pb2.OptimParams) -> dict[str, Any] | None:

@@ -27,6 +27,7 @@ BENCHMARKS = {
     "transfer": "bench_transfer.py",
     "training": "bench_training.py",
     "startup": "bench_startup.py",
+    "sampling": "bench_sampling.py",
 }
 
 

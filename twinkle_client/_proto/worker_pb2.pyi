@@ -23,6 +23,12 @@ class MixedPrecision(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     MIXED_PRECISION_BF16: _ClassVar[MixedPrecision]
     MIXED_PRECISION_FP16: _ClassVar[MixedPrecision]
     MIXED_PRECISION_FP8: _ClassVar[MixedPrecision]
+
+class StopReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    STOP_REASON_UNSPECIFIED: _ClassVar[StopReason]
+    STOP_REASON_STOP: _ClassVar[StopReason]
+    STOP_REASON_LENGTH: _ClassVar[StopReason]
 STRATEGY_UNSPECIFIED: Strategy
 STRATEGY_ACCELERATE: Strategy
 STRATEGY_NATIVE_FSDP: Strategy
@@ -31,6 +37,9 @@ MIXED_PRECISION_NO: MixedPrecision
 MIXED_PRECISION_BF16: MixedPrecision
 MIXED_PRECISION_FP16: MixedPrecision
 MIXED_PRECISION_FP8: MixedPrecision
+STOP_REASON_UNSPECIFIED: StopReason
+STOP_REASON_STOP: StopReason
+STOP_REASON_LENGTH: StopReason
 
 class CallContext(_message.Message):
     __slots__ = ("sequence_number", "session_id")
@@ -655,3 +664,65 @@ class GetMeshResponse(_message.Message):
     master_addr: str
     master_port: int
     def __init__(self, world_size: _Optional[int] = ..., members: _Optional[_Iterable[_Union[MeshMember, _Mapping]]] = ..., complete: _Optional[bool] = ..., master_addr: _Optional[str] = ..., master_port: _Optional[int] = ...) -> None: ...
+
+class TokenSequence(_message.Message):
+    __slots__ = ("token_ids",)
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class StopSequences(_message.Message):
+    __slots__ = ("sequences",)
+    SEQUENCES_FIELD_NUMBER: _ClassVar[int]
+    sequences: _containers.RepeatedCompositeFieldContainer[TokenSequence]
+    def __init__(self, sequences: _Optional[_Iterable[_Union[TokenSequence, _Mapping]]] = ...) -> None: ...
+
+class SamplingParams(_message.Message):
+    __slots__ = ("max_tokens", "temperature", "top_p", "top_k", "stop", "seed", "num_samples")
+    MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    TOP_P_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    STOP_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    max_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int
+    stop: StopSequences
+    seed: int
+    num_samples: int
+    def __init__(self, max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., stop: _Optional[_Union[StopSequences, _Mapping]] = ..., seed: _Optional[int] = ..., num_samples: _Optional[int] = ...) -> None: ...
+
+class SampleRequest(_message.Message):
+    __slots__ = ("context", "adapter_name", "prompts", "prompt_indices", "sample_indices", "sampling_params")
+    CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_NAME_FIELD_NUMBER: _ClassVar[int]
+    PROMPTS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_INDICES_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_INDICES_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_PARAMS_FIELD_NUMBER: _ClassVar[int]
+    context: CallContext
+    adapter_name: str
+    prompts: _tensor_pb2.TensorMap
+    prompt_indices: _containers.RepeatedScalarFieldContainer[int]
+    sample_indices: _containers.RepeatedScalarFieldContainer[int]
+    sampling_params: SamplingParams
+    def __init__(self, context: _Optional[_Union[CallContext, _Mapping]] = ..., adapter_name: _Optional[str] = ..., prompts: _Optional[_Union[_tensor_pb2.TensorMap, _Mapping]] = ..., prompt_indices: _Optional[_Iterable[int]] = ..., sample_indices: _Optional[_Iterable[int]] = ..., sampling_params: _Optional[_Union[SamplingParams, _Mapping]] = ...) -> None: ...
+
+class SampledSequence(_message.Message):
+    __slots__ = ("tokens", "logprobs", "stop_reason")
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    STOP_REASON_FIELD_NUMBER: _ClassVar[int]
+    tokens: _containers.RepeatedScalarFieldContainer[int]
+    logprobs: _containers.RepeatedScalarFieldContainer[float]
+    stop_reason: StopReason
+    def __init__(self, tokens: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[float]] = ..., stop_reason: _Optional[_Union[StopReason, str]] = ...) -> None: ...
+
+class SampleResponse(_message.Message):
+    __slots__ = ("sequences",)
+    SEQUENCES_FIELD_NUMBER: _ClassVar[int]
+    sequences: _containers.RepeatedCompositeFieldContainer[SampledSequence]
+    def __init__(self, sequences: _Optional[_Iterable[_Union[SampledSequence, _Mapping]]] = ...) -> None: ...

@@ -160,6 +160,11 @@ class WorkerServiceStub:
                 request_serializer=twinkle_dot_worker_dot_v1_dot_worker__pb2.GetMeshRequest.SerializeToString,
                 response_deserializer=twinkle_dot_worker_dot_v1_dot_worker__pb2.GetMeshResponse.FromString,
                 _registered_method=True)
+        self.Sample = channel.unary_unary(
+                '/twinkle.worker.v1.WorkerService/Sample',
+                request_serializer=twinkle_dot_worker_dot_v1_dot_worker__pb2.SampleRequest.SerializeToString,
+                response_deserializer=twinkle_dot_worker_dot_v1_dot_worker__pb2.SampleResponse.FromString,
+                _registered_method=True)
 
 
 class WorkerServiceServicer:
@@ -340,6 +345,14 @@ class WorkerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Sample(self, request, context):
+        """Samples completions of prompts from a group's current weights, in eval mode, without
+        gradients; every rank decodes its slice of the rows (see docs/protocol.md, "Sample").
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -457,6 +470,11 @@ def add_WorkerServiceServicer_to_server(servicer, server):
                     servicer.GetMesh,
                     request_deserializer=twinkle_dot_worker_dot_v1_dot_worker__pb2.GetMeshRequest.FromString,
                     response_serializer=twinkle_dot_worker_dot_v1_dot_worker__pb2.GetMeshResponse.SerializeToString,
+            ),
+            'Sample': grpc.unary_unary_rpc_method_handler(
+                    servicer.Sample,
+                    request_deserializer=twinkle_dot_worker_dot_v1_dot_worker__pb2.SampleRequest.FromString,
+                    response_serializer=twinkle_dot_worker_dot_v1_dot_worker__pb2.SampleResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1090,6 +1108,33 @@ class WorkerService:
             '/twinkle.worker.v1.WorkerService/GetMesh',
             twinkle_dot_worker_dot_v1_dot_worker__pb2.GetMeshRequest.SerializeToString,
             twinkle_dot_worker_dot_v1_dot_worker__pb2.GetMeshResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Sample(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/twinkle.worker.v1.WorkerService/Sample',
+            twinkle_dot_worker_dot_v1_dot_worker__pb2.SampleRequest.SerializeToString,
+            twinkle_dot_worker_dot_v1_dot_worker__pb2.SampleResponse.FromString,
             options,
             channel_credentials,
             insecure,
