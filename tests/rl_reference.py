@@ -63,25 +63,30 @@ class Reference:
         with torch.no_grad():
             return [self.label_logps(sample).numpy() for sample in samples]
 
-    def terms(self, loss: str, options: Mapping[str, float], sample: Mapping[str, Any]) -> tuple[torch.Tensor, int]:
-        """(sum over the sample's loss tokens of its terms, its loss-token count), graph-connected."""
-        labels = np.asarray(sample["labels"])
-        keep = labels != -100
+    def view(self, sample: Mapping[str, Any]) -> dict[str, Any]:
+        """The sample at its loss tokens: lp (graph-connected), q, ref, a (advantages per token), weights, n."""
+        keep = np.asarray(sample["labels"]) != -100
         if "mask" in sample:
             keep &= np.asarray(sample["mask"]) == 1
         index = torch.as_tensor(np.nonzero(keep)[0])
-        lp = self.label_logps(sample)[index]
         n = len(index)
+        out: dict[str, Any] = {"lp": self.label_logps(sample)[index], "n": n}
+        for key, name in (("logprobs", "q"), ("ref_logprobs", "ref"), ("weights", "weights")):
+            if key in sample:
+                out[name] = torch.as_tensor(np.asarray(sample[key], dtype=np.float32))[index]
+        if "advantages" in sample:
+            advantage = np.asarray(sample["advantages"], dtype=np.float32)
+            out["per_sequence"] = advantage.ndim == 0
+            out["a"] = torch.full((n,), float(advantage)) if advantage.ndim == 0 else torch.as_tensor(advantage)[index]
+        return out
 
-        def token_values(key: str) -> torch.Tensor:
-            return torch.as_tensor(np.asarray(sample[key], dtype=np.float32))[index]
-
+    def terms(self, loss: str, options: Mapping[str, float], sample: Mapping[str, Any]) -> tuple[torch.Tensor, int]:
+        """(sum over the sample's loss tokens of its terms, its loss-token count), graph-connected."""
+        v = self.view(sample)
+        lp, n = v["lp"], v["n"]
         if loss == "cross_entropy":
-            weights = token_values("weights") if "weights" in sample else torch.ones(n)
-            return (-lp * weights).sum(), n
-        advantage = np.asarray(sample["advantages"], dtype=np.float32)
-        a = torch.full((n,), float(advantage)) if advantage.ndim == 0 else token_values("advantages")
-        q = token_values("logprobs")
+            return (-lp * v.get("weights", torch.ones(n))).sum(), n
+        a, q = v["a"], v["q"]
         r = torch.exp(lp - q)
         if loss == "importance_sampling":
             return -(r * a).sum(), n
@@ -93,16 +98,47 @@ class Reference:
             return -(torch.clamp(r, low, high).detach() * lp * a).sum(), n
         if loss == "dro":
             return -(lp * a - options["beta"] / 2 * (lp - q) ** 2).sum(), n
-        ref = token_values("ref_logprobs")
+        ref = v["ref"]
         kl = (torch.exp(ref - lp) - (ref - lp) - 1).sum()  # k3
         low, high = 1 - options["epsilon"], 1 + options.get("epsilon_high", options["epsilon"])
         if loss == "grpo":
             return -torch.min(r * a, torch.clamp(r, low, high) * a).sum() + options["kl_coef"] * kl, n
-        assert loss == "gspo" and advantage.ndim == 0
+        assert loss == "gspo" and v["per_sequence"]
         # the sequence-level objective: each of the n tokens carries -min(s*A, clip(s)*A), s = exp(mean(lp - q))
         s = torch.exp((lp - q).mean())
-        a0 = float(advantage)
+        a0 = float(a[0])
         return n * -torch.min(s * a0, torch.clamp(s, low, high) * a0) + options["kl_coef"] * kl, n
+
+    def metrics(self, loss: str, options: Mapping[str, float], samples: Sequence[Mapping[str, Any]]) -> dict:  # type: ignore[type-arg]
+        """The loss's metrics over the samples: token-weighted means (sequence-weighted for sequence_ratio_mean)."""
+        sums: dict[str, float] = {}
+        tokens = sequences = 0
+        with torch.no_grad():
+            for sample in samples:
+                v = self.view(sample)
+                tokens += v["n"]
+                if loss == "cross_entropy":
+                    continue
+                lp, q, a = v["lp"], v["q"], v["a"]
+                r = torch.exp(lp - q)
+                if loss == "gspo":
+                    r = torch.exp((lp - q).mean()).expand_as(lp)
+                    sums["sequence_ratio_mean"] = sums.get("sequence_ratio_mean", 0.0) + float(r[0])
+                    sequences += 1
+                sums["ratio_mean"] = sums.get("ratio_mean", 0.0) + float(r.sum())
+                d = v["ref"] - lp
+                sums["kl"] = sums.get("kl", 0.0) + float((torch.exp(d) - d - 1).sum())
+                if loss in ("ppo", "cispo"):
+                    low, high = options["clip_low_threshold"], options["clip_high_threshold"]
+                else:
+                    epsilon = options.get("epsilon", 0.0)
+                    low, high = 1 - epsilon, 1 + options.get("epsilon_high", epsilon)
+                # cispo counts tokens whose ratio was clipped; the others, where the min takes the clipped side
+                clipped = (r < low) | (r > high) if loss == "cispo" else torch.clamp(r, low, high) * a < r * a
+                if loss in ("ppo", "cispo", "grpo", "gspo"):
+                    sums["clip_fraction"] = sums.get("clip_fraction", 0.0) + float(clipped.sum())
+        counts = {"sequence_ratio_mean": sequences}
+        return {name: total / counts.get(name, tokens) for name, total in sums.items()}
 
     def objective(
         self, loss: str, options: Mapping[str, float], normalization: Any, samples: Sequence[Mapping[str, Any]]
@@ -187,6 +223,7 @@ def check_loss_parity(model: Any, config: Any, loss: str, seed: int = SEED) -> d
     options = LOSS_OPTIONS[loss]
     rng = np.random.default_rng(sum(map(ord, loss)))  # a fixed stream per loss
     norms: dict[str, list[float]] = {"workers": [], "reference": []}
+    clipped: list[float] = []
     for normalization in NORMALIZATIONS:
         window = make_window(rng, reference, loss)
         config_ = {**options, "normalization": normalization}
@@ -195,6 +232,15 @@ def check_loss_parity(model: Any, config: Any, loss: str, seed: int = SEED) -> d
             with torch.no_grad():
                 expected = float(reference.objective(loss, options, normalization, batch))
             assert abs(out["loss"] - expected) <= RTOL * abs(expected) + ATOL, (normalization, out["loss"], expected)
+            # the per-token logprobs in the caller's order, and the metrics merged over the ranks by token count
+            for got, want in zip(out["logps"], reference.logps_now(batch), strict=True):
+                np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
+            expected_metrics = reference.metrics(loss, options, batch)
+            assert sorted(out["metrics"]) == sorted(expected_metrics)
+            for name, value in expected_metrics.items():
+                assert abs(out["metrics"][name] - value) <= RTOL * abs(value) + ATOL, (name, out["metrics"], value)
+            if "clip_fraction" in expected_metrics:
+                clipped.append(expected_metrics["clip_fraction"])
         step = model.clip_grad_and_step(max_grad_norm=0.0, gradient_accumulation_steps=GAS)
         assert step["applied"], step
         expected_norm = reference.step(loss, options, normalization, [s for batch in window for s in batch])
@@ -202,6 +248,8 @@ def check_loss_parity(model: Any, config: Any, loss: str, seed: int = SEED) -> d
         norms["reference"].append(expected_norm)
         assert abs(step["grad_norm"] - expected_norm) <= RTOL * expected_norm, (normalization, step, expected_norm)
         assert_weights_close(model.export_weights(), reference.weights())
+    if loss in ("ppo", "cispo", "grpo", "gspo"):
+        assert max(clipped) > 0 and min(clipped) < 1, clipped  # clipping happens, and not everywhere
     return norms
 
 

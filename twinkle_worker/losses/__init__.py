@@ -26,7 +26,7 @@ IGNORE_INDEX = -100
 _SAME_AS_EPSILON = None  # epsilon_high's default: the value of epsilon
 _REQUIRED = "required"  # an option (or normalization) without a default
 
-__all__ = ["ALIASES", "FLOAT_INPUTS", "LOSSES", "Loss", "LossResult", "make_loss", "token_logps"]
+__all__ = ["ALIASES", "CLASS_NAMES", "FLOAT_INPUTS", "LOSSES", "Loss", "LossResult", "make_loss", "token_logps"]
 
 
 @dataclass
