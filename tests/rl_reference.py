@@ -213,10 +213,13 @@ def assert_weights_close(actual: Mapping[str, Any], expected: Mapping[str, torch
             torch.testing.assert_close(got, value, rtol=RTOL, atol=ATOL, msg=lambda text, key=key: f"{key}: {text}")
 
 
-def check_loss_parity(model: Any, config: Any, loss: str, seed: int = SEED) -> dict[str, list[float]]:
+def check_loss_parity(
+    model: Any, config: Any, loss: str, seed: int = SEED, set_loss: str | None = None
+) -> dict[str, list[float]]:
     """A freshly Init'ed client `model` (any mesh) and the reference train one window per normalisation
-    with `loss` chosen per call; asserts each micro-batch's loss, each window's gradient norm and the
-    weights after each step. Returns the gradient norms."""
+    with `loss` chosen per call (or, with `set_loss`, that class name given to set_loss before each
+    window); asserts each micro-batch's loss, logprobs and metrics, each window's gradient norm and
+    the weights after each step. Returns the gradient norms."""
     reference = Reference(config, seed)
     assert_weights_close(model.export_weights(), reference.weights(), exact=True)  # the same start, bit for bit
     model.set_optimizer("SGD", lr=LR, weight_decay=0.0)
@@ -227,8 +230,11 @@ def check_loss_parity(model: Any, config: Any, loss: str, seed: int = SEED) -> d
     for normalization in NORMALIZATIONS:
         window = make_window(rng, reference, loss)
         config_ = {**options, "normalization": normalization}
+        if set_loss:
+            model.set_loss(set_loss, **config_)
         for batch in window:
-            out = model.forward_backward(batch, loss_fn=loss, loss_fn_config=config_, gradient_accumulation_steps=GAS)
+            per_call = {} if set_loss else {"loss_fn": loss, "loss_fn_config": config_}
+            out = model.forward_backward(batch, gradient_accumulation_steps=GAS, **per_call)
             with torch.no_grad():
                 expected = float(reference.objective(loss, options, normalization, batch))
             assert abs(out["loss"] - expected) <= RTOL * abs(expected) + ATOL, (normalization, out["loss"], expected)

@@ -24,6 +24,11 @@ def test_loss_with_every_normalization_matches_the_formulas(remote, config, loss
     assert len(set(round(n, 6) for n in norms["reference"])) == len(norms["reference"])  # the normalisations differ
 
 
+@pytest.mark.parametrize("class_name,loss", [("GRPOLoss", "grpo"), ("PPOLoss", "ppo")])
+def test_set_loss_with_twinkle_class_names_trains_the_same(remote, config, class_name: str, loss: str) -> None:  # type: ignore[no-untyped-def]
+    check_loss_parity(remote(config=config, seed=SEED), config, loss, set_loss=class_name)
+
+
 def test_forward_backward_custom_with_dpo_equals_a_reference_dpo_step(remote, config) -> None:  # type: ignore[no-untyped-def]
     check_dpo_parity(remote(config=config, seed=SEED), config)
 

@@ -224,3 +224,9 @@ def test_dpo_is_the_sigmoid_loss_of_the_log_ratio_margins() -> None:
     assert metrics["reward_accuracy"] == 1.0 and metrics["reward_margin"] == pytest.approx(margin, rel=1e-6)
     with pytest.raises(InvalidArgument, match="pairs"):
         dpo()(samples[:1], logprobs[:1])
+
+
+def test_a_client_without_torch_gets_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(__import__("sys").modules, "torch", None)  # `import torch` now raises ImportError
+    with pytest.raises(FailedPrecondition, match="torch is not installed"):
+        custom_loss.run(lambda batch, logprobs: (None, {}), [{"input_ids": [1]}], [np.zeros(1, np.float32)])
