@@ -69,18 +69,25 @@ def _collate_samples(samples: Sequence[Any]) -> tuple[dict[str, np.ndarray], lis
         columns["attention_mask"] = (np.arange(width)[None, :] < np.asarray(lengths)[:, None]).astype(np.int64)
     for key in samples[0]:
         if key not in TOKEN_KEYS:
-            columns[key] = _stack_extra(key, [_as_numpy(sample[key]) for sample in samples], width)
+            if any(key not in sample for sample in samples):
+                raise InvalidArgument(f"inputs[*].{key}: every sample needs it when inputs[0] has it")
+            columns[key] = _stack_extra(key, [_as_numpy(sample[key]) for sample in samples], lengths, width)
     return columns, lengths
 
 
-def _stack_extra(key: str, values: list[np.ndarray], width: int) -> np.ndarray:
-    """Per-sample extras for losses: scalars stack to [B], sequences pad with 0 to [B, T]."""
+def _stack_extra(key: str, values: list[np.ndarray], lengths: list[int], width: int) -> np.ndarray:
+    """Per-sample loss inputs (weights, advantages, logprobs, ...): scalars stack to [B], per-token
+    sequences (one value per input id) pad with 0 to [B, T]; the padding is outside every loss mask."""
     if all(value.ndim == 0 for value in values):
         return np.stack(values).astype(np.float32)
     if all(value.ndim == 1 for value in values):
         out = np.zeros((len(values), width), dtype=np.float32)
         for index, value in enumerate(values):
-            out[index, : min(len(value), width)] = value[:width]
+            if len(value) != lengths[index]:
+                raise InvalidArgument(
+                    f"inputs[{index}].{key} has {len(value)} values; input_ids has {lengths[index]} (one per token)"
+                )
+            out[index, : lengths[index]] = value
         return out
     raise InvalidArgument(f"inputs[*].{key} must be a scalar or a 1-D sequence in every sample")
 

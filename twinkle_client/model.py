@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from twinkle_client import cluster, sampling, shared_memory, streaming, tensors, timing, tracing
+from twinkle_client import cluster, custom_loss, sampling, shared_memory, streaming, tensors, timing, tracing
 from twinkle_client._proto import tensor_pb2, worker_pb2
 from twinkle_client.batch import collate, take_rows
 from twinkle_client.coordinator import ChannelSecurity, Coordinator
@@ -168,7 +168,8 @@ class TransformersModel:
             wrap_channel=tracing.channel_wrapper(tracer_provider) if tracer_provider is not None else None,
         )
         self._pool = shared_memory.Pool()
-        self._export_bytes: dict[str, int] = {}  # bytes of the last export of each group (its segment's size)
+        # bytes of the last export of each (group, trainable_only): its segment's size next time
+        self._export_bytes: dict[tuple[str, bool], int] = {}
         self._clock = timing.StepClock()
         self._finalizer = weakref.finalize(self, _shutdown, self.coordinator, self.local, self._pool)
         self.session_id = self.coordinator.session_id  # the lease: this client owns the workers until close()
@@ -273,10 +274,27 @@ class TransformersModel:
         temperature: float = 1.0,
         return_logits: bool = False,
         gradient_accumulation_steps: int | None = None,
+        loss_fn: str | None = None,
+        loss_fn_config: Mapping[str, Any] | None = None,
     ) -> dict[str, Any]:
-        """Forward + backward of a global micro-batch over the mesh; returns loss (global token mean) and logps."""
+        """Forward + backward of a global micro-batch over the mesh.
+
+        Args:
+            inputs: samples (dicts of 1-D input_ids, labels, and per-token float loss inputs such as
+                weights, advantages (also a scalar per sample), logprobs, ref_logprobs, mask), or a
+                dict of 2-D arrays.
+            loss_fn: a built-in loss for this micro-batch (docs/protocol.md, "Losses"), overriding
+                set_loss; loss_fn_config: its options and `normalization`.
+
+        Returns:
+            loss (the micro-batch's loss under the loss's normalization, over all ranks), num_tokens,
+            num_sequences, metrics (merged over ranks: ratio_mean, clip_fraction, kl, ...), logps.
+
+        Example:
+            model.forward_backward(batch, loss_fn="ppo", loss_fn_config={"normalization": "sum"})
+        """
         return self.forward_backward_async(
-            inputs, adapter_name, temperature, return_logits, gradient_accumulation_steps
+            inputs, adapter_name, temperature, return_logits, gradient_accumulation_steps, loss_fn, loss_fn_config
         ).result()
 
     def forward_backward_async(
@@ -286,6 +304,8 @@ class TransformersModel:
         temperature: float = 1.0,
         return_logits: bool = False,
         gradient_accumulation_steps: int | None = None,
+        loss_fn: str | None = None,
+        loss_fn_config: Mapping[str, Any] | None = None,
     ) -> Future[dict[str, Any]]:
         """Sends forward_backward and returns at once; calls still run in order on every rank."""
         template = worker_pb2.ForwardBackwardRequest(
@@ -293,8 +313,46 @@ class TransformersModel:
             temperature=temperature,
             return_logits=return_logits,
             gradient_accumulation_steps=gradient_accumulation_steps or 0,
+            loss_fn=loss_fn or "",
         )
+        _fill_struct(template.loss_fn_config, loss_fn_config or {})
         return self._forward("ForwardBackward", template, inputs)
+
+    def forward_backward_custom(
+        self,
+        inputs: Any,
+        fn: Any,
+        adapter_name: str | None = None,
+        temperature: float = 1.0,
+        gradient_accumulation_steps: int | None = None,
+    ) -> dict[str, Any]:
+        """Trains on a loss computed in this process: fn(inputs, logprobs) -> (loss, metrics), in torch.
+
+        A forward_only brings the per-token logprobs; fn runs here with autograd; one forward_backward
+        with cross_entropy, weights = -dloss/dlogprobs and normalization "sum" then gives the workers
+        exactly the gradient of fn's loss. Needs torch in this process. See twinkle_client.custom_loss.
+
+        Returns:
+            loss (fn's), metrics (fn's), surrogate_loss (the workers' linear surrogate), logps.
+
+        Example:
+            from twinkle_client.losses import dpo
+            model.forward_backward_custom(pairs, dpo(beta=0.1))
+        """
+        logps = self.forward_only(inputs, adapter_name, temperature, loss_fn="cross_entropy")["logps"]
+        loss, metrics, weighted = custom_loss.run(fn, inputs, logps)
+        result = self.forward_backward(
+            weighted,
+            adapter_name,
+            temperature,
+            gradient_accumulation_steps=gradient_accumulation_steps,
+            loss_fn="cross_entropy",
+            loss_fn_config={"normalization": "sum"},
+        )
+        result["surrogate_loss"] = result["loss"]
+        result["loss"] = loss
+        result["metrics"] = metrics
+        return result
 
     def forward_only(
         self,
@@ -303,9 +361,13 @@ class TransformersModel:
         temperature: float = 1.0,
         return_logits: bool = False,
         disable_lora: bool = False,
+        loss_fn: str | None = None,
+        loss_fn_config: Mapping[str, Any] | None = None,
     ) -> dict[str, Any]:
-        """Forward without gradients; with labels the loss is reported too."""
-        return self.forward_only_async(inputs, adapter_name, temperature, return_logits, disable_lora).result()
+        """Forward without gradients; with labels the loss (loss_fn, else the group's) is reported too."""
+        return self.forward_only_async(
+            inputs, adapter_name, temperature, return_logits, disable_lora, loss_fn, loss_fn_config
+        ).result()
 
     def forward_only_async(
         self,
@@ -314,13 +376,17 @@ class TransformersModel:
         temperature: float = 1.0,
         return_logits: bool = False,
         disable_lora: bool = False,
+        loss_fn: str | None = None,
+        loss_fn_config: Mapping[str, Any] | None = None,
     ) -> Future[dict[str, Any]]:
         template = worker_pb2.ForwardOnlyRequest(
             adapter_name=adapter_name or "",
             temperature=temperature,
             return_logits=return_logits,
             disable_lora=disable_lora,
+            loss_fn=loss_fn or "",
         )
+        _fill_struct(template.loss_fn_config, loss_fn_config or {})
         return self._forward("ForwardOnly", template, inputs)
 
     # ----------------------------------------------------------- sampling
@@ -739,16 +805,40 @@ class TransformersModel:
         request = worker_pb2.GetTrainConfigsRequest(adapter_name=adapter_name or "")
         return str(self.coordinator.call("GetTrainConfigs", [request], ranks=[0], sequenced=False)[0].summary)
 
+    def get_state_dict(self, adapter_name: str | None = None) -> dict[str, np.ndarray]:
+        """Twinkle's get_state_dict: the group's trainable parameters, whole, under the model's parameter
+        names (e.g. base_model.model.model.layers.0.self_attn.q_proj.lora_A.a.weight), as numpy arrays.
+
+        Example:
+            lora = model.get_state_dict("a")
+        """
+        return self.export_weights(adapter_name, trainable_only=True)
+
+    def remove_adapter(self, adapter_name: str) -> None:
+        """Removes a LoRA adapter and its group (optimizer, scheduler, loss, counters) on every rank.
+
+        On a mesh of several ranks only before the first forward (DDP and FSDP2 hold the parameters).
+        """
+        self._all("RemoveAdapter", worker_pb2.RemoveAdapterRequest(adapter_name=adapter_name))
+        self._export_bytes = {key: size for key, size in self._export_bytes.items() if key[0] != adapter_name}
+
     def export_weights(
-        self, adapter_name: str | None = None, chunk_bytes: int = 1 << 20, shared_memory: bool = True
+        self,
+        adapter_name: str | None = None,
+        chunk_bytes: int = 1 << 20,
+        shared_memory: bool = True,
+        trainable_only: bool = False,
     ) -> dict[str, np.ndarray]:
         """The group's weights as numpy arrays (names as in a saved checkpoint): through a shared-memory
         segment when rank 0 shares this host and they fit (unless shared_memory=False), streamed in chunks otherwise.
+        trainable_only: see get_state_dict.
 
         The export is numbered like every call that runs collectives: it sees every call sent before it
         (a pipelined `clip_grad_and_step_async` included)."""
-        group = adapter_name or ""
-        request = worker_pb2.ExportWeightsRequest(adapter_name=group, chunk_bytes=chunk_bytes)
+        group = (adapter_name or "", trainable_only)
+        request = worker_pb2.ExportWeightsRequest(
+            adapter_name=group[0], chunk_bytes=chunk_bytes, trainable_only=trainable_only
+        )
         segment = None
         if shared_memory and 0 in self.shared_ranks and group in self._export_bytes:
             # The first export of a group streams and measures; later ones (weight syncs repeat) get a segment.
@@ -920,13 +1010,32 @@ def _copies(request: Any, count: int) -> list[Any]:
 def _merge_outputs(
     outputs: Sequence[tuple[Any, dict[str, np.ndarray]]], lengths: list[int], width: int, as_list: bool
 ) -> dict[str, Any]:
-    """Global token-mean loss and per-sample outputs in the caller's order (slices are in data-rank order).
+    """The loss under its normalization over all ranks, merged metrics, and per-sample outputs in the
+    caller's order (slices are in data-rank order).
 
     `outputs` holds, per data rank, the ForwardOutput scalars and its decoded tensors.
     """
     loss_sum = sum(output.loss_sum for output, _ in outputs)
     num_tokens = sum(output.num_tokens for output, _ in outputs)
-    merged: dict[str, Any] = {"loss": loss_sum / num_tokens if num_tokens else 0.0, "num_tokens": num_tokens}
+    num_sequences = sum(output.num_sequences for output, _ in outputs)
+    first = outputs[0][0] if outputs else worker_pb2.ForwardOutput()
+    denominator = {
+        "sum": 1.0,
+        "sequence_mean": float(num_sequences),
+        "constant": first.normalization_divisor,
+    }.get(first.normalization, float(num_tokens))  # "token_mean", or a worker that predates normalizations
+    metric_sums: dict[str, list[float]] = {}
+    for output, _ in outputs:
+        for name, metric in output.metrics.items():
+            totals = metric_sums.setdefault(name, [0.0, 0.0])
+            totals[0] += metric.sum
+            totals[1] += metric.count
+    merged: dict[str, Any] = {
+        "loss": loss_sum / denominator if num_tokens and denominator else 0.0,
+        "num_tokens": num_tokens,
+        "num_sequences": num_sequences,
+        "metrics": {name: total / count if count else 0.0 for name, (total, count) in sorted(metric_sums.items())},
+    }
     keys = outputs[0][1].keys() if outputs else []
     for key in keys:
         parts = [arrays[key] for _, arrays in outputs]

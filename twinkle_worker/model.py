@@ -44,7 +44,8 @@ from twinkle_client.mesh import DeviceMesh
 from twinkle_client.sampling import SampledSequence
 from twinkle_worker import checkpoint as ckpt
 from twinkle_worker import hub, precision, sampling, strategies
-from twinkle_worker.losses import CrossEntropyLoss, Loss, make_loss, token_logps
+from twinkle_worker.losses import Loss, make_loss, token_logps
+from twinkle_worker.normalization import Normalization, check_window
 from twinkle_worker.strategies import Rendezvous, StrategyPlan
 
 log = logging.getLogger(__name__)
@@ -80,10 +81,16 @@ class ForwardResult:
     loss_sum: float
     num_tokens: int
     outputs: dict[str, torch.Tensor]
+    num_sequences: int = 0
+    normalization: Normalization = field(default_factory=Normalization)
+    metrics: dict[str, tuple[float, float]] = field(default_factory=dict)  # name: (sum, count) (losses.formulas)
 
     @property
     def loss(self) -> float:
-        return self.loss_sum / self.num_tokens if self.num_tokens else 0.0
+        """This rank's loss under the normalisation, from its own counts alone."""
+        if not self.num_tokens:
+            return 0.0
+        return self.loss_sum / self.normalization.denominator(self.num_tokens, self.num_sequences)
 
 
 @dataclass
@@ -109,11 +116,14 @@ class Group:
     param_names: list[list[str]] = field(default_factory=list)
     scheduler: Any = None
     scheduler_spec: dict[str, Any] = field(default_factory=dict)
-    loss: Loss = field(default_factory=CrossEntropyLoss)
+    loss: Loss = field(default_factory=lambda: make_loss("CrossEntropyLoss", {}))
     loss_name: str = "CrossEntropyLoss"
     micro_step: int = 0
     optimizer_step: int = 0
     window_tokens: int = 0
+    # The window's loss sequences and normalisation (one per window: twinkle_worker.normalization).
+    window_sequences: int = 0
+    window_normalization: Normalization | None = None
     normalized: bool = False
     last_grad_norm: float = 0.0
     # fp16 only: this group's loss scaler (precision.make_scaler), and whether it skipped the last step.
@@ -331,6 +341,25 @@ class TransformersModel:
             param.requires_grad_(is_trainable)
         return sum(p.numel() for _, p in params) if is_trainable else 0
 
+    def remove_adapter(self, adapter_name: str) -> None:
+        """Removes a LoRA adapter and its group (optimizer, scheduler, loss, counters); the name is free again."""
+        if not adapter_name:
+            raise InvalidArgument("adapter_name: name the adapter to remove (the full model cannot be removed)")
+        self.group(adapter_name)  # NotFound for an unknown name
+        if self.wrapped is not None and self.mesh.world_size > 1:
+            raise FailedPrecondition(
+                f"adapter {adapter_name!r} cannot be removed once the model is wrapped for distribution "
+                "(DDP and FSDP2 hold its parameters); remove adapters before the first forward, or Reset"
+            )
+        if len(self.adapter_names) == 1:
+            self.model = self.model.unload()  # PEFT cannot run with no adapter at all: back to the plain model
+        else:
+            self.model.delete_adapter(adapter_name)
+        self.wrapped = None  # one rank: the model is its own wrapper, and it just changed
+        del self.groups[adapter_name]
+        self.adapter_names.remove(adapter_name)
+        self._forget_parameters()
+
     # -------------------------------------------------------- optimizer & co
 
     def set_optimizer(
@@ -407,18 +436,23 @@ class TransformersModel:
         temperature: float = 1.0,
         return_logits: bool = False,
         gradient_accumulation_steps: int | None = None,
+        loss_fn: str | None = None,
+        loss_fn_config: Mapping[str, Any] | None = None,
     ) -> ForwardResult:
-        """Forward and backward on this rank's slice; gradients accumulate until the window's step."""
+        """Forward and backward on this rank's slice; gradients accumulate until the window's step.
+
+        loss_fn (with loss_fn_config) overrides the group's loss for this micro-batch."""
         group = self.group(adapter_name)
         if not group.trainable:
             raise FailedPrecondition(f"adapter {group.name!r} is frozen; use forward_only")
         if not self._group_parameters(group):
             raise FailedPrecondition(f"group {group.name!r} has no trainable parameters")
         batch = self._prepare(inputs, require_labels=True)
-        group.loss.check(batch)  # before the vote: a refused call changes nothing, on any rank
         _positive_float(temperature, "temperature")
         if gradient_accumulation_steps:
             _positive_int(gradient_accumulation_steps, "gradient_accumulation_steps")
+        loss = self._loss_for(group, loss_fn, loss_fn_config, batch)
+        check_window(group.window_normalization, loss.normalization)
         self._agree()
         self._activate(group)
         wrapped = self._ensure_wrapped()
@@ -430,15 +464,28 @@ class TransformersModel:
         sync = (group.micro_step + 1) % group.gradient_accumulation_steps == 0
         with self._collective("forward_backward"), strategies.no_gradient_sync(wrapped, sync):
             logps, logits = self._forward(wrapped, batch, temperature)
-            result = group.loss(logps, batch["loss_mask"], batch)
+            result = loss(logps, batch["loss_mask"], batch)
             precision.backward(self._scaler(group), result.loss_sum)
         group.micro_step += 1  # counted once its backward succeeded
         group.window_tokens += result.num_tokens
+        group.window_sequences += result.num_sequences
+        group.window_normalization = result.normalization
         group.normalized = False
         outputs = {"logps": logps.detach()}
         if return_logits:
             outputs["logits"] = logits.detach().float()
-        return ForwardResult(float(result.loss_sum.detach()), result.num_tokens, outputs)
+        return _forward_result(result, outputs)
+
+    def _loss_for(
+        self, group: Group, loss_fn: str | None, loss_fn_config: Mapping[str, Any] | None, batch: Mapping[str, Any]
+    ) -> Loss:
+        """The call's loss (loss_fn, else the group's) with its inputs checked: before the vote, so that
+        a refused call changes nothing on any rank."""
+        if loss_fn_config and not loss_fn:
+            raise InvalidArgument("loss_fn_config was given without loss_fn; name the loss it configures")
+        loss = make_loss(loss_fn, loss_fn_config) if loss_fn else group.loss
+        loss.check(batch)
+        return loss
 
     @torch.no_grad()
     @agreed_call
@@ -449,13 +496,14 @@ class TransformersModel:
         temperature: float = 1.0,
         return_logits: bool = False,
         disable_lora: bool = False,
+        loss_fn: str | None = None,
+        loss_fn_config: Mapping[str, Any] | None = None,
     ) -> ForwardResult:
-        """Forward in eval mode without gradients; with labels it also reports the loss."""
+        """Forward in eval mode without gradients; with labels it also reports the loss (loss_fn, else the group's)."""
         group = self.group(adapter_name)
         batch = self._prepare(inputs, require_labels=False)
-        if "labels" in batch:
-            group.loss.check(batch)
         _positive_float(temperature, "temperature")
+        loss = self._loss_for(group, loss_fn, loss_fn_config, batch) if "labels" in batch else None
         self._agree()
         self._activate(group)
         wrapped = self._ensure_wrapped()
@@ -464,14 +512,12 @@ class TransformersModel:
         with self._collective("forward_only"), self._lora_disabled(disable_lora):
             logps, logits = self._forward(wrapped, batch, temperature)
         outputs: dict[str, torch.Tensor] = {}
-        loss_sum, num_tokens = 0.0, 0
-        if "labels" in batch:
-            outputs["logps"] = logps
-            result = group.loss(logps, batch["loss_mask"], batch)
-            loss_sum, num_tokens = float(result.loss_sum), result.num_tokens
         if return_logits:
             outputs["logits"] = logits.float()
-        return ForwardResult(loss_sum, num_tokens, outputs)
+        if loss is None:
+            return ForwardResult(0.0, 0, outputs)
+        outputs["logps"] = logps
+        return _forward_result(loss(logps, batch["loss_mask"], batch), outputs)
 
     @torch.no_grad()
     @agreed_call
@@ -609,12 +655,12 @@ class TransformersModel:
             _positive_int(gradient_accumulation_steps, "gradient_accumulation_steps")
         self._require_scaler_optimizer(group)
         due = group.due("clip", gradient_accumulation_steps)
-        global_tokens = self._agree_on_window(group, due)
+        global_counts = self._agree_on_window(group, due)
         if not due:
             return None
         self._remember_gas(group, gradient_accumulation_steps)
         with self._collective("clip_grad_norm"):
-            self._normalize(group, global_tokens)
+            self._normalize(group, global_counts)
             group.last_grad_norm = self._clip(group, max_grad_norm, norm_type)
         group.mark("clip")
         return group.last_grad_norm
@@ -632,12 +678,12 @@ class TransformersModel:
         if gradient_accumulation_steps:
             _positive_int(gradient_accumulation_steps, "gradient_accumulation_steps")
         due = group.due("step", gradient_accumulation_steps)
-        global_tokens = self._agree_on_window(group, due)
+        global_counts = self._agree_on_window(group, due)
         if not due:
             return False
         self._remember_gas(group, gradient_accumulation_steps)
         with self._collective("step"):
-            self._normalize(group, global_tokens)
+            self._normalize(group, global_counts)
             _override(optimizer, optim_params)
             group.last_step_skipped = precision.step(self._scaler(group), optimizer)
         if group.last_step_skipped:
@@ -653,7 +699,8 @@ class TransformersModel:
         if not group.due("zero_grad", gradient_accumulation_steps):
             return False
         optimizer.zero_grad(set_to_none=True)
-        group.window_tokens = 0
+        group.window_tokens = group.window_sequences = 0
+        group.window_normalization = None
         group.normalized = False
         group.mark("zero_grad")
         return True
@@ -688,13 +735,13 @@ class TransformersModel:
             _positive_int(gradient_accumulation_steps, "gradient_accumulation_steps")
         _check_norm(max_grad_norm, norm_type)
         due = group.due("step", gradient_accumulation_steps)
-        global_tokens = self._agree_on_window(group, due)
+        global_counts = self._agree_on_window(group, due)
         if not due:
             if gradient_accumulation_steps:
                 group.gradient_accumulation_steps = gradient_accumulation_steps
             return StepResult(False, optimizer_step=group.optimizer_step, micro_step=group.micro_step)
         with self._collective("clip_grad_and_step"):
-            self._normalize(group, global_tokens)  # now, while the vote's token count is at hand
+            self._normalize(group, global_counts)  # now, while the vote's token count is at hand
         grad_norm = self.clip_grad_norm(max_grad_norm, norm_type, group.name, gradient_accumulation_steps)
         lr = float(optimizer.param_groups[0]["lr"])
         self.step(group.name, gradient_accumulation_steps, optim_params)
@@ -711,22 +758,24 @@ class TransformersModel:
         if gradient_accumulation_steps:
             group.gradient_accumulation_steps = gradient_accumulation_steps
 
-    def _normalize(self, group: Group, global_tokens: float | None = None) -> None:
-        """Turns the accumulated token-sum gradients into the global token-mean gradient, once per window.
+    def _normalize(self, group: Group, global_counts: list[float] | None = None) -> None:
+        """Divides the accumulated gradients by the window's denominator (twinkle_worker.normalization), once.
 
-        global_tokens: the window's token count summed over the ranks, when the call's agreement
-        vote already brought it (see _agree_on_window); otherwise one all_reduce finds it.
+        global_counts: the window's (tokens, sequences) summed over the ranks, when the call's agreement
+        vote already brought them (see _agree_on_window); otherwise one all_reduce finds them.
         """
         if group.normalized:
             return
-        if global_tokens is None:
-            global_tokens = float(group.window_tokens)
+        if global_counts is None:
+            global_counts = [float(group.window_tokens), float(group.window_sequences)]
             if self.mesh.world_size > 1:
-                tokens = torch.tensor([global_tokens], dtype=torch.float64, device=self.device)
-                dist.all_reduce(tokens)
-                global_tokens = float(tokens.item())
-        # DDP and FSDP average gradients over the data ranks; undo that and divide by the global count.
-        scale = self.mesh.data_world_size / max(global_tokens, 1.0)
+                counted = torch.tensor(global_counts, dtype=torch.float64, device=self.device)
+                dist.all_reduce(counted)
+                global_counts = counted.tolist()
+        tokens, sequences = global_counts
+        divisor = (group.window_normalization or Normalization()).denominator(tokens, sequences)
+        # DDP and FSDP average gradients over the data ranks; undo that and divide by the window's denominator.
+        scale = self.mesh.data_world_size / divisor
         grads = [param.grad for _, param in self._group_parameters(group) if param.grad is not None]
         torch._foreach_mul_(grads, scale)
         group.normalized = True
@@ -816,30 +865,30 @@ class TransformersModel:
         finally:
             self._vote = None
 
-    def _agree(self, tokens: int = 0) -> float | None:
+    def _agree(self, *counts: int) -> list[float] | None:
         """This rank passed its checks: hear from the others before any collective or state change.
 
-        The vote can carry this rank's token count; returns the sum over the ranks when this call
+        The vote can carry this rank's counts; returns their sums over the ranks when this call
         cast the vote, None when there is no vote (one rank) or it was cast earlier in the call.
         """
         if self._vote == "pending":
-            return self._cast_vote(True, tokens)
+            return self._cast_vote(True, *counts)
         return None
 
-    def _agree_on_window(self, group: Group, due: bool) -> float | None:
+    def _agree_on_window(self, group: Group, due: bool) -> list[float] | None:
         """_agree for an end-of-window call. While the window's gradients still need normalising,
-        the vote carries the window's token count: the global count comes back in the same round
-        trip, instead of in an all_reduce of its own. A rank that refuses the call votes through
+        the vote carries the window's token and sequence counts: the global counts come back in the
+        same round trip, instead of in an all_reduce of their own. A rank that refuses the call votes through
         the same collective (strategies.agree), so every rank still fails before any gradient changes."""
         if due and not group.normalized:
-            return self._agree(group.window_tokens)
+            return self._agree(group.window_tokens, group.window_sequences)
         self._agree()
         return None
 
-    def _cast_vote(self, ok: bool, tokens: int = 0) -> float:
+    def _cast_vote(self, ok: bool, *counts: int) -> list[float]:
         self._vote = "cast"
         try:
-            refused, total = strategies.agree(ok, self.device, tokens)
+            refused, total = strategies.agree(ok, self.device, *counts)
         except (RuntimeError, dist.DistBackendError) as error:
             raise Aborted(f"a collective with the other ranks failed: {str(error).splitlines()[0]}") from error
         if ok and refused:
@@ -945,10 +994,15 @@ class TransformersModel:
                 )
 
     @agreed_call
-    def export_weights(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
-        """The group's weights as saved (PEFT names for an adapter); whole on rank 0, empty on the others."""
+    def export_weights(self, adapter_name: str | None = None, trainable_only: bool = False) -> dict[str, torch.Tensor]:
+        """The group's weights as saved (PEFT names for an adapter); whole on rank 0, empty on the others.
+
+        trainable_only: Twinkle's get_state_dict, the group's trainable parameters under the model's names."""
         group = self.group(adapter_name)
         state = self._full_state_dict()
+        if trainable_only:
+            names = {name for name, _ in self._group_parameters(group)} if group.trainable else set()
+            return {key: value for key, value in state.items() if key in names}
         if group.name == FULL_MODEL:
             return state
         pattern = ckpt.adapter_param_pattern(group.name)
@@ -1147,7 +1201,8 @@ class TransformersModel:
             group.optimizer_step = int(state["cur_step"])
             group.micro_step = int(state.get("micro_step", group.optimizer_step * state["gradient_accumulation_steps"]))
             group.gradient_accumulation_steps = int(state["gradient_accumulation_steps"])
-            group.window_tokens = 0
+            group.window_tokens = group.window_sequences = 0
+            group.window_normalization = None
             group.normalized = False
             # The checkpoint was taken after its window closed: nothing is due until the next micro-batch.
             group.applied_at = dict.fromkeys(("clip", "step", "zero_grad", "lr_step"), group.micro_step)
@@ -1192,6 +1247,18 @@ class TransformersModel:
 
 
 # ------------------------------------------------------------------ helpers
+
+
+def _forward_result(result: Any, outputs: dict[str, torch.Tensor]) -> ForwardResult:
+    """A LossResult (twinkle_worker.losses) as what the servicer sends."""
+    return ForwardResult(
+        float(result.loss_sum.detach()),
+        result.num_tokens,
+        outputs,
+        result.num_sequences,
+        result.normalization,
+        result.metrics,
+    )
 
 
 def _parse_device(device: str) -> torch.device:

@@ -127,8 +127,24 @@ def lora_config(message: worker_pb2.LoraConfig) -> Any:
 
 
 def forward_header(result: ForwardResult) -> worker_pb2.ForwardOutput:
-    """The scalars of a forward; the caller adds the tensors (inline, or streamed)."""
-    return worker_pb2.ForwardOutput(loss_sum=result.loss_sum, num_tokens=result.num_tokens, loss=result.loss)
+    """The scalars and metrics of a forward; the caller adds the tensors (inline, or streamed)."""
+    normalization = result.normalization
+    output = worker_pb2.ForwardOutput(
+        loss_sum=result.loss_sum,
+        num_tokens=result.num_tokens,
+        loss=result.loss,
+        num_sequences=result.num_sequences,
+        normalization=normalization.kind,
+        normalization_divisor=normalization.divisor,
+    )
+    for name, (total, count) in result.metrics.items():
+        output.metrics[name].CopyFrom(worker_pb2.LossMetric(sum=total, count=count))
+    return output
+
+
+def loss_choice(request: Any) -> dict[str, Any]:
+    """A forward request's per-call loss, as keyword arguments of the model's method."""
+    return {"loss_fn": request.loss_fn or None, "loss_fn_config": struct_to_dict(request.loss_fn_config)}
 
 
 def free_port(host: str) -> int:
@@ -428,6 +444,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                     request.temperature or 1.0,
                     request.return_logits,
                     request.gradient_accumulation_steps or None,
+                    **loss_choice(request),
                 )
             group = model.group(request.adapter_name)
             response = worker_pb2.ForwardBackwardResponse(output=forward_header(result), micro_step=group.micro_step)
@@ -462,7 +479,12 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                     raise InvalidArgument("inputs is empty: send at least input_ids")
                 self._check_inputs(model, batch, request.return_logits)
                 result = model.forward_only(
-                    batch, request.adapter_name, request.temperature or 1.0, request.return_logits, request.disable_lora
+                    batch,
+                    request.adapter_name,
+                    request.temperature or 1.0,
+                    request.return_logits,
+                    request.disable_lora,
+                    **loss_choice(request),
                 )
             response = worker_pb2.ForwardOnlyResponse(output=forward_header(result))
             return response, self._outputs(request, result.outputs, response.output)
@@ -734,7 +756,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         def export() -> dict[str, Any]:
             if chunk < 1024 or chunk > 64 << 20:  # checked in its turn: a refused export still uses its number
                 raise InvalidArgument(f"chunk_bytes must be in [1024, 64 MiB], got {chunk}")
-            return self._model().export_weights(request.adapter_name)
+            return self._model().export_weights(request.adapter_name, trainable_only=request.trainable_only)
 
         # Numbered like every call that runs collectives, so it runs after the calls sent before it.
         state = self._run(context, request.context, export)
@@ -756,6 +778,15 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                     piece.name, piece.dtype = name, encoded.dtype
                     piece.shape.extend(encoded.shape)
                 yield piece
+
+    def RemoveAdapter(
+        self, request: worker_pb2.RemoveAdapterRequest, context: grpc.ServicerContext
+    ) -> worker_pb2.RemoveAdapterResponse:
+        def remove() -> worker_pb2.RemoveAdapterResponse:
+            self._model().remove_adapter(request.adapter_name)
+            return worker_pb2.RemoveAdapterResponse()
+
+        return self._run(context, request.context, remove, request)
 
     def close(self) -> None:
         """Lets the queued calls finish, then leaves the process group (the worker is stopping)."""

@@ -198,19 +198,29 @@ def no_gradient_sync(wrapped: nn.Module, sync: bool) -> Any:
     return contextlib.nullcontext()
 
 
-def agree(ok: bool, device: torch.device, payload: float = 0.0) -> tuple[list[int], float]:
-    """Every rank says whether it can go ahead with the current call; returns the ranks that cannot,
-    and the sum over the ranks of `payload` (a count the call would otherwise all-reduce separately).
+# Counts a vote carries (a window's loss tokens and sequences): fixed, so that a rank that refuses
+# (and has no counts to send) still gathers the same number of values as its peers.
+VOTE_COUNTS = 2
 
-    One small all_gather of (refused, payload) per rank. A rank that refused a call (bad input,
+
+def agree(ok: bool, device: torch.device, *counts: float) -> tuple[list[int], list[float]]:
+    """Every rank says whether it can go ahead with the current call; returns the ranks that cannot,
+    and the sums over the ranks of each of the VOTE_COUNTS `counts` (missing ones are 0): counts
+    the call would otherwise all-reduce separately, a window's loss tokens and sequences.
+
+    One small all_gather of (refused, *counts) per rank. A rank that refused a call (bad input,
     unknown name) still takes part, so its peers learn it at once instead of waiting in the
-    call's first collective until the process-group timeout. The payload rides along to save a
-    round trip; it is an integer count, exact in float64, and meaningless if any rank refused.
+    call's first collective until the process-group timeout. The counts ride along to save a
+    round trip; they are integers, exact in float64, and meaningless if any rank refused.
     """
+    if len(counts) > VOTE_COUNTS:
+        raise ValueError(f"a vote carries at most {VOTE_COUNTS} counts, got {len(counts)}")
     world = dist.get_world_size()
-    vote = torch.tensor([0.0 if ok else 1.0, float(payload)], dtype=torch.float64, device=device)
-    votes = torch.empty(2 * world, dtype=torch.float64, device=device)
+    width = 1 + VOTE_COUNTS
+    padded = [float(count) for count in counts] + [0.0] * (VOTE_COUNTS - len(counts))
+    vote = torch.tensor([0.0 if ok else 1.0, *padded], dtype=torch.float64, device=device)
+    votes = torch.empty(width * world, dtype=torch.float64, device=device)
     dist.all_gather_single(votes, vote)
     values = votes.tolist()
-    refused = [rank for rank in range(world) if values[2 * rank]]
-    return refused, sum(values[1::2])
+    refused = [rank for rank in range(world) if values[width * rank]]
+    return refused, [sum(values[index::width]) for index in range(1, width)]

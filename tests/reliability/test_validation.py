@@ -30,6 +30,7 @@ from twinkle_client._proto import tensor_pb2, worker_pb2
 from twinkle_client.errors import InvalidArgument
 from twinkle_client.local import LocalWorkers
 from twinkle_client.mesh import DeviceMesh
+from twinkle_worker.losses import CLASS_NAMES, LOSSES
 
 Code = grpc.StatusCode
 # What a refused request may get; never OK, UNKNOWN or INTERNAL.
@@ -1076,9 +1077,7 @@ def hostile(draw: Any) -> tuple[str, Any]:
         request = worker_pb2.SetLossRequest(adapter_name=ADAPTER)
         if draw(st.booleans()):
             request.loss = draw(
-                st.text(min_size=1, max_size=16).filter(
-                    lambda t: t not in ("CrossEntropyLoss", "ImportanceSamplingLoss")
-                )
+                st.text(min_size=1, max_size=16).filter(lambda t: t not in LOSSES and t not in CLASS_NAMES)
             )
         else:
             request.loss = "CrossEntropyLoss"

@@ -218,7 +218,7 @@ class SetLossResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class ForwardBackwardRequest(_message.Message):
-    __slots__ = ("context", "adapter_name", "inputs", "temperature", "return_logits", "gradient_accumulation_steps", "shared_inputs", "output_segment")
+    __slots__ = ("context", "adapter_name", "inputs", "temperature", "return_logits", "gradient_accumulation_steps", "shared_inputs", "output_segment", "loss_fn", "loss_fn_config")
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_NAME_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
@@ -227,6 +227,8 @@ class ForwardBackwardRequest(_message.Message):
     GRADIENT_ACCUMULATION_STEPS_FIELD_NUMBER: _ClassVar[int]
     SHARED_INPUTS_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_SEGMENT_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FN_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FN_CONFIG_FIELD_NUMBER: _ClassVar[int]
     context: CallContext
     adapter_name: str
     inputs: _tensor_pb2.TensorMap
@@ -235,21 +237,46 @@ class ForwardBackwardRequest(_message.Message):
     gradient_accumulation_steps: int
     shared_inputs: _tensor_pb2.SharedTensors
     output_segment: str
-    def __init__(self, context: _Optional[_Union[CallContext, _Mapping]] = ..., adapter_name: _Optional[str] = ..., inputs: _Optional[_Union[_tensor_pb2.TensorMap, _Mapping]] = ..., temperature: _Optional[float] = ..., return_logits: _Optional[bool] = ..., gradient_accumulation_steps: _Optional[int] = ..., shared_inputs: _Optional[_Union[_tensor_pb2.SharedTensors, _Mapping]] = ..., output_segment: _Optional[str] = ...) -> None: ...
+    loss_fn: str
+    loss_fn_config: _struct_pb2.Struct
+    def __init__(self, context: _Optional[_Union[CallContext, _Mapping]] = ..., adapter_name: _Optional[str] = ..., inputs: _Optional[_Union[_tensor_pb2.TensorMap, _Mapping]] = ..., temperature: _Optional[float] = ..., return_logits: _Optional[bool] = ..., gradient_accumulation_steps: _Optional[int] = ..., shared_inputs: _Optional[_Union[_tensor_pb2.SharedTensors, _Mapping]] = ..., output_segment: _Optional[str] = ..., loss_fn: _Optional[str] = ..., loss_fn_config: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
+
+class LossMetric(_message.Message):
+    __slots__ = ("sum", "count")
+    SUM_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    sum: float
+    count: float
+    def __init__(self, sum: _Optional[float] = ..., count: _Optional[float] = ...) -> None: ...
 
 class ForwardOutput(_message.Message):
-    __slots__ = ("loss_sum", "num_tokens", "loss", "outputs", "shared_outputs")
+    __slots__ = ("loss_sum", "num_tokens", "loss", "outputs", "shared_outputs", "num_sequences", "normalization", "normalization_divisor", "metrics")
+    class MetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: LossMetric
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[LossMetric, _Mapping]] = ...) -> None: ...
     LOSS_SUM_FIELD_NUMBER: _ClassVar[int]
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
     LOSS_FIELD_NUMBER: _ClassVar[int]
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     SHARED_OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    NUM_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
+    NORMALIZATION_FIELD_NUMBER: _ClassVar[int]
+    NORMALIZATION_DIVISOR_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
     loss_sum: float
     num_tokens: int
     loss: float
     outputs: _tensor_pb2.TensorMap
     shared_outputs: _tensor_pb2.SharedTensors
-    def __init__(self, loss_sum: _Optional[float] = ..., num_tokens: _Optional[int] = ..., loss: _Optional[float] = ..., outputs: _Optional[_Union[_tensor_pb2.TensorMap, _Mapping]] = ..., shared_outputs: _Optional[_Union[_tensor_pb2.SharedTensors, _Mapping]] = ...) -> None: ...
+    num_sequences: int
+    normalization: str
+    normalization_divisor: float
+    metrics: _containers.MessageMap[str, LossMetric]
+    def __init__(self, loss_sum: _Optional[float] = ..., num_tokens: _Optional[int] = ..., loss: _Optional[float] = ..., outputs: _Optional[_Union[_tensor_pb2.TensorMap, _Mapping]] = ..., shared_outputs: _Optional[_Union[_tensor_pb2.SharedTensors, _Mapping]] = ..., num_sequences: _Optional[int] = ..., normalization: _Optional[str] = ..., normalization_divisor: _Optional[float] = ..., metrics: _Optional[_Mapping[str, LossMetric]] = ...) -> None: ...
 
 class ForwardBackwardResponse(_message.Message):
     __slots__ = ("output", "micro_step")
@@ -260,7 +287,7 @@ class ForwardBackwardResponse(_message.Message):
     def __init__(self, output: _Optional[_Union[ForwardOutput, _Mapping]] = ..., micro_step: _Optional[int] = ...) -> None: ...
 
 class ForwardOnlyRequest(_message.Message):
-    __slots__ = ("context", "adapter_name", "inputs", "temperature", "return_logits", "disable_lora", "shared_inputs", "output_segment")
+    __slots__ = ("context", "adapter_name", "inputs", "temperature", "return_logits", "disable_lora", "shared_inputs", "output_segment", "loss_fn", "loss_fn_config")
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_NAME_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
@@ -269,6 +296,8 @@ class ForwardOnlyRequest(_message.Message):
     DISABLE_LORA_FIELD_NUMBER: _ClassVar[int]
     SHARED_INPUTS_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_SEGMENT_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FN_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FN_CONFIG_FIELD_NUMBER: _ClassVar[int]
     context: CallContext
     adapter_name: str
     inputs: _tensor_pb2.TensorMap
@@ -277,7 +306,9 @@ class ForwardOnlyRequest(_message.Message):
     disable_lora: bool
     shared_inputs: _tensor_pb2.SharedTensors
     output_segment: str
-    def __init__(self, context: _Optional[_Union[CallContext, _Mapping]] = ..., adapter_name: _Optional[str] = ..., inputs: _Optional[_Union[_tensor_pb2.TensorMap, _Mapping]] = ..., temperature: _Optional[float] = ..., return_logits: _Optional[bool] = ..., disable_lora: _Optional[bool] = ..., shared_inputs: _Optional[_Union[_tensor_pb2.SharedTensors, _Mapping]] = ..., output_segment: _Optional[str] = ...) -> None: ...
+    loss_fn: str
+    loss_fn_config: _struct_pb2.Struct
+    def __init__(self, context: _Optional[_Union[CallContext, _Mapping]] = ..., adapter_name: _Optional[str] = ..., inputs: _Optional[_Union[_tensor_pb2.TensorMap, _Mapping]] = ..., temperature: _Optional[float] = ..., return_logits: _Optional[bool] = ..., disable_lora: _Optional[bool] = ..., shared_inputs: _Optional[_Union[_tensor_pb2.SharedTensors, _Mapping]] = ..., output_segment: _Optional[str] = ..., loss_fn: _Optional[str] = ..., loss_fn_config: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
 
 class ForwardOnlyResponse(_message.Message):
     __slots__ = ("output",)
@@ -546,16 +577,18 @@ class ResetResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class ExportWeightsRequest(_message.Message):
-    __slots__ = ("adapter_name", "chunk_bytes", "context", "output_segment")
+    __slots__ = ("adapter_name", "chunk_bytes", "context", "output_segment", "trainable_only")
     ADAPTER_NAME_FIELD_NUMBER: _ClassVar[int]
     CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_SEGMENT_FIELD_NUMBER: _ClassVar[int]
+    TRAINABLE_ONLY_FIELD_NUMBER: _ClassVar[int]
     adapter_name: str
     chunk_bytes: int
     context: CallContext
     output_segment: str
-    def __init__(self, adapter_name: _Optional[str] = ..., chunk_bytes: _Optional[int] = ..., context: _Optional[_Union[CallContext, _Mapping]] = ..., output_segment: _Optional[str] = ...) -> None: ...
+    trainable_only: bool
+    def __init__(self, adapter_name: _Optional[str] = ..., chunk_bytes: _Optional[int] = ..., context: _Optional[_Union[CallContext, _Mapping]] = ..., output_segment: _Optional[str] = ..., trainable_only: _Optional[bool] = ...) -> None: ...
 
 class ExportWeightsResponse(_message.Message):
     __slots__ = ("name", "dtype", "shape", "total_bytes", "offset", "data", "in_segment", "segment_offset")
@@ -726,3 +759,15 @@ class SampleResponse(_message.Message):
     SEQUENCES_FIELD_NUMBER: _ClassVar[int]
     sequences: _containers.RepeatedCompositeFieldContainer[SampledSequence]
     def __init__(self, sequences: _Optional[_Iterable[_Union[SampledSequence, _Mapping]]] = ...) -> None: ...
+
+class RemoveAdapterRequest(_message.Message):
+    __slots__ = ("context", "adapter_name")
+    CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_NAME_FIELD_NUMBER: _ClassVar[int]
+    context: CallContext
+    adapter_name: str
+    def __init__(self, context: _Optional[_Union[CallContext, _Mapping]] = ..., adapter_name: _Optional[str] = ...) -> None: ...
+
+class RemoveAdapterResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...

@@ -165,6 +165,11 @@ class WorkerServiceStub:
                 request_serializer=twinkle_dot_worker_dot_v1_dot_worker__pb2.SampleRequest.SerializeToString,
                 response_deserializer=twinkle_dot_worker_dot_v1_dot_worker__pb2.SampleResponse.FromString,
                 _registered_method=True)
+        self.RemoveAdapter = channel.unary_unary(
+                '/twinkle.worker.v1.WorkerService/RemoveAdapter',
+                request_serializer=twinkle_dot_worker_dot_v1_dot_worker__pb2.RemoveAdapterRequest.SerializeToString,
+                response_deserializer=twinkle_dot_worker_dot_v1_dot_worker__pb2.RemoveAdapterResponse.FromString,
+                _registered_method=True)
 
 
 class WorkerServiceServicer:
@@ -353,6 +358,13 @@ class WorkerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RemoveAdapter(self, request, context):
+        """Removes a LoRA adapter and its group (optimizer, scheduler, loss, counters).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -475,6 +487,11 @@ def add_WorkerServiceServicer_to_server(servicer, server):
                     servicer.Sample,
                     request_deserializer=twinkle_dot_worker_dot_v1_dot_worker__pb2.SampleRequest.FromString,
                     response_serializer=twinkle_dot_worker_dot_v1_dot_worker__pb2.SampleResponse.SerializeToString,
+            ),
+            'RemoveAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveAdapter,
+                    request_deserializer=twinkle_dot_worker_dot_v1_dot_worker__pb2.RemoveAdapterRequest.FromString,
+                    response_serializer=twinkle_dot_worker_dot_v1_dot_worker__pb2.RemoveAdapterResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1135,6 +1152,33 @@ class WorkerService:
             '/twinkle.worker.v1.WorkerService/Sample',
             twinkle_dot_worker_dot_v1_dot_worker__pb2.SampleRequest.SerializeToString,
             twinkle_dot_worker_dot_v1_dot_worker__pb2.SampleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/twinkle.worker.v1.WorkerService/RemoveAdapter',
+            twinkle_dot_worker_dot_v1_dot_worker__pb2.RemoveAdapterRequest.SerializeToString,
+            twinkle_dot_worker_dot_v1_dot_worker__pb2.RemoveAdapterResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,71 @@
+"""Every built-in loss, chosen per call, with each normalisation, on one worker: like one process.
+
+For each loss (cross_entropy, importance_sampling, ppo, cispo, dro, grpo, gspo) the worker and
+tests/rl_reference.Reference (plain transformers + torch, each sample alone, the formulas written
+out) train one window of 2 micro-batches per normalisation (token_mean, sum, sequence_mean, a
+constant): each micro-batch's loss, each step's gradient norm and the weights after each SGD step
+agree to 1e-5 relative. Also: forward_backward_custom with the client's DPO function against a
+reference DPO step, get_state_dict and remove_adapter. The 2-rank versions are in
+tests/distributed/test_mesh_rl_losses.py.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from rl_reference import LOSS_OPTIONS, LR, SEED, check_dpo_parity, check_loss_parity
+
+
+@pytest.mark.parametrize("loss", list(LOSS_OPTIONS))
+def test_loss_with_every_normalization_matches_the_formulas(remote, config, loss: str) -> None:  # type: ignore[no-untyped-def]
+    model = remote(config=config, seed=SEED)
+    norms = check_loss_parity(model, config, loss)
+    assert len(set(round(n, 6) for n in norms["reference"])) == len(norms["reference"])  # the normalisations differ
+
+
+@pytest.mark.parametrize("class_name,loss", [("GRPOLoss", "grpo"), ("PPOLoss", "ppo")])
+def test_set_loss_with_twinkle_class_names_trains_the_same(remote, config, class_name: str, loss: str) -> None:  # type: ignore[no-untyped-def]
+    check_loss_parity(remote(config=config, seed=SEED), config, loss, set_loss=class_name)
+
+
+def test_forward_backward_custom_with_dpo_equals_a_reference_dpo_step(remote, config) -> None:  # type: ignore[no-untyped-def]
+    check_dpo_parity(remote(config=config, seed=SEED), config)
+
+
+def test_get_state_dict_and_remove_adapter(remote, config) -> None:  # type: ignore[no-untyped-def]
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    from twinkle_client.errors import NotFound
+    from twinkle_worker.model import _adapter_seed  # the worker's documented LoRA initialisation seed
+
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM")
+    model = remote(config=config, seed=SEED)
+    model.add_adapter_to_model("a", lora)
+    model.add_adapter_to_model("b", lora)
+    transformers.set_seed(SEED)
+    plain = transformers.AutoModelForCausalLM.from_config(config).float()
+    torch.manual_seed(_adapter_seed("a"))
+    plain = get_peft_model(plain, lora, adapter_name="a")
+    expected = {n: p.detach() for n, p in plain.named_parameters() if p.requires_grad}
+    state = model.get_state_dict("a")
+    assert sorted(state) == sorted(expected) and all(".lora_" in name and ".a." in name for name in state)
+    for name, value in expected.items():
+        assert torch.equal(torch.from_numpy(np.array(state[name])), value), name
+
+    model.remove_adapter("a")
+    with pytest.raises(NotFound, match="'a'"):
+        model.get_state_dict("a")
+    assert sorted(model.status()[0].groups) == ["", "b"]
+    assert model.add_adapter_to_model("a", lora) > 0  # the name is free again: a fresh adapter
+    assert all(torch.equal(torch.from_numpy(np.array(v)), expected[k]) for k, v in model.get_state_dict("a").items())
+    model.remove_adapter("a")
+    model.set_optimizer("SGD", lr=LR, weight_decay=0.0, adapter_name="b")
+    before = model.get_state_dict("b")
+    samples = [{"input_ids": np.arange(1, 9), "labels": np.arange(2, 10)} for _ in range(2)]
+    model.forward_backward(samples, adapter_name="b")
+    assert model.clip_grad_and_step(adapter_name="b")["applied"]
+    after = model.get_state_dict("b")
+    assert sorted(after) == sorted(before) and not any(".a." in name for name in after)
+    assert any(not np.array_equal(after[name], before[name]) for name in before)  # "b" still trains
