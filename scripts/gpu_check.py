@@ -231,6 +231,8 @@ class Check:
             self.add(name, "FAIL", f"refused: {type(error).__name__}: {str(error).splitlines()[0][:300]}")
             return
         try:
+            if (mode, precision) == ("full", "fp32"):
+                self._device_row(model)
             lora_weights = None
             if mode == "lora":
                 model.add_adapter_to_model("lora", dict(LORA))
@@ -277,6 +279,13 @@ class Check:
         )
         if (mode, precision) == ("full", "fp32"):
             self._memory_row(peak, plain_peak)
+
+    def _device_row(self, model: Any) -> None:
+        """The worker computes where it was asked to (no silent fallback to the CPU)."""
+        status = model.status()[0]
+        wanted = self.device.type
+        verdict = "PASS" if status.device.split(":")[0] == wanted else "FAIL"
+        self.add("worker device", verdict, f"{status.device} ({model.num_parameters / 1e6:.1f}M parameters)")
 
     def _worker_peak(self, model: Any) -> float | None:
         (url,) = model.metrics_urls()

@@ -194,7 +194,8 @@ def _tracing(trace_file: str | None) -> list[Any]:
 
 class WorkerServer:
     """A started server; `port` is the bound port (ask for port 0 to get a free one). With `metrics_port`
-    (0: a free one) it serves Prometheus metrics over HTTP from start(); `metrics_port` is then the bound one."""
+    (0: a free one) it serves Prometheus metrics over HTTP from start(); `metrics_port` is then the bound one.
+    With `trace_file` it writes an OpenTelemetry span of every call there (twinkle_worker.tracing)."""
 
     def __init__(
         self,

@@ -15,6 +15,7 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 MUST_PASS = {
+    "worker device",
     "train full fp32",
     "train lora fp32",
     "train full bf16",

@@ -12,11 +12,13 @@ import re
 import urllib.request
 from typing import Any
 
+import grpc
 import numpy as np
 import pytest
 from plain_reference import VOCAB, counting_samples
 from prometheus_client.parser import text_string_to_metric_families
 
+from twinkle_client._proto import worker_pb2, worker_pb2_grpc
 from twinkle_client.errors import NotFound
 from twinkle_client.model import TransformersModel
 
@@ -54,7 +56,7 @@ def label_tokens(samples: list[dict[str, np.ndarray]]) -> int:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory, module_config: Any) -> Any:
     """4 micro-batches with 2-step accumulation (2 optimizer steps), a refused call, a forward_only
-    with logits back (through shared memory), then one scrape."""
+    with logits back (through shared memory), a call without the embedded workers' token, then one scrape."""
     model = TransformersModel(
         config=module_config,
         mixed_precision="no",
@@ -77,6 +79,10 @@ def trained(tmp_path_factory: pytest.TempPathFactory, module_config: Any) -> Any
             model.forward_backward(inputs=batches[0], adapter_name="no-such-adapter")
         probe = counting_samples(rng, 2, 8)
         model.forward_only(inputs=probe, return_logits=True)
+        with grpc.insecure_channel(model.coordinator.addresses[0]) as channel:  # no token: refused by the gate
+            with pytest.raises(grpc.RpcError) as refused:
+                worker_pb2_grpc.WorkerServiceStub(channel).GetStatus(worker_pb2.GetStatusRequest(), timeout=30)
+            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
         urls = model.metrics_urls()
         samples = scrape(urls[0])
         yield {
@@ -100,6 +106,8 @@ def test_calls_are_counted_by_rpc_and_code(trained: Any) -> None:
     assert value(samples, "twinkle_worker_calls_total", rpc="ClipGradAndStep", code="OK") == 4
     assert value(samples, "twinkle_worker_calls_total", rpc="SetOptimizer", code="OK") == 1
     assert value(samples, "twinkle_worker_calls_total", rpc="Init", code="OK") == 1
+    # the metrics interceptor is outermost: a call the token gate refuses is counted too
+    assert value(samples, "twinkle_worker_calls_total", rpc="GetStatus", code="UNAUTHENTICATED") == 1
     assert value(samples, "twinkle_worker_calls_total", rpc="ForwardOnlyStream", code="OK") == 1  # logits: streamed
     # every call is timed, by phase too, refused ones included
     assert value(samples, "twinkle_worker_call_seconds_count", rpc="ForwardBackward") == 5
