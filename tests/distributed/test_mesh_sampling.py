@@ -148,6 +148,9 @@ def test_a_bad_prompt_on_one_rank_fails_every_rank_and_the_mesh_keeps_serving(me
     assert "rank 1" in str(raised.value) and "input_ids" in str(raised.value)
     with pytest.raises(InvalidArgument, match="temperature"):
         model.sample(PROMPTS[:4], max_tokens=6, temperature=-1.0)
+    with pytest.raises(InvalidArgument, match="data world size 2"):  # one row cannot feed two data ranks
+        model.sample([[1, 2]], max_tokens=6)
+    assert [len(s.tokens) for s in model.sample([[1, 2]], num_samples=2, max_tokens=6, stop=[])[0]] == [6, 6]
     assert model.sample(PROMPTS[:4], max_tokens=6, seed=1) == good
 
 
