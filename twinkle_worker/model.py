@@ -537,12 +537,12 @@ class TransformersModel:
         limit = sampling.max_positions(self.model.config)
         sampling.check_rows(batch["attention_mask"], prompt_indices, sample_indices, params, limit)
         stop = sampling.default_stop(self.model) if params.stop is None else params.stop
+        seeds = [sampling.row_seed(params.seed, p, s) for p, s in zip(prompt_indices, sample_indices, strict=True)]
         self._agree()
         self._activate(group)
         wrapped = self._ensure_wrapped()
         training = wrapped.training
         wrapped.eval()
-        seeds = [sampling.row_seed(params.seed, p, s) for p, s in zip(prompt_indices, sample_indices, strict=True)]
         try:
             # self.model, not a DDP wrapper: DDP's forward broadcasts buffers, a collective that ranks
             # decoding different numbers of steps would not match; FSDP shards self.model in place.

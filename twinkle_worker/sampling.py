@@ -207,12 +207,13 @@ def decode(
     cache = DynamicCache(config=model.config)
     rows = [_Row([], []) for _ in seeds]
     longest = max((len(sequence) for sequence in stop), default=0)
+    extra = _forward_keywords(model, cache)
     step = 0
     while step < params.max_tokens:
         with autocast():
-            # the cache is filled in place; only the last position's logits are needed
+            # the cache is filled in place
             inputs = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
-            logits = model(**inputs, cache=cache, use_cache=True, logits_to_keep=1).logits
+            logits = model(**inputs, **extra, use_cache=True).logits
         tokens, logps = pick(logits[:, -1, :], params, draws[:, step])
         step += 1
         for row, token, logp in zip(rows, tokens.tolist(), logps.tolist(), strict=True):
@@ -229,6 +230,19 @@ def decode(
         mask = torch.cat([mask, torch.ones_like(ids)], dim=1)
         positions = positions[:, -1:] + 1
     return [SampledSequence(row.tokens, row.logprobs, "stop" if row.stopped else "length") for row in rows]
+
+
+def _forward_keywords(model: nn.Module, cache: object) -> dict[str, object]:
+    """The KV cache under the name the model's forward takes (transformers 5 renamed past_key_values
+    to cache), and logits_to_keep=1 where supported (only the last position's logits are needed)."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    accepted = inspect.signature(base.forward).parameters
+    keywords: dict[str, object] = {"cache" if "cache" in accepted else "past_key_values": cache}
+    if "logits_to_keep" in accepted:
+        keywords["logits_to_keep"] = 1
+    return keywords
 
 
 def _anyone_running(rows: Sequence[_Row], synced: bool, device: torch.device) -> bool:

@@ -1,7 +1,8 @@
 """Sampling on 2 ranks over gloo: the same seed gives the same samples as one process, under DDP and
 FSDP2 (rows sliced by data rank, each seeded by its prompt and sample index, not by its rank);
 ranks whose rows finish at different steps do not hang FSDP; a sample after a step on the mesh
-sees the step; a bad prompt on one rank fails the call on every rank and the mesh keeps serving.
+sees the step (HSDP on four ranks too, marked slow); a bad prompt on one rank fails the call on every
+rank and the mesh keeps serving.
 
 The one-process side is twinkle_worker's TransformersModel in this process (one rank, no mesh),
 float32 on both sides: tokens equal exactly, log-probabilities within 1e-5 before any step
@@ -147,4 +148,21 @@ def test_a_bad_prompt_on_one_rank_fails_every_rank_and_the_mesh_keeps_serving(me
     assert "rank 1" in str(raised.value) and "input_ids" in str(raised.value)
     with pytest.raises(InvalidArgument, match="temperature"):
         model.sample(PROMPTS[:4], max_tokens=6, temperature=-1.0)
+    with pytest.raises(InvalidArgument, match="data world size 2"):  # one row cannot feed two data ranks
+        model.sample([[1, 2]], max_tokens=6)
+    assert [len(s.tokens) for s in model.sample([[1, 2]], num_samples=2, max_tokens=6, stop=[])[0]] == [6, 6]
     assert model.sample(PROMPTS[:4], max_tokens=6, seed=1) == good
+
+
+@pytest.mark.slow
+def test_hsdp_samples_equal_one_process(hsdp_model, one_process) -> None:  # type: ignore[no-untyped-def, type-arg]
+    """dp=2 x fsdp=2 on four ranks: data ranks [0, 2, 1, 3] for global ranks 0..3, so rows merged in
+    worker order would be permuted; the fsdp peers of a data rank decode the same rows in lockstep."""
+    hsdp = DeviceMesh.from_sizes(dp_size=2, fsdp_size=2)
+    expected_before, expected_after = one_process
+    model = hsdp_model(config=tiny_config(), device_mesh=hsdp, strategy="native_fsdp", seed=SEED)
+    model.set_optimizer("AdamW", lr=5e-2)
+    _assert_same(model.sample(PROMPTS, **PARAMS), expected_before)
+    model.forward_backward(_batch())
+    model.clip_grad_and_step(max_grad_norm=1.0)
+    _assert_same(model.sample(PROMPTS, **PARAMS), expected_after, ATOL_AFTER_STEP)
