@@ -69,3 +69,22 @@ def test_get_state_dict_and_remove_adapter(remote, config) -> None:  # type: ign
     after = model.get_state_dict("b")
     assert sorted(after) == sorted(before) and not any(".a." in name for name in after)
     assert any(not np.array_equal(after[name], before[name]) for name in before)  # "b" still trains
+
+
+def test_the_loss_choice_travels_on_every_transport(remote, config) -> None:  # type: ignore[no-untyped-def]
+    # Unary, streamed (ForwardOnlyStream) and shared memory (asked for logits): the same loss and metrics.
+    from rl_reference import LOSS_OPTIONS, Reference, make_window
+
+    samples = make_window(np.random.default_rng(2), Reference(config), "grpo")[0]
+    choice = {"loss_fn": "grpo", "loss_fn_config": {**LOSS_OPTIONS["grpo"], "normalization": "sum"}}
+    unary = remote(config=config, seed=SEED, shared_memory=False)
+    expected = unary.forward_only(samples, **choice)
+    assert expected["metrics"]["clip_fraction"] > 0 and expected["num_sequences"] == len(samples)
+    unary.stream_threshold_bytes = 0
+    streamed = unary.forward_only(samples, **choice)
+    unary.close()
+    same_host = remote(config=config, seed=SEED)
+    assert same_host.shared_ranks == {0}  # the worker reads this process's segments
+    shared = same_host.forward_only(samples, return_logits=True, **choice)
+    for out in (streamed, shared):
+        assert out["loss"] == expected["loss"] and out["metrics"] == expected["metrics"]
