@@ -88,3 +88,19 @@ def test_the_loss_choice_travels_on_every_transport(remote, config) -> None:  # 
     shared = same_host.forward_only(samples, return_logits=True, **choice)
     for out in (streamed, shared):
         assert out["loss"] == expected["loss"] and out["metrics"] == expected["metrics"]
+
+
+def test_a_loss_choice_that_cannot_apply_is_invalid_argument(remote, config) -> None:  # type: ignore[no-untyped-def]
+    from twinkle_client.errors import InvalidArgument
+
+    model = remote(config=config, seed=SEED)
+    model.set_optimizer("SGD", lr=LR, weight_decay=0.0)
+    samples = [{"input_ids": np.arange(1, 7), "labels": np.arange(2, 8)} for _ in range(2)]
+    with pytest.raises(InvalidArgument, match="needs labels"):
+        model.forward_only([{"input_ids": s["input_ids"]} for s in samples], loss_fn="cross_entropy")
+    with pytest.raises(InvalidArgument, match="without loss_fn"):
+        model.forward_backward(samples, loss_fn_config={"normalization": "sum"})
+    with pytest.raises(InvalidArgument, match="advantages"):
+        model.forward_backward(samples, loss_fn="importance_sampling")
+    out = model.forward_backward(samples)  # nothing above counted: this is micro-batch 1 of the window
+    assert model.clip_grad_and_step(gradient_accumulation_steps=1)["micro_step"] == 1 and out["num_sequences"] == 2
