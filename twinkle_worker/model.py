@@ -503,7 +503,11 @@ class TransformersModel:
         group = self.group(adapter_name)
         batch = self._prepare(inputs, require_labels=False)
         _positive_float(temperature, "temperature")
-        loss = self._loss_for(group, loss_fn, loss_fn_config, batch) if "labels" in batch else None
+        loss = None
+        if "labels" in batch:
+            loss = self._loss_for(group, loss_fn, loss_fn_config, batch)
+        elif loss_fn or loss_fn_config:
+            raise InvalidArgument("loss_fn: a loss needs labels in the inputs (labels[t] is the target of position t)")
         self._agree()
         self._activate(group)
         wrapped = self._ensure_wrapped()

@@ -69,3 +69,38 @@ def test_get_state_dict_and_remove_adapter(remote, config) -> None:  # type: ign
     after = model.get_state_dict("b")
     assert sorted(after) == sorted(before) and not any(".a." in name for name in after)
     assert any(not np.array_equal(after[name], before[name]) for name in before)  # "b" still trains
+
+
+def test_the_loss_choice_travels_on_every_transport(remote, config) -> None:  # type: ignore[no-untyped-def]
+    # Unary, streamed (ForwardOnlyStream) and shared memory (asked for logits): the same loss and metrics.
+    from rl_reference import LOSS_OPTIONS, Reference, make_window
+
+    samples = make_window(np.random.default_rng(2), Reference(config), "grpo")[0]
+    choice = {"loss_fn": "grpo", "loss_fn_config": {**LOSS_OPTIONS["grpo"], "normalization": "sum"}}
+    unary = remote(config=config, seed=SEED, shared_memory=False)
+    expected = unary.forward_only(samples, **choice)
+    assert expected["metrics"]["clip_fraction"] > 0 and expected["num_sequences"] == len(samples)
+    unary.stream_threshold_bytes = 0
+    streamed = unary.forward_only(samples, **choice)
+    unary.close()
+    same_host = remote(config=config, seed=SEED)
+    assert same_host.shared_ranks == {0}  # the worker reads this process's segments
+    shared = same_host.forward_only(samples, return_logits=True, **choice)
+    for out in (streamed, shared):
+        assert out["loss"] == expected["loss"] and out["metrics"] == expected["metrics"]
+
+
+def test_a_loss_choice_that_cannot_apply_is_invalid_argument(remote, config) -> None:  # type: ignore[no-untyped-def]
+    from twinkle_client.errors import InvalidArgument
+
+    model = remote(config=config, seed=SEED)
+    model.set_optimizer("SGD", lr=LR, weight_decay=0.0)
+    samples = [{"input_ids": np.arange(1, 7), "labels": np.arange(2, 8)} for _ in range(2)]
+    with pytest.raises(InvalidArgument, match="needs labels"):
+        model.forward_only([{"input_ids": s["input_ids"]} for s in samples], loss_fn="cross_entropy")
+    with pytest.raises(InvalidArgument, match="without loss_fn"):
+        model.forward_backward(samples, loss_fn_config={"normalization": "sum"})
+    with pytest.raises(InvalidArgument, match="advantages"):
+        model.forward_backward(samples, loss_fn="importance_sampling")
+    out = model.forward_backward(samples)  # nothing above counted: this is micro-batch 1 of the window
+    assert model.clip_grad_and_step(gradient_accumulation_steps=1)["micro_step"] == 1 and out["num_sequences"] == 2
