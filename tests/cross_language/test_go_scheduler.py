@@ -603,3 +603,17 @@ def test_go_mesh_rules_equal_the_python_client(twinkle_sched: str, sizes: dict[s
     assert got["collect_ranks"] == mesh.collect_ranks()
     for n in counts:
         assert got["slices"][str(n)] == [list(bounds) for bounds in slice_bounds(n, mesh.data_world_size)], n
+
+
+def test_the_job_spec_in_the_readme_is_accepted(twinkle_sched: str, tmp_path: pathlib.Path) -> None:
+    """examples/go/README.md's job.json is a job twinkle-sched takes (it gets as far as the workers)."""
+    readme = (REPO / "examples" / "go" / "README.md").read_text()
+    spec = json.loads(readme.split("```json\n", 1)[1].split("```", 1)[0])
+    needed = spec["steps"] * spec["gradient_accumulation_steps"] * spec["micro_batch_size"]
+    (tmp_path / spec["batch_file"]).write_text("".join(json.dumps(s) + "\n" for s in make_samples(needed)))
+    (tmp_path / "job.json").write_text(json.dumps(spec))
+    addresses = "127.0.0.1:1,127.0.0.1:2"  # nothing listens: refused only after the spec was read
+    code, events, _ = run_sched(
+        twinkle_sched, "--workers", addresses, "--health-timeout", "1s", str(tmp_path / "job.json")
+    )
+    assert code == 1 and "not serving" in events[-1]["message"], events
