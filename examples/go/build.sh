@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds the Go example offline from Debian's packages (GOPATH mode, GO111MODULE=off):
-# generates the stubs from ../../protos with protoc into build/, builds build/bin/twinkle-sched,
+# generates the stubs from ../../protos with protoc into _build/, builds _build/bin/twinkle-sched,
 # and with --test also runs go vet and the unit tests. --gen-only writes the stubs into gen/
 # for module mode (go.mod) instead. Needs go, protoc, protoc-gen-go, protoc-gen-go-grpc.
 set -euo pipefail
@@ -8,7 +8,7 @@ HERE="$(cd "$(dirname "$0")" && pwd)"
 PROTOS="$(cd "$HERE/../../protos" && pwd)"
 MODULE=example.com/twinkle
 PKG="$MODULE/gen/twinkle/worker/v1;workerv1"
-BUILD="${TWINKLE_GO_BUILD:-$HERE/build}"
+BUILD="${TWINKLE_GO_BUILD:-$HERE/_build}"  # "_": go ./... patterns skip it in module mode
 
 generate() {  # generate OUT_DIR: the stubs of worker.proto and tensor.proto under OUT_DIR/gen/twinkle/worker/v1
     local out="$1"

@@ -7,7 +7,7 @@ with plain peft and give the logits of the Python client's trained model. With a
 killed mid-job it must name that rank within its bound (retry + abort grace), Reset the
 survivor and exit non-zero; `--resume` on a replacement worker then repeats the
 uninterrupted run's losses. With a token and TLS it is refused without the token and works
-with it and a throwaway CA.
+with it and a throwaway CA (mutual TLS).
 
 Tolerances: float32 on CPU, the same two workers and the same slices, so the Go and Python
 runs perform the same operations on the same values: 1e-6 relative (what the issue asks; a
@@ -480,16 +480,34 @@ def reliability_support() -> Any:
 
 @pytest.fixture(scope="module")
 def locked_worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Any]]:
-    """One worker that serves TLS with a certificate of a throwaway CA and requires TOKEN."""
+    """One worker that serves mutual TLS with certificates of a throwaway CA and requires TOKEN."""
     directory = tmp_path_factory.mktemp("go-locked")
     pki = reliability_support().make_pki(directory)
     token_file = directory / "token"
     token_file.write_text(TOKEN + "\n")
     token_file.chmod(0o600)
-    args = ["--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key), "--token-file", str(token_file)]
-    security = ChannelSecurity.from_files(token=TOKEN, root_cert=str(pki.ca))
+    args = ["--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key), "--tls-client-ca", str(pki.ca)]
+    security = mutual_tls(pki)
+    args += ["--token-file", str(token_file)]
     with LocalWorkers(1, output_root=directory / "out", threads=1, extra_args=args, security=security) as pool:
         yield pool.addresses[0], pki
+
+
+def mutual_tls(pki: Any) -> ChannelSecurity:
+    return ChannelSecurity.from_files(
+        token=TOKEN, root_cert=str(pki.ca), client_cert=str(pki.client_cert), client_key=str(pki.client_key)
+    )
+
+
+def tls_flags(pki: Any) -> list[str]:
+    return [
+        "--tls-root-cert",
+        str(pki.ca),
+        "--tls-client-cert",
+        str(pki.client_cert),
+        "--tls-client-key",
+        str(pki.client_key),
+    ]
 
 
 def test_go_scheduler_without_the_token_is_unauthenticated(
@@ -498,7 +516,7 @@ def test_go_scheduler_without_the_token_is_unauthenticated(
     address, pki = locked_worker
     job = write_job(tmp_path, "no-token", 1, every=0, mesh="dp=1")
     code, events, _ = run_sched(
-        twinkle_sched, "--workers", address, "--tls-root-cert", str(pki.ca), str(job), env={"TWINKLE_TOKEN": ""}
+        twinkle_sched, "--workers", address, *tls_flags(pki), str(job), env={"TWINKLE_TOKEN": ""}
     )
     assert code == 1
     error = of_kind(events, "error")[0]
@@ -517,12 +535,27 @@ def test_go_scheduler_does_not_fall_back_to_plaintext(
     assert code == 1 and "not serving" in of_kind(events, "error")[0]["message"], events
 
 
-def test_go_scheduler_trains_over_tls_with_the_token_from_a_cluster_config(
+def test_go_scheduler_without_a_client_certificate_fails_the_handshake(
+    twinkle_sched: str, locked_worker: tuple[str, Any], tmp_path: pathlib.Path
+) -> None:
+    address, pki = locked_worker
+    job = write_job(tmp_path, "no-client-cert", 1, every=0, mesh="dp=1")
+    code, events, _ = run_sched(
+        twinkle_sched,
+        *["--workers", address, "--tls-root-cert", str(pki.ca), "--health-timeout", "5s", str(job)],
+        env={"TWINKLE_TOKEN": TOKEN},
+    )
+    assert code == 1 and "not serving" in of_kind(events, "error")[0]["message"], events
+    assert not of_kind(events, "init")
+
+
+def test_go_scheduler_trains_over_mutual_tls_with_the_token_from_a_cluster_config(
     twinkle_sched: str, locked_worker: tuple[str, Any], tmp_path: pathlib.Path
 ) -> None:
     address, pki = locked_worker
     job = write_job(tmp_path, "tls", 1, every=1, mesh="dp=1")
-    cluster = {"groups": {"actor": {"workers": [address], "token_env": "GO_SCHED_TOKEN", "tls_root_cert": str(pki.ca)}}}
+    tls = {"tls_root_cert": str(pki.ca), "tls_client_cert": str(pki.client_cert), "tls_client_key": str(pki.client_key)}
+    cluster = {"groups": {"actor": {"workers": [address], "token_env": "GO_SCHED_TOKEN", **tls}}}
     code, events, stderr = run_sched(
         twinkle_sched, str(job), env={"TWINKLE_CLUSTER": json.dumps(cluster), "GO_SCHED_TOKEN": TOKEN}
     )
@@ -531,8 +564,7 @@ def test_go_scheduler_trains_over_tls_with_the_token_from_a_cluster_config(
     assert [s["applied"] for s in steps] == [False, True] and steps[-1]["optimizer_step"] == 1
     assert np.isfinite([s["loss"] for s in steps]).all() and steps[-1]["grad_norm"] > 0
     assert [e["event"] for e in events][-2:] == ["saved", "done"]
-    security = ChannelSecurity.from_files(token=TOKEN, root_cert=str(pki.ca))
-    assert not status_of(address, security).initialized  # Reset at the end
+    assert not status_of(address, mutual_tls(pki)).initialized  # Reset at the end
 
 
 # ------------------------------------------------------------ mesh rules, Go against Python
@@ -571,3 +603,17 @@ def test_go_mesh_rules_equal_the_python_client(twinkle_sched: str, sizes: dict[s
     assert got["collect_ranks"] == mesh.collect_ranks()
     for n in counts:
         assert got["slices"][str(n)] == [list(bounds) for bounds in slice_bounds(n, mesh.data_world_size)], n
+
+
+def test_the_job_spec_in_the_readme_is_accepted(twinkle_sched: str, tmp_path: pathlib.Path) -> None:
+    """examples/go/README.md's job.json is a job twinkle-sched takes (it gets as far as the workers)."""
+    readme = (REPO / "examples" / "go" / "README.md").read_text()
+    spec = json.loads(readme.split("```json\n", 1)[1].split("```", 1)[0])
+    needed = spec["steps"] * spec["gradient_accumulation_steps"] * spec["micro_batch_size"]
+    (tmp_path / spec["batch_file"]).write_text("".join(json.dumps(s) + "\n" for s in make_samples(needed)))
+    (tmp_path / "job.json").write_text(json.dumps(spec))
+    addresses = "127.0.0.1:1,127.0.0.1:2"  # nothing listens: refused only after the spec was read
+    code, events, _ = run_sched(
+        twinkle_sched, "--workers", addresses, "--health-timeout", "1s", str(tmp_path / "job.json")
+    )
+    assert code == 1 and "not serving" in events[-1]["message"], events

@@ -4,6 +4,7 @@ package main
 
 import (
 	"bufio"
+	"bytes"
 	"encoding/json"
 	"fmt"
 	"os"
@@ -72,7 +73,7 @@ func LoadJob(path string) (*Job, error) {
 		return nil, err
 	}
 	job := &Job{}
-	decoder := json.NewDecoder(strings.NewReader(string(data)))
+	decoder := json.NewDecoder(bytes.NewReader(data))
 	decoder.DisallowUnknownFields()
 	if err := decoder.Decode(job); err != nil {
 		return nil, fmt.Errorf("job spec %s: %v", path, err)

@@ -66,10 +66,17 @@ func (s *settings) targets(addresses []string) (twinkle.Targets, error) {
 		return twinkle.FromAddresses(addresses, security)
 	}
 	targets, err := twinkle.FromCluster(s.cluster, s.group)
-	if err == nil && security.UsesTLS() && !targets.Security.UsesTLS() {
+	if err != nil {
+		return targets, err
+	}
+	if targets.Security.Token == "" { // the config names no token_env (or it is empty)
+		targets.Security.Token = security.Token
+	}
+	if security.UsesTLS() { // TLS flags override the config's
+		security.Token = targets.Security.Token
 		targets.Security = security
 	}
-	return targets, err
+	return targets, nil
 }
 
 func (s *settings) options() twinkle.Options {
