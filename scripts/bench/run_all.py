@@ -28,6 +28,7 @@ BENCHMARKS = {
     "training": "bench_training.py",
     "startup": "bench_startup.py",
     "sampling": "bench_sampling.py",
+    "rl_step": "bench_rl_step.py",
 }
 
 
