@@ -70,6 +70,8 @@ TORCH_SCHEDULERS = (
     "OneCycleLR",
 )
 WARMUP_SCHEDULERS = ("CosineWarmupScheduler", "LinearWarmupScheduler")
+# Test hook (see _fault_for_test): the path of a file naming a point and a rank to fail at.
+FAULT_HOOK_ENV = "TWINKLE_TEST_FAULT"
 
 
 @dataclass
@@ -208,6 +210,9 @@ class TransformersModel:
         self.adapter_names: list[str] = []
         self.wrapped: nn.Module | None = None
         self._vote: str | None = None  # see agreed_call
+        # Set when a failure may have left a rank inside a collective: every later call is refused
+        # with Aborted until Reset and Init (the ranks can no longer be trusted to pair collectives).
+        self.broken: str | None = None
         # Per-step bookkeeping that walks every module (milliseconds on a PEFT model): kept until
         # _forget_parameters() says the parameters or their requires_grad flags may have changed.
         self._group_cache: dict[str, list[tuple[str, nn.Parameter]]] = {}
@@ -409,10 +414,19 @@ class TransformersModel:
         # closes the window on the same micro-batch (and gradients are synchronised on that one).
         self._remember_gas(group, gradient_accumulation_steps)
         sync = (group.micro_step + 1) % group.gradient_accumulation_steps == 0
-        with self._collective("forward_backward"), strategies.no_gradient_sync(wrapped, sync):
-            logps, logits = self._forward(wrapped, batch, temperature)
-            result = group.loss(logps, batch["loss_mask"], batch)
-            result.loss_sum.backward()
+        if isinstance(wrapped, nn.parallel.DistributedDataParallel):
+            result, logps, logits = self._ddp_forward_backward(group, wrapped, batch, temperature, sync)
+        else:
+            backward_started = False
+            try:
+                with self._collective("forward_backward"), strategies.no_gradient_sync(wrapped, sync):
+                    logps, logits, result = self._forward_and_loss(group, wrapped, batch, temperature)
+                    backward_started = True
+                    result.loss_sum.backward()
+            except (MemoryError, RuntimeError) as error:  # one rank (on a mesh, _collective broke it)
+                if backward_started:
+                    raise self._failure_after_vote(error, self._discard_window(group)) from error
+                raise
         group.micro_step += 1  # counted once its backward succeeded
         group.window_tokens += result.num_tokens
         group.normalized = False
@@ -420,6 +434,63 @@ class TransformersModel:
         if return_logits:
             outputs["logits"] = logits.detach().float()
         return ForwardResult(float(result.loss_sum.detach()), result.num_tokens, outputs)
+
+    def _forward_and_loss(
+        self, group: Group, wrapped: nn.Module, batch: dict[str, torch.Tensor], temperature: float
+    ) -> tuple[Any, Any, Any]:
+        logps, logits = self._forward(wrapped, batch, temperature)
+        result = group.loss(logps, batch["loss_mask"], batch)
+        _fault_for_test("backward", self.rank)
+        return logps, logits, result
+
+    def _ddp_forward_backward(
+        self, group: Group, wrapped: nn.Module, batch: dict[str, torch.Tensor], temperature: float, sync: bool
+    ) -> tuple[Any, Any, Any]:
+        """DDP's forward and backward with no collective inside the backward: every rank then says
+        whether its backward succeeded (one small vote), and only then are the gradients averaged
+        (at the window's end, as DDP would: each divided by the world size, then summed). An error
+        or OOM on one rank thus fails every rank at once, with the window's gradients discarded
+        everywhere, instead of leaving the peers in DDP's all-reduce until the timeout."""
+        failure: BaseException | None = None
+        try:
+            with strategies.no_gradient_sync(wrapped, False):
+                logps, logits, result = self._forward_and_loss(group, wrapped, batch, temperature)
+                result.loss_sum.backward()
+        except Exception as error:  # told to the peers below, then raised
+            failure = error
+        try:
+            refused, _ = strategies.agree(failure is None, self.device)
+        except (RuntimeError, dist.DistBackendError) as error:
+            raise self._break(f"forward_backward: a collective with the other ranks failed: {error}", error) from error
+        if refused:
+            discarded = self._discard_window(group)
+            if failure is None:
+                raise Aborted(f"forward_backward failed on rank(s) {refused} (see their error); {discarded}")
+            raise self._failure_after_vote(failure, discarded) from failure
+        if sync:
+            with self._collective("gradient all-reduce"):
+                strategies.average_gradients([p for _, p in self._group_parameters(group) if p.requires_grad])
+        return result, logps, logits
+
+    def _discard_window(self, group: Group) -> str:
+        """After a backward that failed on some rank, part of the window's gradient may be in place:
+        the window's gradients are dropped on every rank; says so, for the error."""
+        for _, param in self._group_parameters(group):
+            param.grad = None
+        group.window_tokens = 0
+        group.normalized = False
+        group.micro_step = group.applied_at.get("zero_grad", 0)  # where the gradients began to accumulate
+        return (
+            f"the accumulation window's gradients were discarded (micro_step back to {group.micro_step}): "
+            "send its micro-batches again"
+        )
+
+    def _failure_after_vote(self, error: BaseException, discarded: str) -> TwinkleError:
+        reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        if isinstance(error, TwinkleError):
+            return type(error)(f"{error}; {discarded}")
+        kind = ResourceExhausted if _out_of_memory(error) else Aborted
+        return kind(f"forward_backward failed on rank {self.rank} ({reason}); {discarded}")
 
     @torch.no_grad()
     @agreed_call
@@ -706,22 +777,54 @@ class TransformersModel:
 
     @contextmanager
     def _collective(self, what: str) -> Iterator[None]:
-        """Turns a failed collective (a peer rank died or timed out) into Aborted."""
+        """Turns a failed collective (a peer rank died or timed out) into Aborted. On a mesh, any other
+        failure here (an OOM, a bug) happened after the ranks agreed to run the call, so the peers may
+        be waiting in a collective for this rank: this rank leaves the process group at once (its
+        peers' collectives fail within milliseconds, not at the timeout) and the mesh is marked broken.
+        Our own errors (TwinkleError) are raised by every rank alike and pass through."""
         self._agree()
         try:
             yield
+        except TwinkleError:
+            raise
         except dist.DistBackendError as error:
-            raise Aborted(f"{what}: a collective with the other ranks failed: {error}".splitlines()[0]) from error
+            raise self._break(f"{what}: a collective with the other ranks failed: {error}", error) from error
         except RuntimeError as error:
             text = str(error)
             if any(marker in text for marker in ("Gloo", "gloo", "NCCL", "Connection closed", "Timed out")):
-                raise Aborted(f"{what}: a collective with the other ranks failed: {text.splitlines()[0]}") from error
+                raise self._break(f"{what}: a collective with the other ranks failed: {text}", error) from error
+            if self.mesh.world_size > 1:
+                raise self._break(f"{what} failed on this rank ({type(error).__name__}: {text})", error) from error
             raise
+        except Exception as error:
+            if self.mesh.world_size > 1:
+                raise self._break(f"{what} failed on this rank ({type(error).__name__}: {error})", error) from error
+            raise
+
+    def _break(self, reason: str, error: BaseException) -> Aborted:
+        """Marks the mesh broken (see self.broken) and leaves the process group, so no peer waits on us."""
+        first_line = reason.splitlines()[0]
+        if self.broken is None:
+            self.broken = f"rank {self.rank}: {first_line}"
+            log.error("the mesh is broken: %s", self.broken, exc_info=error)
+            strategies.abort_process_group()
+        return Aborted(f"{first_line}; {self.broken_advice()}")
+
+    def broken_advice(self) -> str:
+        return (
+            "the mesh is broken (a rank may have been left inside a collective), so this worker refuses "
+            "further work: re-initialise (Reset every rank, Init, then resume_from_checkpoint)"
+        )
+
+    def check_not_broken(self) -> None:
+        if self.broken is not None:
+            raise Aborted(f"{self.broken}; {self.broken_advice()}")
 
     @contextmanager
     def agreement(self) -> Iterator[None]:
         """The scope of one call that may run collectives (see agreed_call). The servicer opens it
         around decoding a rank's own slice too, so a slice that cannot even be decoded is agreed on."""
+        self.check_not_broken()
         if self.mesh.world_size == 1 or self._vote is not None:  # one rank, or nested in another agreed call
             yield
             return
@@ -763,7 +866,7 @@ class TransformersModel:
         try:
             refused, total = strategies.agree(ok, self.device, tokens)
         except (RuntimeError, dist.DistBackendError) as error:
-            raise Aborted(f"a collective with the other ranks failed: {str(error).splitlines()[0]}") from error
+            raise self._break(f"a collective with the other ranks failed: {error}", error) from error
         if ok and refused:
             raise Aborted(
                 f"not run: rank(s) {refused} refused this call before any collective (see their error); "
@@ -777,8 +880,7 @@ class TransformersModel:
             try:
                 refused, _ = strategies.agree(failure is None, self.device)
             except (RuntimeError, dist.DistBackendError) as error:
-                first_line = str(error).splitlines()[0]
-                raise Aborted(f"{what}: a collective with the other ranks failed: {first_line}") from error
+                raise self._break(f"{what}: a collective with the other ranks failed: {error}", error) from error
             if failure is None and refused:
                 raise Aborted(f"{what} failed on rank(s) {refused} (see their error)")
         if failure is not None:
@@ -830,6 +932,9 @@ class TransformersModel:
                 )
             except TwinkleError as error:
                 failure = error
+            except Exception as error:  # a bug; still tell the peers, so later collectives stay paired
+                log.exception("rank 0: writing checkpoint %s failed", target)
+                failure = error
         self._confirm("save", failure)
         return str(target)
 
@@ -843,6 +948,7 @@ class TransformersModel:
         rng_states: list[dict[str, torch.Tensor]],
     ) -> None:
         """Rank 0's part of save: every file into a hidden directory, then one atomic rename."""
+        _fault_for_test("write_checkpoint", self.rank)
         target.parent.mkdir(parents=True, exist_ok=True)
         with ckpt.AtomicDirectory(target) as tmp:
             self._write_weights(group, state, tmp)
@@ -1259,6 +1365,23 @@ def _config_from(config: dict[str, Any] | str, trust_remote_code: bool) -> Any:
 def _no_decay(name: str) -> bool:
     lowered = name.lower()
     return lowered.endswith(".bias") or "norm" in lowered
+
+
+def _out_of_memory(error: BaseException) -> bool:
+    text = str(error)
+    return (
+        isinstance(error, MemoryError)
+        or type(error).__name__ == "OutOfMemoryError"
+        or any(marker in text for marker in ("can't allocate memory", "not enough memory"))
+    )
+
+
+def _fault_for_test(point: str, rank: int) -> None:
+    """Test hook (never set in production): when the file named by FAULT_HOOK_ENV holds `point rank`,
+    this rank fails there with a MemoryError, as an out-of-memory error would strike one rank."""
+    path = os.environ.get(FAULT_HOOK_ENV)
+    if path and os.path.isfile(path) and pathlib.Path(path).read_text().split() == [point, str(rank)]:
+        raise MemoryError(f"test fault at {point} on rank {rank}")
 
 
 def _listed(names: list[str], limit: int = 8) -> str:

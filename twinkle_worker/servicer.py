@@ -221,6 +221,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             raise FailedPrecondition(
                 "the worker has no model: call Init first (a worker restarted or Reset since Init has none)"
             )
+        self.model.check_not_broken()
         return self.model
 
     def _available_memory(self, model: TransformersModel) -> int | None:
