@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
+import hashlib
 import json
 import logging
 import math
@@ -201,6 +202,7 @@ class TransformersModel:
         if not 0 <= rank < self.mesh.world_size:
             raise InvalidArgument(f"rank {rank} is outside the mesh {self.mesh} of {self.mesh.world_size} ranks")
         self.model_id = model_id or ""
+        self.seed = int(seed or 0)
         self.gradient_checkpointing = bool(kwargs.pop("gradient_checkpointing", False))
         self.model = _build_model(model_cls, model_id, config, seed, trust_remote_code, kwargs).to(self.device)
         if self.gradient_checkpointing:
@@ -293,7 +295,7 @@ class TransformersModel:
             if not (path / ckpt.ADAPTER_CONFIG).is_file():
                 raise NotFound(f"no adapter at {str(path)!r} ({ckpt.ADAPTER_CONFIG} missing)")
             ckpt.verify_manifest(path, required=False)
-        torch.manual_seed(_adapter_seed(adapter_name))
+        torch.manual_seed(adapter_seed(self.seed, adapter_name))
         try:
             if isinstance(config_or_dir, LoraConfig):
                 if self.is_peft:
@@ -1390,9 +1392,12 @@ def _listed(names: list[str], limit: int = 8) -> str:
     return f"{shown} (and {len(names) - limit} more)" if len(names) > limit else shown
 
 
-def _adapter_seed(adapter_name: str) -> int:
-    """The same LoRA initialisation on every rank, whatever ran before."""
-    return int.from_bytes(adapter_name.encode()[:6].ljust(6, b"\0"), "little") ^ 0x7A1F
+def adapter_seed(seed: int, adapter_name: str) -> int:
+    """The LoRA initialisation seed of an adapter: the first 8 bytes (little-endian, top bit cleared) of
+    sha256("twinkle-lora:{seed}:{adapter_name}"), from Init's seed and the whole name. The same on every
+    rank whatever ran before, so the ranks agree without a broadcast; different for every name."""
+    digest = hashlib.sha256(f"twinkle-lora:{int(seed)}:{adapter_name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
 def _positive_int(value: Any, name: str) -> None:
