@@ -640,8 +640,12 @@ class TransformersModel:
         self._remember_gas(group, gradient_accumulation_steps)
         with self._collective("step"):
             self._normalize(group, global_tokens)
-            _override(optimizer, optim_params)
-            optimizer.step()
+            saved = _override(optimizer, optim_params, group.param_names)
+            try:
+                optimizer.step()
+            finally:  # the override is for this step only
+                for param_group, values in zip(optimizer.param_groups, saved, strict=True):
+                    param_group.update(values)
         group.optimizer_step += 1
         group.mark("step")
         return True
@@ -1422,17 +1426,27 @@ def _check_norm(max_grad_norm: float, norm_type: float) -> None:
         raise InvalidArgument(f"norm_type must be a positive number, got {norm_type!r}")
 
 
-def _override(optimizer: torch.optim.Optimizer, optim_params: Mapping[str, Any] | None) -> None:
+def _override(
+    optimizer: torch.optim.Optimizer, optim_params: Mapping[str, Any] | None, param_names: list[list[str]]
+) -> list[dict[str, Any]]:
+    """Applies optim_params to the optimizer's groups; returns each group's previous values (to restore
+    after the step). weight_decay applies to the decay group even when it was built with 0; the
+    no-decay group (biases and norms, see set_optimizer) keeps 0."""
     if not optim_params:
-        return
+        return [{} for _ in optimizer.param_groups]
     unknown = set(optim_params) - {"lr", "weight_decay", "eps", "betas"}
     if unknown:
         raise InvalidArgument(f"optim_params: unknown keys {sorted(unknown)}; allowed: lr, weight_decay, eps, betas")
-    for param_group in optimizer.param_groups:
-        for key, value in optim_params.items():
-            if key == "weight_decay" and param_group["weight_decay"] == 0.0:
-                continue  # biases and norms never decay
+    saved = []
+    for index, param_group in enumerate(optimizer.param_groups):
+        names = param_names[index] if index < len(param_names) else []
+        never_decays = bool(names) and all(_no_decay(name) for name in names)
+        keys = [k for k in optim_params if k in param_group and not (k == "weight_decay" and never_decays)]
+        saved.append({key: param_group[key] for key in keys})
+        for key in keys:
+            value = optim_params[key]
             param_group[key] = tuple(value) if key == "betas" else float(value)
+    return saved
 
 
 def _warmup_scheduler(optimizer: torch.optim.Optimizer, name: str, kwargs: dict[str, Any]) -> Any:
