@@ -357,7 +357,12 @@ class TransformersModel:
         group.optimizer = optimizer
         group.param_names = [[n for n, _ in part] for part in (decay, no_decay) if part]
         group.optimizer_spec = {"optimizer": name, "lr": lr, "weight_decay": weight_decay, **kwargs}
+        # A torch scheduler is bound to its optimizer: the old one would schedule nothing, so it goes
+        # (and GetTrainConfigs shows none); call set_lr_scheduler again for the new optimizer.
+        if group.scheduler is not None:
+            log.info("set_optimizer on group %r drops its lr scheduler %s", group.name, group.scheduler_spec)
         group.scheduler = None
+        group.scheduler_spec = {}
         return sum(p.numel() for _, p in named)
 
     def set_lr_scheduler(self, scheduler_cls: str, adapter_name: str | None = None, **kwargs: Any) -> float:
