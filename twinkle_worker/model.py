@@ -209,6 +209,9 @@ class TransformersModel:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.vocab_size = int(self.model.get_input_embeddings().num_embeddings)
         self.groups: dict[str, Group] = {FULL_MODEL: Group(FULL_MODEL)}
+        # The group names as an immutable snapshot, replaced whole after every change: GetStatus reads it
+        # from a gRPC thread while the model thread may be adding a group (never iterate self.groups there).
+        self.group_names: tuple[str, ...] = tuple(self.groups)
         self.adapter_names: list[str] = []
         self.wrapped: nn.Module | None = None
         self._vote: str | None = None  # see agreed_call
@@ -314,6 +317,7 @@ class TransformersModel:
         self._forget_parameters()
         self.adapter_names.append(adapter_name)
         self.groups[adapter_name] = Group(adapter_name, gradient_accumulation_steps, trainable=is_trainable)
+        self.group_names = tuple(self.groups)
         params = self._group_parameters(self.groups[adapter_name])
         for _, param in params:
             param.requires_grad_(is_trainable)
@@ -1212,6 +1216,7 @@ class TransformersModel:
         """Leaves the process group and drops the model (the worker can then Init again)."""
         self.wrapped = None
         self.groups.clear()
+        self.group_names = ()
         self._forget_parameters()
         strategies.destroy_process_group()
 

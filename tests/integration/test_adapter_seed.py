@@ -39,6 +39,7 @@ def test_adapters_get_seeds_from_the_init_seed_and_the_whole_name(remote, config
         for name in ("adapter_a", "adapter_b"):
             model.add_adapter_to_model(name, LORA)
             weights[seed, name] = model.export_weights(name)
+        assert list(model.status()[0].groups) == ["", "adapter_a", "adapter_b"]  # GetStatus's snapshot
         model.close()
     assert not torch.equal(_lora_a(weights[0, "adapter_a"]), _lora_a(weights[0, "adapter_b"]))
     assert not torch.equal(_lora_a(weights[0, "adapter_a"]), _lora_a(weights[1, "adapter_a"]))
