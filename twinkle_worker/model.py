@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
+import hashlib
 import json
 import logging
 import math
@@ -72,6 +73,8 @@ TORCH_SCHEDULERS = (
     "OneCycleLR",
 )
 WARMUP_SCHEDULERS = ("CosineWarmupScheduler", "LinearWarmupScheduler")
+# Test hook (see _fault_for_test): the path of a file naming a point and a rank to fail at.
+FAULT_HOOK_ENV = "TWINKLE_TEST_FAULT"
 
 
 @dataclass
@@ -218,6 +221,7 @@ class TransformersModel:
         if not 0 <= rank < self.mesh.world_size:
             raise InvalidArgument(f"rank {rank} is outside the mesh {self.mesh} of {self.mesh.world_size} ranks")
         self.model_id = model_id or ""
+        self.seed = int(seed or 0)
         self.gradient_checkpointing = bool(kwargs.pop("gradient_checkpointing", False))
         source = hub.resolve(model_id) if model_id else None
         self.model_revision = source.revision if source else None
@@ -228,9 +232,15 @@ class TransformersModel:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.vocab_size = int(self.model.get_input_embeddings().num_embeddings)
         self.groups: dict[str, Group] = {FULL_MODEL: Group(FULL_MODEL)}
+        # The group names as an immutable snapshot, replaced whole after every change: GetStatus reads it
+        # from a gRPC thread while the model thread may be adding a group (never iterate self.groups there).
+        self.group_names: tuple[str, ...] = tuple(self.groups)
         self.adapter_names: list[str] = []
         self.wrapped: nn.Module | None = None
         self._vote: str | None = None  # see agreed_call
+        # Set when a failure may have left a rank inside a collective: every later call is refused
+        # with Aborted until Reset and Init (the ranks can no longer be trusted to pair collectives).
+        self.broken: str | None = None
         # Per-step bookkeeping that walks every module (milliseconds on a PEFT model): kept until
         # _forget_parameters() says the parameters or their requires_grad flags may have changed.
         self._group_cache: dict[str, list[tuple[str, nn.Parameter]]] = {}
@@ -317,7 +327,7 @@ class TransformersModel:
             if not (path / ckpt.ADAPTER_CONFIG).is_file():
                 raise NotFound(f"no adapter at {str(path)!r} ({ckpt.ADAPTER_CONFIG} missing)")
             ckpt.verify_manifest(path, required=False)
-        torch.manual_seed(_adapter_seed(adapter_name))
+        torch.manual_seed(adapter_seed(self.seed, adapter_name))
         try:
             if isinstance(config_or_dir, LoraConfig):
                 if self.is_peft:
@@ -336,6 +346,7 @@ class TransformersModel:
         self._forget_parameters()
         self.adapter_names.append(adapter_name)
         self.groups[adapter_name] = Group(adapter_name, gradient_accumulation_steps, trainable=is_trainable)
+        self.group_names = tuple(self.groups)
         params = self._group_parameters(self.groups[adapter_name])
         for _, param in params:
             param.requires_grad_(is_trainable)
@@ -398,7 +409,12 @@ class TransformersModel:
         group.optimizer = optimizer
         group.param_names = [[n for n, _ in part] for part in (decay, no_decay) if part]
         group.optimizer_spec = {"optimizer": name, "lr": lr, "weight_decay": weight_decay, **kwargs}
+        # A torch scheduler is bound to its optimizer: the old one would schedule nothing, so it goes
+        # (and GetTrainConfigs shows none); call set_lr_scheduler again for the new optimizer.
+        if group.scheduler is not None:
+            log.info("set_optimizer on group %r drops its lr scheduler %s", group.name, group.scheduler_spec)
         group.scheduler = None
+        group.scheduler_spec = {}
         return sum(p.numel() for _, p in named)
 
     def set_lr_scheduler(self, scheduler_cls: str, adapter_name: str | None = None, **kwargs: Any) -> float:
@@ -462,10 +478,19 @@ class TransformersModel:
         # closes the window on the same micro-batch (and gradients are synchronised on that one).
         self._remember_gas(group, gradient_accumulation_steps)
         sync = (group.micro_step + 1) % group.gradient_accumulation_steps == 0
-        with self._collective("forward_backward"), strategies.no_gradient_sync(wrapped, sync):
-            logps, logits = self._forward(wrapped, batch, temperature)
-            result = loss(logps, batch["loss_mask"], batch)
-            precision.backward(self._scaler(group), result.loss_sum)
+        if isinstance(wrapped, nn.parallel.DistributedDataParallel):
+            result, logps, logits = self._ddp_forward_backward(group, loss, wrapped, batch, temperature, sync)
+        else:
+            backward_started = False
+            try:
+                with self._collective("forward_backward"), strategies.no_gradient_sync(wrapped, sync):
+                    logps, logits, result = self._forward_and_loss(loss, wrapped, batch, temperature)
+                    backward_started = True
+                    precision.backward(self._scaler(group), result.loss_sum)
+            except (MemoryError, RuntimeError) as error:  # one rank (on a mesh, _collective broke it)
+                if backward_started:
+                    raise self._failure_after_vote(error, self._discard_window(group)) from error
+                raise
         group.micro_step += 1  # counted once its backward succeeded
         group.window_tokens += result.num_tokens
         group.window_sequences += result.num_sequences
@@ -486,6 +511,64 @@ class TransformersModel:
         loss = make_loss(loss_fn, loss_fn_config) if loss_fn else group.loss
         loss.check(batch)
         return loss
+
+    def _forward_and_loss(
+        self, loss: Loss, wrapped: nn.Module, batch: dict[str, torch.Tensor], temperature: float
+    ) -> tuple[Any, Any, Any]:
+        logps, logits = self._forward(wrapped, batch, temperature)
+        result = loss(logps, batch["loss_mask"], batch)
+        _fault_for_test("backward", self.rank)
+        return logps, logits, result
+
+    def _ddp_forward_backward(
+        self, group: Group, loss: Loss, wrapped: nn.Module, batch: dict[str, torch.Tensor], temperature: float, sync: bool
+    ) -> tuple[Any, Any, Any]:
+        """DDP's forward and backward with no collective inside the backward: every rank then says
+        whether its backward succeeded (one small vote), and only then are the gradients averaged
+        (at the window's end, as DDP would: each divided by the world size, then summed). An error
+        or OOM on one rank thus fails every rank at once, with the window's gradients discarded
+        everywhere, instead of leaving the peers in DDP's all-reduce until the timeout."""
+        failure: BaseException | None = None
+        try:
+            with strategies.no_gradient_sync(wrapped, False):
+                logps, logits, result = self._forward_and_loss(loss, wrapped, batch, temperature)
+                precision.backward(self._scaler(group), result.loss_sum)
+        except Exception as error:  # told to the peers below, then raised
+            failure = error
+        try:
+            refused, _ = strategies.agree(failure is None, self.device)
+        except (RuntimeError, dist.DistBackendError) as error:
+            raise self._break(f"forward_backward: a collective with the other ranks failed: {error}", error) from error
+        if refused:
+            discarded = self._discard_window(group)
+            if failure is None:
+                raise Aborted(f"forward_backward failed on rank(s) {refused} (see their error); {discarded}")
+            raise self._failure_after_vote(failure, discarded) from failure
+        if sync:
+            with self._collective("gradient all-reduce"):
+                strategies.average_gradients([p for _, p in self._group_parameters(group) if p.requires_grad])
+        return result, logps, logits
+
+    def _discard_window(self, group: Group) -> str:
+        """After a backward that failed on some rank, part of the window's gradient may be in place:
+        the window's gradients are dropped on every rank; says so, for the error."""
+        for _, param in self._group_parameters(group):
+            param.grad = None
+        group.window_tokens = group.window_sequences = 0
+        group.window_normalization = None
+        group.normalized = False
+        group.micro_step = group.applied_at.get("zero_grad", 0)  # where the gradients began to accumulate
+        return (
+            f"the accumulation window's gradients were discarded (micro_step back to {group.micro_step}): "
+            "send its micro-batches again"
+        )
+
+    def _failure_after_vote(self, error: BaseException, discarded: str) -> TwinkleError:
+        reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        if isinstance(error, TwinkleError):
+            return type(error)(f"{error}; {discarded}")
+        kind = ResourceExhausted if _out_of_memory(error) else Aborted
+        return kind(f"forward_backward failed on rank {self.rank} ({reason}); {discarded}")
 
     @torch.no_grad()
     @agreed_call
@@ -688,8 +771,12 @@ class TransformersModel:
         self._remember_gas(group, gradient_accumulation_steps)
         with self._collective("step"):
             self._normalize(group, global_counts)
-            _override(optimizer, optim_params)
-            group.last_step_skipped = precision.step(self._scaler(group), optimizer)
+            saved = _override(optimizer, optim_params, group.param_names)
+            try:
+                group.last_step_skipped = precision.step(self._scaler(group), optimizer)
+            finally:  # the override is for this step only
+                for param_group, values in zip(optimizer.param_groups, saved, strict=True):
+                    param_group.update(values)
         if group.last_step_skipped:
             log.warning("rank %d: group %r: fp16 gradients hold inf/NaN, the step was skipped", self.rank, group.name)
         else:
@@ -837,22 +924,54 @@ class TransformersModel:
 
     @contextmanager
     def _collective(self, what: str) -> Iterator[None]:
-        """Turns a failed collective (a peer rank died or timed out) into Aborted."""
+        """Turns a failed collective (a peer rank died or timed out) into Aborted. On a mesh, any other
+        failure here (an OOM, a bug) happened after the ranks agreed to run the call, so the peers may
+        be waiting in a collective for this rank: this rank leaves the process group at once (its
+        peers' collectives fail within milliseconds, not at the timeout) and the mesh is marked broken.
+        Our own errors (TwinkleError) are raised by every rank alike and pass through."""
         self._agree()
         try:
             yield
+        except TwinkleError:
+            raise
         except dist.DistBackendError as error:
-            raise Aborted(f"{what}: a collective with the other ranks failed: {error}".splitlines()[0]) from error
+            raise self._break(f"{what}: a collective with the other ranks failed: {error}", error) from error
         except RuntimeError as error:
             text = str(error)
             if any(marker in text for marker in ("Gloo", "gloo", "NCCL", "Connection closed", "Timed out")):
-                raise Aborted(f"{what}: a collective with the other ranks failed: {text.splitlines()[0]}") from error
+                raise self._break(f"{what}: a collective with the other ranks failed: {text}", error) from error
+            if self.mesh.world_size > 1:
+                raise self._break(f"{what} failed on this rank ({type(error).__name__}: {text})", error) from error
             raise
+        except Exception as error:
+            if self.mesh.world_size > 1:
+                raise self._break(f"{what} failed on this rank ({type(error).__name__}: {error})", error) from error
+            raise
+
+    def _break(self, reason: str, error: BaseException) -> Aborted:
+        """Marks the mesh broken (see self.broken) and leaves the process group, so no peer waits on us."""
+        first_line = reason.splitlines()[0]
+        if self.broken is None:
+            self.broken = f"rank {self.rank}: {first_line}"
+            log.error("the mesh is broken: %s", self.broken, exc_info=error)
+            strategies.abort_process_group()
+        return Aborted(f"{first_line}; {self.broken_advice()}")
+
+    def broken_advice(self) -> str:
+        return (
+            "the mesh is broken (a rank may have been left inside a collective), so this worker refuses "
+            "further work: re-initialise (Reset every rank, Init, then resume_from_checkpoint)"
+        )
+
+    def check_not_broken(self) -> None:
+        if self.broken is not None:
+            raise Aborted(f"{self.broken}; {self.broken_advice()}")
 
     @contextmanager
     def agreement(self) -> Iterator[None]:
         """The scope of one call that may run collectives (see agreed_call). The servicer opens it
         around decoding a rank's own slice too, so a slice that cannot even be decoded is agreed on."""
+        self.check_not_broken()
         if self.mesh.world_size == 1 or self._vote is not None:  # one rank, or nested in another agreed call
             yield
             return
@@ -894,7 +1013,7 @@ class TransformersModel:
         try:
             refused, total = strategies.agree(ok, self.device, *counts)
         except (RuntimeError, dist.DistBackendError) as error:
-            raise Aborted(f"a collective with the other ranks failed: {str(error).splitlines()[0]}") from error
+            raise self._break(f"a collective with the other ranks failed: {error}", error) from error
         if ok and refused:
             raise Aborted(
                 f"not run: rank(s) {refused} refused this call before any collective (see their error); "
@@ -908,8 +1027,7 @@ class TransformersModel:
             try:
                 refused, _ = strategies.agree(failure is None, self.device)
             except (RuntimeError, dist.DistBackendError) as error:
-                first_line = str(error).splitlines()[0]
-                raise Aborted(f"{what}: a collective with the other ranks failed: {first_line}") from error
+                raise self._break(f"{what}: a collective with the other ranks failed: {error}", error) from error
             if failure is None and refused:
                 raise Aborted(f"{what} failed on rank(s) {refused} (see their error)")
         if failure is not None:
@@ -961,6 +1079,9 @@ class TransformersModel:
                 )
             except TwinkleError as error:
                 failure = error
+            except Exception as error:  # a bug; still tell the peers, so later collectives stay paired
+                log.exception("rank 0: writing checkpoint %s failed", target)
+                failure = error
         self._confirm("save", failure)
         return str(target)
 
@@ -974,6 +1095,7 @@ class TransformersModel:
         rng_states: list[dict[str, torch.Tensor]],
     ) -> None:
         """Rank 0's part of save: every file into a hidden directory, then one atomic rename."""
+        _fault_for_test("write_checkpoint", self.rank)
         target.parent.mkdir(parents=True, exist_ok=True)
         with ckpt.AtomicDirectory(target) as tmp:
             self._write_weights(group, state, tmp)
@@ -1246,6 +1368,7 @@ class TransformersModel:
         """Leaves the process group and drops the model (the worker can then Init again)."""
         self.wrapped = None
         self.groups.clear()
+        self.group_names = ()
         self._forget_parameters()
         strategies.destroy_process_group()
 
@@ -1424,15 +1547,35 @@ def _no_decay(name: str) -> bool:
     return lowered.endswith(".bias") or "norm" in lowered
 
 
+def _out_of_memory(error: BaseException) -> bool:
+    text = str(error)
+    return (
+        isinstance(error, MemoryError)
+        or type(error).__name__ == "OutOfMemoryError"
+        or any(marker in text for marker in ("can't allocate memory", "not enough memory"))
+    )
+
+
+def _fault_for_test(point: str, rank: int) -> None:
+    """Test hook (never set in production): when the file named by FAULT_HOOK_ENV holds `point rank`,
+    this rank fails there with a MemoryError, as an out-of-memory error would strike one rank."""
+    path = os.environ.get(FAULT_HOOK_ENV)
+    if path and os.path.isfile(path) and pathlib.Path(path).read_text().split() == [point, str(rank)]:
+        raise MemoryError(f"test fault at {point} on rank {rank}")
+
+
 def _listed(names: list[str], limit: int = 8) -> str:
     """The first `limit` names, and how many more there are."""
     shown = ", ".join(names[:limit])
     return f"{shown} (and {len(names) - limit} more)" if len(names) > limit else shown
 
 
-def _adapter_seed(adapter_name: str) -> int:
-    """The same LoRA initialisation on every rank, whatever ran before."""
-    return int.from_bytes(adapter_name.encode()[:6].ljust(6, b"\0"), "little") ^ 0x7A1F
+def adapter_seed(seed: int, adapter_name: str) -> int:
+    """The LoRA initialisation seed of an adapter: the first 8 bytes (little-endian, top bit cleared) of
+    sha256("twinkle-lora:{seed}:{adapter_name}"), from Init's seed and the whole name. The same on every
+    rank whatever ran before, so the ranks agree without a broadcast; different for every name."""
+    digest = hashlib.sha256(f"twinkle-lora:{int(seed)}:{adapter_name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
 def _positive_int(value: Any, name: str) -> None:
@@ -1457,17 +1600,27 @@ def _check_norm(max_grad_norm: float, norm_type: float) -> None:
         raise InvalidArgument(f"norm_type must be a positive number, got {norm_type!r}")
 
 
-def _override(optimizer: torch.optim.Optimizer, optim_params: Mapping[str, Any] | None) -> None:
+def _override(
+    optimizer: torch.optim.Optimizer, optim_params: Mapping[str, Any] | None, param_names: list[list[str]]
+) -> list[dict[str, Any]]:
+    """Applies optim_params to the optimizer's groups; returns each group's previous values (to restore
+    after the step). weight_decay applies to the decay group even when it was built with 0; the
+    no-decay group (biases and norms, see set_optimizer) keeps 0."""
     if not optim_params:
-        return
+        return [{} for _ in optimizer.param_groups]
     unknown = set(optim_params) - {"lr", "weight_decay", "eps", "betas"}
     if unknown:
         raise InvalidArgument(f"optim_params: unknown keys {sorted(unknown)}; allowed: lr, weight_decay, eps, betas")
-    for param_group in optimizer.param_groups:
-        for key, value in optim_params.items():
-            if key == "weight_decay" and param_group["weight_decay"] == 0.0:
-                continue  # biases and norms never decay
+    saved = []
+    for index, param_group in enumerate(optimizer.param_groups):
+        names = param_names[index] if index < len(param_names) else []
+        never_decays = bool(names) and all(_no_decay(name) for name in names)
+        keys = [k for k in optim_params if k in param_group and not (k == "weight_decay" and never_decays)]
+        saved.append({key: param_group[key] for key in keys})
+        for key in keys:
+            value = optim_params[key]
             param_group[key] = tuple(value) if key == "betas" else float(value)
+    return saved
 
 
 def _warmup_scheduler(optimizer: torch.optim.Optimizer, name: str, kwargs: dict[str, Any]) -> Any:

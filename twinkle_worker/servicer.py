@@ -250,6 +250,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             raise FailedPrecondition(
                 "the worker has no model: call Init first (a worker restarted or Reset since Init has none)"
             )
+        self.model.check_not_broken()
         return self.model
 
     def _available_memory(self, model: TransformersModel) -> int | None:
@@ -702,7 +703,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             mesh=worker_pb2.DeviceMesh(dim_names=self.mesh.dim_names, dim_sizes=self.mesh.dim_sizes),
             model=(model.model_id or type(model.model).__name__) if model else "",
             device=str(model.device) if model else self.options.device,
-            groups=list(model.groups) if model else [],
+            groups=list(model.group_names) if model else [],
             last_sequence_number=self._ledger.last_finished,
             pid=os.getpid(),
             version=__version__,

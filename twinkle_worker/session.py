@@ -24,7 +24,8 @@ from typing import Any
 
 from twinkle_client.errors import FailedPrecondition, Unavailable
 
-# Outcomes kept for retries: at most this many calls and this many bytes (the last one always).
+# Outcomes kept for retries: at most this many calls, and besides the newest (always kept) this many
+# bytes, the largest going first (see Ledger._evict).
 MAX_KEPT = 64
 MAX_KEPT_BYTES = 64 << 20
 # A call whose number is ahead of the next one waits this long for its predecessors to arrive
@@ -247,14 +248,38 @@ class Ledger:
                 if not future.cancelled()
                 else Unavailable("the call was cancelled: the worker is stopping")
             )
-            self._kept[number] = (outcome, _size(outcome))
+            kept = _on_host(outcome)
+            self._kept[number] = (kept, _size(kept))
             self.last_finished = max(self.last_finished, number)
-            total = sum(size for _, size in self._kept.values())
-            while len(self._kept) > 1 and (len(self._kept) > MAX_KEPT or total > MAX_KEPT_BYTES):
-                _, (_, size) = self._kept.popitem(last=False)
-                total -= size
+            self._evict(newest=number)
             self._renew_for(self.session_id)
             self._cond.notify_all()
+
+    def _evict(self, newest: int) -> None:
+        """Keeps at most MAX_KEPT outcomes (dropping the oldest), and besides the newest (always kept,
+        however large) at most MAX_KEPT_BYTES, dropping the largest first: a large forward output
+        goes first once it is no longer the newest, instead of pushing out the small outcomes
+        (optimizer steps) that a retry must find."""
+        while len(self._kept) > MAX_KEPT:
+            self._kept.popitem(last=False)
+        others = sum(size for number, (_, size) in self._kept.items() if number != newest)
+        while others > MAX_KEPT_BYTES:
+            largest = max((n for n in self._kept if n != newest), key=lambda n: self._kept[n][1])
+            others -= self._kept.pop(largest)[1]
+
+
+def _on_host(value: Any) -> Any:
+    """A stored outcome with every torch tensor moved to host memory (a retry needs the values, not
+    device memory held for up to MAX_KEPT calls)."""
+    if isinstance(value, tuple):
+        return tuple(_on_host(item) for item in value)
+    if isinstance(value, list):
+        return [_on_host(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _on_host(item) for key, item in value.items()}
+    if type(value).__module__.startswith("torch") and hasattr(value, "detach"):
+        return value.detach().cpu()
+    return value
 
 
 def _size(value: Any) -> int:

@@ -131,6 +131,21 @@ def destroy_process_group() -> None:
         dist.destroy_process_group()
 
 
+def abort_process_group() -> None:
+    """Leaves the process group now, while peers may be waiting in a collective for this rank: their
+    collectives then fail at once (gloo: "Connection closed by peer") instead of at the timeout."""
+    if not dist.is_initialized():
+        return
+    abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
+    try:
+        if abort is not None and dist.get_backend() == "nccl":
+            abort()  # destroy would wait for the NCCL kernels that are stuck
+        else:
+            dist.destroy_process_group()
+    except Exception as error:  # leaving is best effort: the mesh is broken either way
+        log.warning("leaving the process group failed: %s", error)
+
+
 def torch_mesh(plan: StrategyPlan) -> Any:
     """The (dp, fsdp) torch DeviceMesh, mapping Twinkle's row-major global ranks onto it."""
     from torch.distributed.device_mesh import DeviceMesh as TorchDeviceMesh
@@ -201,6 +216,32 @@ def no_gradient_sync(wrapped: nn.Module, sync: bool) -> Any:
 # Counts a vote carries (a window's loss tokens and sequences): fixed, so that a rank that refuses
 # (and has no counts to send) still gathers the same number of values as its peers.
 VOTE_COUNTS = 2
+
+
+def average_gradients(parameters: list[nn.Parameter], bucket_bytes: int = 25 << 20) -> None:
+    """What DDP does at the end of a synchronised backward, run by hand after the ranks agreed the
+    backward succeeded everywhere: each gradient divided by the world size, then summed over the
+    ranks, in buckets of about `bucket_bytes` (DDP's default bucket size). A parameter without a
+    gradient gets zeros, so every rank reduces the same tensors."""
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    world = dist.get_world_size()
+    for param in parameters:
+        if param.grad is None:
+            param.grad = torch.zeros_like(param)
+    bucket: list[torch.Tensor] = []
+    size = 0
+    for index, param in enumerate(parameters):
+        assert param.grad is not None
+        bucket.append(param.grad)
+        size += param.grad.numel() * param.grad.element_size()
+        if size >= bucket_bytes or index == len(parameters) - 1:
+            flat = _flatten_dense_tensors(bucket)
+            flat.div_(world)
+            dist.all_reduce(flat)
+            for grad, reduced in zip(bucket, _unflatten_dense_tensors(flat, bucket), strict=True):
+                grad.copy_(reduced)
+            bucket, size = [], 0
 
 
 def agree(ok: bool, device: torch.device, *counts: float) -> tuple[list[int], list[float]]:

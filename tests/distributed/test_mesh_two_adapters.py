@@ -24,14 +24,17 @@ from dist_reference import (
 from peft import LoraConfig
 
 from twinkle_client.mesh import DeviceMesh
-from twinkle_worker.model import _adapter_seed
+from twinkle_worker.model import adapter_seed
 
 MESHES = {
     "ddp-dp2": (DeviceMesh.from_sizes(dp_size=2), "accelerate"),
     "fsdp2": (DeviceMesh.from_sizes(fsdp_size=2), "accelerate"),
 }
 SECOND = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
-LR_FIRST, LR_SECOND, WEIGHT_DECAY, EPS = 1e-2, 2e-2, 0.1, 1e-5  # EPS: see dist_reference.py
+# EPS: see dist_reference.py, which bounds Adam's amplification of reduction-order noise at
+# lr/eps = 100; with lr 1e-2 that needs eps 1e-4 (1e-5 allowed 1000x, and an element of
+# gate_proj's lora_B whose gradient cancels came out 1.3e-6 off under the seeds of adapter_seed).
+LR_FIRST, LR_SECOND, WEIGHT_DECAY, EPS = 1e-2, 2e-2, 0.1, 1e-4
 MAX_NORM = 10.0  # not the subject here
 
 
@@ -51,7 +54,7 @@ def test_training_one_adapter_leaves_the_other_bit_identical(mesh_model, mesh_na
     for group in reference.optimizer.param_groups:
         group["eps"] = EPS
     scheduler = torch.optim.lr_scheduler.StepLR(reference.optimizer, step_size=1, gamma=0.5)
-    torch.manual_seed(_adapter_seed("second"))
+    torch.manual_seed(adapter_seed(SEED, "second"))
     reference.model.add_adapter("second", SECOND)  # present, inactive: must not touch "first"'s numbers
 
     start = {name: model.export_weights(name) for name in ("first", "second")}
