@@ -116,7 +116,11 @@ class TransformersModel:
         if group is None:
             token = token or secrets.token_urlsafe(24)  # other local users cannot drive embedded workers
             self.local = LocalWorkers(
-                self.mesh.world_size, device=device, output_root=output_root, env={"TWINKLE_WORKER_TOKEN": token}
+                self.mesh.world_size,
+                device=device,
+                output_root=output_root,
+                env={"TWINKLE_WORKER_TOKEN": token},
+                extra_args=["--allow-any-path"],  # driven by this user only: any path this user can write
             )
             security = ChannelSecurity(token=token)
             addresses = self.local.addresses

@@ -31,6 +31,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--port", type=int, default=50051, help="port to listen on; 0 picks a free one (default 50051)")
     add("--device", default="cpu", help="default device: cpu, cuda or cuda:N (default cpu)")
     add("--output-root", default="outputs", help="checkpoints are confined under this directory")
+    add(
+        "--allow-any-path",
+        action="store_true",
+        help="accept checkpoint paths outside --output-root (any this user can write; relative ones stay under it): "
+        "for embedded workers, which only their own client's user can reach",
+    )
     add("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     add("--max-message-mb", type=int, default=256, help="largest gRPC message accepted, MiB")
     add("--max-stream-mb", type=int, default=8192, help="largest batch a streamed request may declare, MiB")
@@ -85,6 +91,7 @@ def main(argv: list[str] | None = None) -> None:
         lease_seconds=args.lease_seconds,
         max_stream_bytes=args.max_stream_mb << 20,
         shared_memory=not args.no_shared_memory,
+        confine_paths=not args.allow_any_path,
     )
     tls = TlsFiles(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
     server = WorkerServer(options, args.port, args.max_message_mb, token=read_token(args), tls=tls)

@@ -20,7 +20,6 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from reliability_support import VOCAB, batch, connect, forward_request, init_request, stub, tiny_config
@@ -138,9 +137,10 @@ def init_cases(output_root: pathlib.Path) -> list[tuple[str, worker_pb2.InitRequ
             Code.INVALID_ARGUMENT,
             "grad_scaler_config",
         ),
+        # the pooled workers run with --device cpu, which bounds what Init may ask for (GPU or not)
+        ("cuda on a cpu worker", _init(device="cuda:0"), Code.FAILED_PRECONDITION, "--device cpu"),
+        ("cuda index on a cpu worker", _init(device="cuda"), Code.FAILED_PRECONDITION, "--device cpu"),
     ]
-    if not torch.cuda.is_available():
-        cases.append(("cuda without GPU", _init(device="cuda:0"), Code.FAILED_PRECONDITION, "cuda"))
     return cases
 
 
@@ -281,13 +281,15 @@ def _kwargs(message: Any, values: dict[str, Any]) -> Any:
 
 def rpc_cases(output_root: pathlib.Path) -> list[tuple[str, str, Any, grpc.StatusCode, str]]:
     """(label, rpc, request, code, text the message must hold) for every RPC."""
-    (output_root / "not-a-checkpoint").mkdir(exist_ok=True)
-    (output_root / "not-a-checkpoint" / "notes.txt").write_text("mine")
-    (output_root / "a-file").write_text("mine")
-    half = output_root / ".ckpt.tmp-somehost-1-0123abcd"
+    saves = output_root / "output"  # where Save and Load go without an output_dir
+    saves.mkdir(exist_ok=True)
+    (saves / "not-a-checkpoint").mkdir(exist_ok=True)
+    (saves / "not-a-checkpoint" / "notes.txt").write_text("mine")
+    (saves / "a-file").write_text("mine")
+    half = saves / ".ckpt.tmp-somehost-1-0123abcd"
     half.mkdir(exist_ok=True)
     (half / "adapter_config.json").write_text("{}")
-    escape = output_root / "escape-link"
+    escape = saves / "escape-link"
     if not escape.is_symlink():
         escape.symlink_to("/tmp")
     ids = batch(0)["input_ids"]
@@ -656,7 +658,7 @@ def rpc_cases(output_root: pathlib.Path) -> list[tuple[str, str, Any, grpc.Statu
         (
             "save ..",
             "Save",
-            worker_pb2.SaveRequest(adapter_name=ADAPTER, name="../escape"),
+            worker_pb2.SaveRequest(adapter_name=ADAPTER, name="../../escape"),
             Code.PERMISSION_DENIED,
             "output root",
         ),
@@ -684,9 +686,16 @@ def rpc_cases(output_root: pathlib.Path) -> list[tuple[str, str, Any, grpc.Statu
         (
             "save root",
             "Save",
-            worker_pb2.SaveRequest(adapter_name=ADAPTER, name="."),
+            worker_pb2.SaveRequest(adapter_name=ADAPTER, name=".", output_dir="."),
             Code.INVALID_ARGUMENT,
             "output root itself",
+        ),
+        (
+            "save output dir",
+            "Save",
+            worker_pb2.SaveRequest(adapter_name=ADAPTER, name="."),
+            Code.INVALID_ARGUMENT,
+            "output directory",
         ),
         ("save NUL", "Save", worker_pb2.SaveRequest(adapter_name=ADAPTER, name="a\0b"), Code.INVALID_ARGUMENT, "NUL"),
         (
