@@ -860,7 +860,9 @@ _BAD_POSITIVE = st.one_of(st.sampled_from([NAN, INF, -INF, 0.0]), st.floats(max_
 _BAD_COUNT = st.integers(min_value=-(2**31), max_value=-1)
 _OUT_OF_VOCAB = st.one_of(st.integers(min_value=VOCAB, max_value=2**62), st.integers(min_value=-(2**62), max_value=-1))
 _ESCAPE = st.one_of(
-    st.text(alphabet="abcxyz_-", min_size=1, max_size=12).map(lambda t: "../" + t),
+    st.text(alphabet="abcxyz_-", min_size=1, max_size=12).map(
+        lambda t: "../../" + t
+    ),  # out of the root, also from output/
     st.text(alphabet="abcxyz_-", min_size=1, max_size=12).map(lambda t: "/" + t),
     st.text(max_size=8).map(lambda t: t + "\0"),
 )
