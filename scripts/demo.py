@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         mixed_precision=config.mixed_precision,
         strategy=config.strategy,
         seed=config.seed,
-        output_root=str(out),  # the workers may write only under here
+        output_root=str(out),  # relative checkpoint paths resolve under here
     )
     with model:
         ready = time.monotonic() - started
@@ -222,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
         timing = model.last_step_timing()
         if timing is not None:
             print(f"last step, where the time went: {timing.describe()}")
-        saved = model.save(name="adapter" if adapter else "model", adapter_name=adapter)
+        # output_dir=".": straight under --out (without it, a save goes to output/ under the root, as the seed)
+        saved = model.save(name="adapter" if adapter else "model", output_dir=".", adapter_name=adapter)
         plot_path = out / "loss.png"
         plot(losses, held_out_losses, plot_path, f"Qwen2 {config.hidden}x{config.layers} on {config.ranks} rank(s)")
     print(f"checkpoint: {saved}")

@@ -132,7 +132,8 @@ class TransformersModel:
                 device=device,
                 output_root=output_root,
                 env={"TWINKLE_WORKER_TOKEN": token},
-                extra_args=["--metrics-port", "0"] if serve_metrics else None,
+                # Driven by this user only: any path this user can write.
+                extra_args=["--allow-any-path", *(["--metrics-port", "0"] if serve_metrics else [])],
             )
             security = ChannelSecurity(token=token)
             addresses = self.local.addresses

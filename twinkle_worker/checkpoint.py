@@ -37,8 +37,8 @@ RNG_FILE = "rng_state.pt"
 TRAINER_STATE = "trainer_state.json"
 MANIFEST = "manifest.json"
 CHECKPOINT_VERSION = 1
-# Files whose presence marks a directory as a checkpoint that a save may replace.
-_CHECKPOINT_MARKERS = (MANIFEST, ADAPTER_CONFIG, "config.json", TRAINER_STATE)
+# The manifest's mark of a checkpoint this project wrote: the only kind of directory a save replaces.
+WRITER = "twinkle-grpc"
 # Test hook (never set in production): the path of a FIFO. When it exists at the moment a
 # save has written its files (but not yet its manifest, nor swapped the directory in), the
 # save opens it and reads it to the end before going on, so a test can hold a save in the
@@ -50,10 +50,12 @@ _MAX_PATH_BYTES = 4096
 _MAX_NAME_BYTES = 255
 
 
-def confine(root: pathlib.Path, *parts: str, allow_root: bool = True) -> pathlib.Path:
+def confine(root: pathlib.Path, *parts: str, allow_root: bool = True, confined: bool = True) -> pathlib.Path:
     """root/parts..., refused when it resolves outside root (`..`, absolute paths elsewhere, symlinks out).
 
     With allow_root=False the root itself is refused too (a save must never replace the root).
+    With confined=False (an embedded worker: its client's own user) any path is accepted; relative
+    ones still resolve under root, and the file system's permissions decide the rest.
     """
     for part in parts:
         if "\0" in part:
@@ -70,7 +72,7 @@ def confine(root: pathlib.Path, *parts: str, allow_root: bool = True) -> pathlib
         if part:
             path = path / part
     resolved = path.resolve()
-    if resolved != root and root not in resolved.parents:
+    if confined and resolved != root and root not in resolved.parents:
         raise PermissionDenied(f"path {str(path)!r} is outside the worker's output root {str(root)!r}")
     if resolved == root and not allow_root:
         raise InvalidArgument(f"path {str(path)!r} is the output root itself; name a directory under it")
@@ -130,15 +132,27 @@ class AtomicDirectory:
 
 
 def check_replaceable(target: pathlib.Path) -> None:
-    """A save may create target, or replace a checkpoint there; never a file or someone else's directory."""
+    """A save may create target, fill an empty directory, or replace a checkpoint it wrote (its manifest
+    says so); never a file, a link or any other directory (a downloaded model, someone's data)."""
     if not target.exists() and not target.is_symlink():
         return
     if not target.is_dir() or target.is_symlink():
         raise FailedPrecondition(f"{str(target)!r} exists and is not a checkpoint directory; choose another name")
-    if any(target.iterdir()) and not any((target / marker).is_file() for marker in _CHECKPOINT_MARKERS):
+    if any(target.iterdir()) and not written_by_us(target):
         raise FailedPrecondition(
-            f"{str(target)!r} is a non-empty directory that is not a checkpoint; a save will not replace it"
+            f"{str(target)!r} is a non-empty directory that is not a checkpoint this worker wrote (its "
+            f"{MANIFEST} does not say {WRITER!r}); a save replaces only its own checkpoints: choose another "
+            "name, or remove the directory"
         )
+
+
+def written_by_us(directory: pathlib.Path) -> bool:
+    """Whether directory's manifest marks it as a checkpoint this project wrote."""
+    try:
+        manifest = json.loads((directory / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and manifest.get("written_by") == WRITER
 
 
 def _owner_tag() -> str:
@@ -231,7 +245,8 @@ def write_manifest(directory: pathlib.Path) -> None:
         for path in sorted(directory.rglob("*"))
         if path.is_file() and path.name != MANIFEST
     }
-    text = json.dumps({"checkpoint_version": CHECKPOINT_VERSION, "files": files}, indent=2, sort_keys=True)
+    manifest = {"checkpoint_version": CHECKPOINT_VERSION, "written_by": WRITER, "files": files}
+    text = json.dumps(manifest, indent=2, sort_keys=True)
     (directory / MANIFEST).write_text(text)
 
 

@@ -67,6 +67,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="PEM CA that signed rank 0's certificate, to register over TLS (default --tls-client-ca)",
     )
     add("--output-root", default="outputs", help="checkpoints are confined under this directory")
+    add(
+        "--allow-any-path",
+        action="store_true",
+        help="accept checkpoint paths outside --output-root (any this user can write; relative ones stay under it): "
+        "for embedded workers, which only their own client's user can reach",
+    )
     add("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     add("--max-message-mb", type=int, default=256, help="largest gRPC message accepted, MiB")
     add("--max-stream-mb", type=int, default=8192, help="largest batch a streamed request may declare, MiB")
@@ -181,6 +187,7 @@ def main(argv: list[str] | None = None) -> None:
         lease_seconds=args.lease_seconds,
         max_stream_bytes=args.max_stream_mb << 20,
         shared_memory=not args.no_shared_memory,
+        confine_paths=not args.allow_any_path,
     )
     tls = TlsFiles(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
     token = read_token(args)

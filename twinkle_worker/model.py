@@ -52,6 +52,8 @@ from twinkle_worker.strategies import Rendezvous, StrategyPlan
 log = logging.getLogger(__name__)
 
 FULL_MODEL = ""
+# Where save() writes and load() reads when no output_dir is given, under the output root (as the seed).
+DEFAULT_OUTPUT_DIR = "output"
 MODEL_CLASSES = (
     "AutoModelForCausalLM",
     "Qwen2ForCausalLM",
@@ -195,6 +197,7 @@ class TransformersModel:
         rendezvous: Rendezvous | None = None,
         seed: int | None = None,
         output_root: str | os.PathLike[str] = ".",
+        confine_paths: bool = True,
         trust_remote_code: bool = False,
         allow_remote_code: bool = False,
         **kwargs: Any,
@@ -203,6 +206,7 @@ class TransformersModel:
         self.rank = rank
         self.device = _parse_device(device)
         self.output_root = pathlib.Path(output_root).resolve()
+        self.confine_paths = confine_paths  # False: any path this user can write (embedded workers)
         self.plan = StrategyPlan(
             strategy=strategy or "accelerate",
             mesh=self.mesh,
@@ -323,7 +327,7 @@ class TransformersModel:
         if isinstance(config_or_dir, LoraConfig):
             _check_lora_targets(self.model, config_or_dir)
         else:
-            path = ckpt.confine(self.output_root, str(config_or_dir))
+            path = self._path(str(config_or_dir))
             if not (path / ckpt.ADAPTER_CONFIG).is_file():
                 raise NotFound(f"no adapter at {str(path)!r} ({ckpt.ADAPTER_CONFIG} missing)")
             ckpt.verify_manifest(path, required=False)
@@ -521,7 +525,13 @@ class TransformersModel:
         return logps, logits, result
 
     def _ddp_forward_backward(
-        self, group: Group, loss: Loss, wrapped: nn.Module, batch: dict[str, torch.Tensor], temperature: float, sync: bool
+        self,
+        group: Group,
+        loss: Loss,
+        wrapped: nn.Module,
+        batch: dict[str, torch.Tensor],
+        temperature: float,
+        sync: bool,
     ) -> tuple[Any, Any, Any]:
         """DDP's forward and backward with no collective inside the backward: every rank then says
         whether its backward succeeded (one small vote), and only then are the gradients averaged
@@ -1058,7 +1068,10 @@ class TransformersModel:
         if group.optimizer_step % interval != 0:
             return None
         name = name or f"checkpoint-step-{group.optimizer_step}"
-        target = ckpt.confine(self.output_root, output_dir or "", name, allow_root=False)
+        directory = output_dir or DEFAULT_OUTPUT_DIR
+        target = self._path(directory, name, allow_root=False)
+        if target == self._path(directory):
+            raise InvalidArgument(f"name {name!r} is the output directory {str(target)!r} itself; name one under it")
         if group.name == FULL_MODEL and self.is_peft:
             raise FailedPrecondition(
                 "the model has LoRA adapters: save one with save(adapter_name=...); the base weights are unchanged"
@@ -1181,8 +1194,12 @@ class TransformersModel:
             with self._collective(what):
                 dist.barrier()
 
-    def _checkpoint_dir(self, name: str, output_dir: str | None) -> pathlib.Path:
-        path = ckpt.confine(self.output_root, output_dir or "", name)
+    def _path(self, *parts: str, allow_root: bool = True) -> pathlib.Path:
+        """A path under the output root (anywhere, for an embedded worker: see ckpt.confine)."""
+        return ckpt.confine(self.output_root, *parts, allow_root=allow_root, confined=self.confine_paths)
+
+    def _checkpoint_dir(self, name: str, output_dir: str) -> pathlib.Path:
+        path = self._path(output_dir, name)
         if not path.is_dir():
             raise NotFound(f"checkpoint {str(path)!r} does not exist")
         ckpt.verify_manifest(path)
@@ -1198,7 +1215,7 @@ class TransformersModel:
     ) -> str:
         """Loads a checkpoint's weights (adapter, or full model) and optionally its optimizer state."""
         group = self.group(adapter_name)
-        path = self._checkpoint_dir(name, output_dir)
+        path = self._checkpoint_dir(name, output_dir or DEFAULT_OUTPUT_DIR)
         if load_optimizer:
             group.require_optimizer()
             if not (path / ckpt.OPTIMIZER_FILE).is_file():
@@ -1305,7 +1322,7 @@ class TransformersModel:
     ) -> dict[str, int]:
         """Restores weights, and unless resume_only_model, optimizer, scheduler, RNG and counters."""
         group = self.group(adapter_name)
-        path = self._checkpoint_dir(checkpoint_dir, None)
+        path = self._checkpoint_dir(checkpoint_dir, DEFAULT_OUTPUT_DIR)  # a relative one: as save() names it
         state = ckpt.read_json(path / ckpt.TRAINER_STATE)
         if state.get("checkpoint_version") != ckpt.CHECKPOINT_VERSION:
             raise InvalidArgument(f"{str(path)!r}: unsupported checkpoint_version {state.get('checkpoint_version')!r}")

@@ -76,6 +76,9 @@ class WorkerOptions:
     max_stream_bytes: int = 8 << 30
     # Accept tensors in /dev/shm segments named by a client on this host (docs/protocol.md, "Shared memory").
     shared_memory: bool = True
+    # Checkpoint paths must lie under output_root; False (--allow-any-path, embedded workers): any path
+    # this user can write.
+    confine_paths: bool = True
 
 
 def struct_to_dict(struct: struct_pb2.Struct) -> dict[str, Any]:
@@ -319,10 +322,11 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 fsdp_config=struct_to_dict(request.fsdp_config),
                 grad_scaler_config=struct_to_dict(request.grad_scaler_config),
                 rank=request.rank,
-                device=request.device or self.options.device,
+                device=validation.bounded_device(self.options.device, request.device),
                 rendezvous=rendezvous,
                 seed=request.seed,
                 output_root=self.options.output_root,
+                confine_paths=self.options.confine_paths,
                 trust_remote_code=request.trust_remote_code,
                 allow_remote_code=self.options.allow_remote_code,
                 **struct_to_dict(request.model_kwargs),

@@ -17,7 +17,7 @@ import numpy as np
 
 from twinkle_client import lora
 from twinkle_client._proto import worker_pb2
-from twinkle_client.errors import InvalidArgument, ResourceExhausted
+from twinkle_client.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 
 # Extra keyword arguments Init passes to from_pretrained / from_config. An allow-list: keys
 # like trust_remote_code, token, cache_dir or device_map must not reach transformers.
@@ -82,6 +82,31 @@ def check_optim_params(message: worker_pb2.OptimParams) -> None:
         raise InvalidArgument(f"optim_params.eps must be a finite number > 0, got {message.eps}")
     if message.betas and (len(message.betas) != 2 or not all(0 <= beta < 1 for beta in message.betas)):
         raise InvalidArgument(f"optim_params.betas must be 2 numbers in [0, 1), got {list(message.betas)}")
+
+
+def bounded_device(worker_device: str, requested: str) -> str:
+    """The device an Init may use: the request's, within what the worker's --device allows.
+
+    --device cpu allows cpu only; --device cuda:N allows cuda:N only; --device cuda allows any cuda:N.
+    An empty request, or one without an index ("cuda"), means the worker's own device.
+    """
+    import torch
+
+    try:
+        bound = torch.device(worker_device or "cpu")
+        asked = torch.device(requested) if requested else bound
+    except (RuntimeError, TypeError):
+        raise InvalidArgument(f"device {requested!r} is not a device; use 'cpu' or 'cuda:N'") from None
+    if asked.type not in ("cpu", "cuda"):
+        raise InvalidArgument(f"device {requested!r}: only 'cpu' and 'cuda' are supported")
+    if asked.type != bound.type or (bound.index is not None and asked.index not in (None, bound.index)):
+        raise FailedPrecondition(
+            f"device {requested!r}: this worker was started with --device {worker_device}, which bounds "
+            "the devices an Init may ask for (cpu: cpu only; cuda:N: that GPU only; cuda: any GPU)"
+        )
+    if asked.index is None and bound.index is not None:
+        return str(bound)
+    return str(asked)
 
 
 def check_init(request: worker_pb2.InitRequest) -> None:

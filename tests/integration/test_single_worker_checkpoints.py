@@ -128,11 +128,11 @@ def test_paths_outside_the_output_root_are_refused(remote, config, output_root) 
     model = remote(config=config, seed=0)
     model.set_optimizer("AdamW", lr=1e-3)
     for call in (
-        lambda: model.save(name="../escape"),
+        lambda: model.save(name="../../escape"),  # under output/ by default
         lambda: model.save(name="x", output_dir="../../tmp"),
         lambda: model.save(name="/tmp/absolute-escape"),
         lambda: model.resume_from_checkpoint("../.."),
-        lambda: model.load("../x"),
+        lambda: model.load("../../x"),
         lambda: model.add_adapter_to_model("sft", "../../etc"),
     ):
         with pytest.raises(PermissionDenied, match=r"rank 0.*outside the worker's output root"):
@@ -142,4 +142,4 @@ def test_paths_outside_the_output_root_are_refused(remote, config, output_root) 
         model.resume_from_checkpoint("it-no-such-checkpoint")
     # still serving: a save inside the root works
     path = pathlib.Path(model.save(name="it-inside"))
-    assert path.parent == pathlib.Path(output_root).resolve() and (path / "config.json").is_file()
+    assert path.parent == pathlib.Path(output_root).resolve() / "output" and (path / "config.json").is_file()

@@ -20,7 +20,6 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from reliability_support import VOCAB, batch, connect, forward_request, init_request, stub, tiny_config
@@ -139,9 +138,10 @@ def init_cases(output_root: pathlib.Path) -> list[tuple[str, worker_pb2.InitRequ
             Code.INVALID_ARGUMENT,
             "grad_scaler_config",
         ),
+        # the pooled workers run with --device cpu, which bounds what Init may ask for (GPU or not)
+        ("cuda on a cpu worker", _init(device="cuda:0"), Code.FAILED_PRECONDITION, "--device cpu"),
+        ("cuda index on a cpu worker", _init(device="cuda"), Code.FAILED_PRECONDITION, "--device cpu"),
     ]
-    if not torch.cuda.is_available():
-        cases.append(("cuda without GPU", _init(device="cuda:0"), Code.FAILED_PRECONDITION, "cuda"))
     return cases
 
 
@@ -282,13 +282,15 @@ def _kwargs(message: Any, values: dict[str, Any]) -> Any:
 
 def rpc_cases(output_root: pathlib.Path) -> list[tuple[str, str, Any, grpc.StatusCode, str]]:
     """(label, rpc, request, code, text the message must hold) for every RPC."""
-    (output_root / "not-a-checkpoint").mkdir(exist_ok=True)
-    (output_root / "not-a-checkpoint" / "notes.txt").write_text("mine")
-    (output_root / "a-file").write_text("mine")
-    half = output_root / ".ckpt.tmp-somehost-1-0123abcd"
+    saves = output_root / "output"  # where Save and Load go without an output_dir
+    saves.mkdir(exist_ok=True)
+    (saves / "not-a-checkpoint").mkdir(exist_ok=True)
+    (saves / "not-a-checkpoint" / "notes.txt").write_text("mine")
+    (saves / "a-file").write_text("mine")
+    half = saves / ".ckpt.tmp-somehost-1-0123abcd"
     half.mkdir(exist_ok=True)
     (half / "adapter_config.json").write_text("{}")
-    escape = output_root / "escape-link"
+    escape = saves / "escape-link"
     if not escape.is_symlink():
         escape.symlink_to("/tmp")
     ids = batch(0)["input_ids"]
@@ -657,7 +659,7 @@ def rpc_cases(output_root: pathlib.Path) -> list[tuple[str, str, Any, grpc.Statu
         (
             "save ..",
             "Save",
-            worker_pb2.SaveRequest(adapter_name=ADAPTER, name="../escape"),
+            worker_pb2.SaveRequest(adapter_name=ADAPTER, name="../../escape"),
             Code.PERMISSION_DENIED,
             "output root",
         ),
@@ -685,9 +687,16 @@ def rpc_cases(output_root: pathlib.Path) -> list[tuple[str, str, Any, grpc.Statu
         (
             "save root",
             "Save",
-            worker_pb2.SaveRequest(adapter_name=ADAPTER, name="."),
+            worker_pb2.SaveRequest(adapter_name=ADAPTER, name=".", output_dir="."),
             Code.INVALID_ARGUMENT,
             "output root itself",
+        ),
+        (
+            "save output dir",
+            "Save",
+            worker_pb2.SaveRequest(adapter_name=ADAPTER, name="."),
+            Code.INVALID_ARGUMENT,
+            "output directory",
         ),
         ("save NUL", "Save", worker_pb2.SaveRequest(adapter_name=ADAPTER, name="a\0b"), Code.INVALID_ARGUMENT, "NUL"),
         (
@@ -852,7 +861,9 @@ _BAD_POSITIVE = st.one_of(st.sampled_from([NAN, INF, -INF, 0.0]), st.floats(max_
 _BAD_COUNT = st.integers(min_value=-(2**31), max_value=-1)
 _OUT_OF_VOCAB = st.one_of(st.integers(min_value=VOCAB, max_value=2**62), st.integers(min_value=-(2**62), max_value=-1))
 _ESCAPE = st.one_of(
-    st.text(alphabet="abcxyz_-", min_size=1, max_size=12).map(lambda t: "../" + t),
+    st.text(alphabet="abcxyz_-", min_size=1, max_size=12).map(
+        lambda t: "../../" + t
+    ),  # out of the root, also from output/
     st.text(alphabet="abcxyz_-", min_size=1, max_size=12).map(lambda t: "/" + t),
     st.text(max_size=8).map(lambda t: t + "\0"),
 )
