@@ -33,6 +33,7 @@ from twinkle_client.errors import InvalidArgument
 from twinkle_client.local import LocalWorkers, wait_serving
 from twinkle_client.lora import fill_lora_config
 from twinkle_client.mesh import DeviceMesh, slice_bounds
+from twinkle_client.ray_workers import RayWorkers
 from twinkle_client.sampling import SampledSequence
 from twinkle_client.shared_memory import segment_bytes
 
@@ -116,6 +117,9 @@ class TransformersModel:
         if mixed_precision not in PRECISIONS:
             raise InvalidArgument(f"mixed_precision {mixed_precision!r} is unknown; use one of {sorted(PRECISIONS)}")
         addresses_given = kwargs.pop("addresses", None)
+        launcher = kwargs.pop("launcher", "local")
+        if launcher not in ("local", "ray"):
+            raise InvalidArgument(f"launcher {launcher!r} is unknown; use 'local' (processes) or 'ray' (Ray actors)")
         rank0_given = kwargs.pop("rank0_address", None)
         discover_timeout = float(kwargs.pop("discover_timeout", 120.0))
         if rank0_given is not None:
@@ -124,17 +128,20 @@ class TransformersModel:
             group = cluster.WorkerGroup("addresses", tuple(addresses_given))
         else:
             group = cluster.resolve(remote_group)
-        self.local: LocalWorkers | None = None
+        self.local: LocalWorkers | RayWorkers | None = None
         if group is None:
             token = token or secrets.token_urlsafe(24)  # other local users cannot drive embedded workers
-            self.local = LocalWorkers(
-                self.mesh.world_size,
-                device=device,
-                output_root=output_root,
-                env={"TWINKLE_WORKER_TOKEN": token},
-                # Driven by this user only: any path this user can write.
-                extra_args=["--allow-any-path", *(["--metrics-port", "0"] if serve_metrics else [])],
-            )
+            if launcher == "ray":  # actors may land on other nodes: paths stay under output_root
+                self.local = RayWorkers(self.mesh.world_size, device=device, output_root=output_root, token=token)
+            else:
+                self.local = LocalWorkers(
+                    self.mesh.world_size,
+                    device=device,
+                    output_root=output_root,
+                    env={"TWINKLE_WORKER_TOKEN": token},
+                    # Driven by this user only: any path this user can write.
+                    extra_args=["--allow-any-path", *(["--metrics-port", "0"] if serve_metrics else [])],
+                )
             security = ChannelSecurity(token=token)
             addresses = self.local.addresses
             master_addr, master_port = "127.0.0.1", None
@@ -180,7 +187,13 @@ class TransformersModel:
             self.close()
             raise
         # From now on a call failing on a rank whose worker restarted says so.
-        self.coordinator.explain_failure = cluster.RestartCheck(addresses, [s.incarnation for s in statuses], security)
+        restarts = cluster.RestartCheck(addresses, [s.incarnation for s in statuses], security)
+        local = self.local
+        self.coordinator.explain_failure = (
+            (lambda rank, error: local.explain(rank, restarts(rank, error)))
+            if isinstance(local, RayWorkers)
+            else restarts
+        )
         if master_port is None and self.mesh.world_size > 1:
             master_port = statuses[0].free_port
         request = worker_pb2.InitRequest(
@@ -986,7 +999,7 @@ class _LazyFuture(Future):  # type: ignore[type-arg]
         return super().result(timeout)
 
 
-def _shutdown(coordinator: Coordinator, local: LocalWorkers | None, pool: shared_memory.Pool) -> None:
+def _shutdown(coordinator: Coordinator, local: LocalWorkers | RayWorkers | None, pool: shared_memory.Pool) -> None:
     pool.close()
     if local is not None:
         local.close()

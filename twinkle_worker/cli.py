@@ -123,7 +123,8 @@ def join_mesh(
     from twinkle_worker import mesh_registry
 
     servicer = server.servicer
-    host = args.advertise_host or (socket.getfqdn() if args.host in WILDCARD_HOSTS else args.host)
+    # gethostname, not getfqdn: a reverse lookup may say "localhost"; cluster nodes know each other's names.
+    host = args.advertise_host or (socket.gethostname() if args.host in WILDCARD_HOSTS else args.host)
     address = f"[{host}]:{server.port}" if ":" in host else f"{host}:{server.port}"
     member = worker_pb2.MeshMember(
         rank=where.rank,
@@ -179,6 +180,9 @@ def main(argv: list[str] | None = None) -> None:
         device = placement.local_device(args.device, where.local_rank, visible)
     except TwinkleError as error:
         raise SystemExit(f"twinkle-worker: {error}") from None
+    # Under torchrun, torch.distributed would join torchrun's own store (at MASTER_PORT) instead of
+    # the rendezvous the client names in Init, and wait there forever: this worker meets its peers itself.
+    os.environ.pop("TORCHELASTIC_USE_AGENT_STORE", None)
     options = WorkerOptions(
         host=args.host,
         device=device,

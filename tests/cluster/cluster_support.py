@@ -35,6 +35,15 @@ def clean_environment(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+def loopback_up() -> None:
+    """In a new network namespace: lo up, plus the address this host's name resolves to when that is not
+    a loopback one (glibc, Slurm and Ray need the host's name to be a local address)."""
+    subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+    address = socket.gethostbyname(socket.gethostname())
+    extra = "10.254.0.1" if address.startswith("127.") else address
+    subprocess.run(["ip", "addr", "add", f"{extra}/32", "dev", "lo"], check=True)
+
+
 def free_port_pair(host: str = "127.0.0.1") -> int:
     """A port P with P and P + 1 both free right now."""
     for _ in range(50):
