@@ -37,6 +37,7 @@ from twinkle_client._proto import worker_pb2, worker_pb2_grpc
 from twinkle_client.errors import TwinkleError, from_status
 
 MAX_MESSAGE_BYTES = 256 << 20
+SESSION_METADATA = "twinkle-session-id"
 SERVICE = "twinkle.worker.v1.WorkerService"
 STREAM_RESPONSES = {
     "ForwardBackwardStream": worker_pb2.ForwardBackwardStreamResponse,
@@ -144,9 +145,10 @@ class Coordinator:
             }
             for channel in self.channels
         ]
-        self.metadata = tuple(metadata) + self.security.metadata()
         self.timeout = timeout
         self.session_id = session_id or uuid.uuid4().hex
+        # The session in metadata too: a worker owned by another session refuses the call before reading it.
+        self.metadata = (*metadata, *self.security.metadata(), (SESSION_METADATA, self.session_id))
         self.retry_seconds = retry_seconds
         self.abort_grace_seconds = abort_grace_seconds
         self._sequence = [0] * len(self.addresses)
