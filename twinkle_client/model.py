@@ -367,7 +367,7 @@ class TransformersModel:
                     shared.release()
             return _merge_outputs(outputs, lengths, width, as_list)
 
-        return _LazyFuture(merge)
+        return self.coordinator.future(futures, merge)
 
     def _statuses(self, probe_shared_memory: bool) -> tuple[list[Any], frozenset[int]]:
         """Every rank's GetStatus, and the ranks that can read this process's /dev/shm segments (same
@@ -501,7 +501,7 @@ class TransformersModel:
                 "micro_step": reply.micro_step,
             }
 
-        return _LazyFuture(result)
+        return self.coordinator.future(futures, result)
 
     # --------------------------------------------------------- checkpoints
 
@@ -657,24 +657,6 @@ class _SharedCall:
 
     def _segments(self) -> list[shared_memory.Segment]:
         return ([self.inputs] if self.inputs is not None else []) + list(self.outputs.values())
-
-
-class _LazyFuture(Future):  # type: ignore[type-arg]
-    """A Future whose result is computed (by waiting on the RPC futures) when first asked for."""
-
-    def __init__(self, compute: Any) -> None:
-        super().__init__()
-        self._compute = compute
-        self._started = False
-
-    def result(self, timeout: float | None = None) -> Any:
-        if not self._started:
-            self._started = True
-            try:
-                self.set_result(self._compute())
-            except BaseException as error:
-                self.set_exception(error)
-        return super().result(timeout)
 
 
 def _shutdown(coordinator: Coordinator, local: LocalWorkers | None, pool: shared_memory.Pool) -> None:
