@@ -27,7 +27,7 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -37,6 +37,8 @@ from twinkle_client._proto import worker_pb2, worker_pb2_grpc
 from twinkle_client.errors import TwinkleError, from_status
 
 MAX_MESSAGE_BYTES = 256 << 20
+T = TypeVar("T")
+SESSION_METADATA = "twinkle-session-id"
 SERVICE = "twinkle.worker.v1.WorkerService"
 STREAM_RESPONSES = {
     "ForwardBackwardStream": worker_pb2.ForwardBackwardStreamResponse,
@@ -148,9 +150,10 @@ class Coordinator:
             }
             for channel in self.channels
         ]
-        self.metadata = tuple(metadata) + self.security.metadata()
         self.timeout = timeout
         self.session_id = session_id or uuid.uuid4().hex
+        # The session in metadata too: a worker owned by another session refuses the call before reading it.
+        self.metadata = (*metadata, *self.security.metadata(), (SESSION_METADATA, self.session_id))
         self.retry_seconds = retry_seconds
         self.abort_grace_seconds = abort_grace_seconds
         # Set by the model: rewrites the error of a failed rank (e.g. one that restarted: cluster.RestartCheck).
@@ -162,6 +165,9 @@ class Coordinator:
         # One Health.Watch held open per channel keeps gRPC's polling thread for the channel alive:
         # with no call in flight, every .future() starts a thread of its own and ends it (about half
         # of a call's client CPU; docs/performance.md). The worker answers it without a thread.
+        # Finishes the futures of *_async calls (merging outputs) off gRPC's threads. Several threads: a
+        # done-callback runs on one and may wait for another future's result.
+        self._results = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="twinkle-results")
         self._keep_warm = [
             health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(), wait_for_ready=True)
             for channel in self.channels
@@ -246,6 +252,39 @@ class Coordinator:
         if errors or silent:
             raise self._error(method, errors, [] if gone else silent)
         return [future.outcome.result() for future in futures]
+
+    def future(self, calls: Sequence[Any], finish: Callable[[], T]) -> Future[T]:
+        """A real concurrent.futures.Future of one call to several ranks, with finish()'s result (or
+        error): finish (which gathers `calls`) runs once every rank has answered, or once one has
+        failed (gather then waits as it does for the others), on this coordinator's result thread.
+        The future is running from the start: cancel() is False, since the call was sent."""
+        result: Future[T] = Future()
+        result.set_running_or_notify_cancel()
+        state = {"pending": len(calls), "started": False}
+        lock = threading.Lock()
+
+        def settle() -> None:
+            try:
+                result.set_result(finish())
+            except BaseException as error:  # the caller gets it from result()
+                result.set_exception(error)
+
+        def answered(outcome: Future[Any]) -> None:
+            with lock:
+                state["pending"] -= 1
+                start = not state["started"] and (state["pending"] == 0 or outcome.exception() is not None)
+                state["started"] = state["started"] or start
+            if start:
+                try:
+                    self._results.submit(settle)
+                except RuntimeError:  # the coordinator is closed: settle here
+                    settle()
+
+        if not calls:
+            settle()
+        for call in calls:
+            call.outcome.add_done_callback(answered)
+        return result
 
     def call(
         self,
@@ -333,6 +372,7 @@ class Coordinator:
                 )
 
     def close(self) -> None:
+        self._results.shutdown(wait=False)
         for watch in self._keep_warm:
             watch.cancel()
         for channel in self.channels:

@@ -1,5 +1,9 @@
 """Embedded default: start N local worker processes (one per rank), wait until they serve, stop them at exit.
 
+The workers exit on their own within seconds when this process dies, however it dies (they watch
+their stdin pipe: --exit-with-parent). Their logs go to a temporary directory that close() removes,
+unless a worker failed (then it is kept, and errors and a warning name it).
+
 Used by TransformersModel when no cluster is configured, by scripts/launch_workers.py and by tests.
 """
 
@@ -9,11 +13,13 @@ import atexit
 import os
 import pathlib
 import selectors
+import shutil
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import warnings
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -62,6 +68,7 @@ class LocalWorkers:
         env into its environment (e.g. {"TWINKLE_WORKER_TOKEN": token}); `security` is how to reach
         the health service when the workers serve TLS. Rank i listens on `host`, port base_port + i
         (twinkle-launch), or on a free port when base_port is None."""
+        self._own_log_dir = log_dir is None  # a temporary one: removed at close unless a worker failed
         self.log_dir = pathlib.Path(log_dir or tempfile.mkdtemp(prefix="twinkle-workers-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.output_root = str(pathlib.Path(output_root or os.getcwd()).resolve())
@@ -71,6 +78,7 @@ class LocalWorkers:
         self.processes: list[subprocess.Popen[str]] = []
         self.addresses: list[str] = []
         self._closed = False
+        self._keep_logs = False
         atexit.register(self.close)
         try:
             for rank in range(count):
@@ -93,12 +101,13 @@ class LocalWorkers:
             "--output-root", self.output_root,
             "--threads", str(threads),
             "--placement", "none",  # the client assigns the ranks, whatever torchrun or Slurm variables are set
+            "--exit-with-parent",
             *extra_args,
         ]  # fmt: skip
         env = dict(os.environ, PYTHONUNBUFFERED="1", **self.extra_env)
-        return subprocess.Popen(
-            command, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, text=True, env=env
-        )
+        # stdin: a pipe whose write end only this process holds; when it dies (however), the worker
+        # reads end-of-file and exits (--exit-with-parent).
+        return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.PIPE, text=True, env=env)
 
     def _read_address(self, rank: int, process: subprocess.Popen[str], deadline: float) -> str:
         assert process.stdout is not None
@@ -122,23 +131,39 @@ class LocalWorkers:
 
     def _log_tail(self, rank: int) -> str:
         path = self.log_dir / f"worker-{rank}.log"
-        return path.read_text()[-2000:] if path.exists() else "(no log)"
+        tail = path.read_text()[-2000:] if path.exists() else "(no log)"
+        self._keep_logs = True
+        return f"{path} (kept), ending: {tail}"
 
     def close(self) -> None:
-        """Stops every worker: SIGTERM, then SIGKILL after 10 s."""
+        """Stops every worker: SIGTERM, then SIGKILL after 10 s. The temporary log directory is
+        removed, unless a worker failed: then it is kept, and a warning names it."""
         if self._closed:
             return
         self._closed = True
+        failed = [rank for rank, process in enumerate(self.processes) if process.poll() not in (None, 0)]
         for process in self.processes:
             if process.poll() is None:
                 process.terminate()
-        for process in self.processes:
+        for rank, process in enumerate(self.processes):
             try:
-                process.wait(timeout=10)
+                if process.wait(timeout=10) != 0:
+                    failed.append(rank)
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+                failed.append(rank)
+            if process.stdin is not None:
+                process.stdin.close()
         atexit.unregister(self.close)
+        if failed or self._keep_logs:
+            if failed:
+                warnings.warn(
+                    f"local worker rank(s) {sorted(set(failed))} failed; their logs are kept in {self.log_dir}",
+                    stacklevel=2,
+                )
+        elif self._own_log_dir:
+            shutil.rmtree(self.log_dir, ignore_errors=True)
 
     def __enter__(self) -> LocalWorkers:
         return self

@@ -521,7 +521,7 @@ class TransformersModel:
             sequences = [sampling.from_proto(item) for rank in collect for item in replies[rank].sequences]
             return sampling.group_by_prompt(sequences, num_samples)
 
-        return _LazyFuture(result)
+        return self.coordinator.future(futures, result)
 
     def compute_logprobs(
         self, sequences: Sequence[Sequence[int]], adapter_name: str | None = None, disable_lora: bool = False
@@ -628,7 +628,7 @@ class TransformersModel:
             self._clock.add(timing.call_timing(futures, client_seconds, time.perf_counter() - merging))
             return merged
 
-        return _LazyFuture(merge)
+        return self.coordinator.future(futures, merge)
 
     def _statuses(self, probe_shared_memory: bool) -> tuple[list[Any], frozenset[int]]:
         """Every rank's GetStatus, and the ranks that can read this process's /dev/shm segments (same
@@ -766,7 +766,7 @@ class TransformersModel:
                 "skipped_nonfinite": reply.skipped_nonfinite,
             }
 
-        return _LazyFuture(result)
+        return self.coordinator.future(futures, result)
 
     # --------------------------------------------------------- checkpoints
 
@@ -979,24 +979,6 @@ class _SharedCall:
 
     def _segments(self) -> list[shared_memory.Segment]:
         return ([self.inputs] if self.inputs is not None else []) + list(self.outputs.values())
-
-
-class _LazyFuture(Future):  # type: ignore[type-arg]
-    """A Future whose result is computed (by waiting on the RPC futures) when first asked for."""
-
-    def __init__(self, compute: Any) -> None:
-        super().__init__()
-        self._compute = compute
-        self._started = False
-
-    def result(self, timeout: float | None = None) -> Any:
-        if not self._started:
-            self._started = True
-            try:
-                self.set_result(self._compute())
-            except BaseException as error:
-                self.set_exception(error)
-        return super().result(timeout)
 
 
 def _shutdown(coordinator: Coordinator, local: LocalWorkers | RayWorkers | None, pool: shared_memory.Pool) -> None:

@@ -146,18 +146,22 @@ def receive(
     tensor_map_of: Callable[[Any], tensor_pb2.TensorMap],
     max_bytes: int | None = None,
     shared: Callable[[Any], bool] | None = None,
+    admit: Callable[[Any], None] | None = None,
 ) -> tuple[Any, dict[str, np.ndarray] | None]:
     """Reads a header and its data frames; returns the header and its tensors as numpy arrays.
 
     A header whose tensors would hold more than max_bytes is RESOURCE_EXHAUSTED before anything is
-    allocated. A header for which `shared` is true has its bytes in shared memory: no data frames
-    may follow, and the tensors returned are None.
+    allocated, and admit(header) (which raises to refuse the call) runs before that too. A header
+    for which `shared` is true has its bytes in shared memory: no data frames may follow, and the
+    tensors returned are None.
     """
     iterator = iter(messages)
     first = next(iterator, None)
     if first is None or first.WhichOneof("part") != "header":
         raise InvalidArgument("stream: the first message must be the header")
     header = first.header
+    if admit is not None:
+        admit(header)
     if shared is not None and shared(header):
         if next(iterator, None) is not None:
             raise InvalidArgument("stream: a header with shared_inputs takes no data messages")

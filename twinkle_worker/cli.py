@@ -13,7 +13,8 @@ more than one rank, every rank registers with rank 0 (at rank 0's host, on --por
 
 Prints `twinkle-worker listening on HOST:PORT` on stdout once it serves (with --port 0
 the bound port is in that line). On SIGTERM or SIGINT it refuses new calls (UNAVAILABLE),
-lets the call in progress finish, leaves the process group and exits 0.
+lets the call in progress finish, leaves the process group and exits 0. With --exit-with-parent
+(embedded workers) it also stops when the process that started it dies, however it died.
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ from typing import TYPE_CHECKING
 
 from twinkle_client.errors import TwinkleError
 from twinkle_worker import placement
+from twinkle_worker import parent
+from twinkle_worker.receive_deadline import DEFAULT_RECEIVE_TIMEOUT_SECONDS
+from twinkle_worker.server import DEFAULT_MAX_MESSAGE_MB
 from twinkle_worker.servicer import WorkerOptions
 
 if TYPE_CHECKING:
@@ -74,12 +78,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "for embedded workers, which only their own client's user can reach",
     )
     add("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
-    add("--max-message-mb", type=int, default=256, help="largest gRPC message accepted, MiB")
+    add(
+        "--max-message-mb",
+        type=int,
+        default=DEFAULT_MAX_MESSAGE_MB,
+        help=f"largest request message accepted, MiB (default {DEFAULT_MAX_MESSAGE_MB}; the Python client streams "
+        "batches above 1 MiB in 1 MiB frames)",
+    )
     add("--max-stream-mb", type=int, default=8192, help="largest batch a streamed request may declare, MiB")
     add(
         "--no-shared-memory",
         action="store_true",
         help="refuse tensors in /dev/shm segments (the same-host fast path; on by default for same-user clients)",
+    )
+    add(
+        "--receive-timeout-seconds",
+        type=float,
+        default=DEFAULT_RECEIVE_TIMEOUT_SECONDS,
+        help="a call whose next request message takes longer than this to arrive is cancelled with "
+        f"DEADLINE_EXCEEDED, freeing its handler thread (default {DEFAULT_RECEIVE_TIMEOUT_SECONDS:g}; 0: never)",
     )
     add("--allow-remote-code", action="store_true", help="let Init ask for trust_remote_code")
     add(
@@ -97,6 +114,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--trace-file", help="write OpenTelemetry spans of every call here, a JSON object a line (extra [otel])")
     add("--lease-seconds", type=float, default=900.0, help="an owner silent this long may be replaced (0: never)")
     add("--shutdown-grace", type=float, default=60.0, help="seconds the call in progress may take after SIGTERM")
+    add(
+        "--exit-with-parent",
+        action="store_true",
+        help="exit within seconds once the process that started this worker is gone, however it died: "
+        "its end of the stdin pipe closes, or the worker is re-parented (embedded workers use it)",
+    )
     add("--log-level", default="INFO")
     return parser.parse_args(argv)
 
@@ -190,6 +213,7 @@ def main(argv: list[str] | None = None) -> None:
         allow_remote_code=args.allow_remote_code,
         lease_seconds=args.lease_seconds,
         max_stream_bytes=args.max_stream_mb << 20,
+        receive_timeout_seconds=args.receive_timeout_seconds,
         shared_memory=not args.no_shared_memory,
         confine_paths=not args.allow_any_path,
     )
@@ -212,6 +236,9 @@ def main(argv: list[str] | None = None) -> None:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    orphaned = threading.Event()
+    if args.exit_with_parent:
+        parent.watch(os.getppid(), lambda: (orphaned.set(), stopping.set()))
     server.start()
     if registrar is not None:
         registrar.start()
@@ -219,10 +246,17 @@ def main(argv: list[str] | None = None) -> None:
         logging.getLogger(__name__).info("metrics on http://%s:%d/metrics", options.host, server.metrics_port)
     print(f"twinkle-worker listening on {server.address}", flush=True)
     stopping.wait()
-    logging.getLogger(__name__).info("signal received: refusing new calls, finishing the one in progress")
+    log = logging.getLogger(__name__)
+    grace = args.shutdown_grace
+    if orphaned.is_set():  # nobody is left to read an answer: stop now, whatever runs
+        log.warning("the process that started this worker is gone: stopping")
+        grace = parent.ORPHAN_GRACE_SECONDS
+        parent.exit_after(parent.ORPHAN_EXIT_SECONDS)
+    else:
+        log.info("signal received: refusing new calls, finishing the one in progress")
     if registrar is not None:
         registrar.stop()
-    server.stop(grace=args.shutdown_grace)
+    server.stop(grace=grace)
     logging.getLogger(__name__).info("stopped")
     sys.exit(0)
 

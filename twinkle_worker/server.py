@@ -1,5 +1,7 @@
 """gRPC server of one worker: WorkerService plus the standard health and reflection services,
-behind an interceptor that checks the bearer token and refuses calls while the worker drains.
+behind an interceptor that checks the bearer token and the caller's session from the metadata
+(before any request byte is read), reads requests under the receive deadline, and refuses calls
+while the worker drains.
 
 Used by the `twinkle-worker` command and by tests that start a server in-process.
 """
@@ -7,6 +9,7 @@ Used by the `twinkle-worker` command and by tests that start a server in-process
 from __future__ import annotations
 
 import contextlib
+import functools
 import hmac
 import logging
 import threading
@@ -20,14 +23,23 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from twinkle_client._proto import worker_pb2, worker_pb2_grpc
+from twinkle_client.coordinator import SESSION_METADATA
 from twinkle_client.streaming import frame_parser, serialize_frame
 from twinkle_worker.metrics import MetricsEndpoint, MetricsInterceptor, WorkerMetrics
+from twinkle_worker.receive_deadline import ReceiveDeadlines
 from twinkle_worker.servicer import WorkerOptions, WorkerServicer
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = worker_pb2.DESCRIPTOR.services_by_name["WorkerService"].full_name
-DEFAULT_MAX_MESSAGE_MB = 256
+# The largest request message accepted: batches above 1 MiB travel as streams of 1 MiB frames (or
+# through shared memory), so no request of a client of ours comes near it; a caller without the
+# token is refused before its message is read at all.
+DEFAULT_MAX_MESSAGE_MB = 64
+# The flow-control window of each call (see WorkerServer): 1 MiB in flight is 1-10 GB/s at 0.1-1 ms RTT.
+STREAM_WINDOW_BYTES = 1 << 20
+# The largest response message sent (a forward's outputs inline, ExportWeights chunks of up to 64 MiB).
+MAX_SEND_MB = 256
 # Handler threads: one runs each call's wait; pipelined and read-only calls need a few more than one.
 HANDLER_THREADS = 32
 # Methods served without a token: readiness probes and load balancers need no secret.
@@ -59,13 +71,32 @@ class TlsFiles:
         )
 
 
-class GateInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
-    """Refuses a call without `authorization: Bearer <token>` (UNAUTHENTICATED) when a token is set,
-    and every new call once the worker drains for shutdown (UNAVAILABLE), while counting the calls
-    in progress so the drain can wait for them. Health checks pass always."""
+# Methods that only the owner's session may call (the others are read-only, or Reset, which may be forced).
+OPEN_TO_ANY_SESSION = frozenset(f"/{SERVICE_NAME}/{name}" for name in ("GetStatus", "GetTrainConfigs", "Reset"))
 
-    def __init__(self, token: str | None) -> None:
+
+class GateInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
+    """Decides on a call from its metadata alone, before one byte of its request is read:
+
+    - without `authorization: Bearer <token>` (when a token is set): UNAUTHENTICATED;
+    - with `twinkle-session-id` metadata naming a session that does not own the worker (while
+      the owner's lease runs), on a method only the owner may call: FAILED_PRECONDITION;
+    - once the worker drains for shutdown: UNAVAILABLE.
+
+    Every request message is then read under the receive deadline (`deadlines`), so a caller
+    that sends nothing holds a handler thread for at most that long. Calls in progress are
+    counted so the drain can wait for them. Health checks pass always.
+    """
+
+    def __init__(
+        self,
+        token: str | None,
+        deadlines: ReceiveDeadlines | None = None,
+        session_refusal: Callable[[str], str | None] | None = None,
+    ) -> None:
         self._expected = f"Bearer {token}".encode() if token else None
+        self._deadlines = deadlines or ReceiveDeadlines(0.0)
+        self._session_refusal = session_refusal or (lambda session: None)
         self._state = threading.Condition()
         self._in_progress = 0
         self.draining = False
@@ -75,20 +106,27 @@ class GateInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
         if details.method.startswith(OPEN_PREFIXES) or handler is None:
             return handler
         frames_of = STREAM_REQUESTS.get(details.method)
+        metadata = dict(details.invocation_metadata or ())
         if self._expected is not None:
-            given = next((value for key, value in details.invocation_metadata or () if key == "authorization"), "")
+            given = metadata.get("authorization", "")
             given_bytes = given.encode() if isinstance(given, str) else bytes(given)
             if not hmac.compare_digest(given_bytes, self._expected):  # constant time: no timing oracle
-                return _guarded(handler, _refusal, frames_of)
-        return _guarded(handler, self._admitted, frames_of)
+                return self._guarded(handler, _refusal(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED), frames_of)
+        session = metadata.get(SESSION_METADATA)
+        if isinstance(session, str) and details.method not in OPEN_TO_ANY_SESSION:
+            return self._guarded(handler, functools.partial(self._admitted, session=session), frames_of)
+        return self._guarded(handler, self._admitted, frames_of)
 
     @contextlib.contextmanager
-    def _admitted(self, context: grpc.ServicerContext) -> Iterator[None]:
+    def _admitted(self, context: grpc.ServicerContext, session: str | None = None) -> Iterator[None]:
         with self._state:
             if self.draining:
                 context.abort(grpc.StatusCode.UNAVAILABLE, "the worker is shutting down")
             self._in_progress += 1
         try:
+            refusal = self._session_refusal(session) if session is not None else None
+            if refusal is not None:
+                context.abort(grpc.StatusCode.FAILED_PRECONDITION, refusal)
             yield
         finally:
             with self._state:
@@ -105,14 +143,53 @@ class GateInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
             self.draining = True
             return self._state.wait_for(lambda: self._in_progress == 0, grace)
 
+    def _guarded(self, handler: Any, guard: Callable[[grpc.ServicerContext], Any], frames_of: Any = None) -> Any:
+        """`handler` whose behaviour runs inside guard(context), to the end of its response stream.
 
-@contextlib.contextmanager
-def _refusal(context: grpc.ServicerContext) -> Iterator[None]:
-    context.abort(
-        grpc.StatusCode.UNAUTHENTICATED,
-        "missing or wrong bearer token: send the metadata 'authorization: Bearer <token>'",
-    )
-    yield  # not reached: abort raises
+        Every method becomes one with a request stream on this side (the wire is the same), so the
+        request is read by the behaviour, inside the guard and under the receive deadline, not by
+        gRPC before it: a refused call is never read. Undecodable requests are INVALID_ARGUMENT;
+        `frames_of`: the request type of a stream RPC whose messages go through streaming's frame codec.
+        """
+        deserializer = _lenient(frame_parser(frames_of) if frames_of is not None else handler.request_deserializer)
+        serializer = serialize_frame if frames_of is not None else handler.response_serializer
+        method = handler.stream_stream or handler.stream_unary or handler.unary_stream or handler.unary_unary
+        deadlines = self._deadlines
+
+        def requests(request_iterator: Iterator[Any], context: grpc.ServicerContext) -> Any:
+            messages = deadlines.messages(request_iterator, context, "request")
+            if handler.request_streaming:
+                return (_checked(message, context) for message in messages)
+            first = next(messages, None)
+            if first is None:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the call ended without its request message")
+            return _checked(first, context)
+
+        if handler.response_streaming:
+
+            def streaming(request_iterator: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
+                with guard(context):
+                    yield from method(requests(request_iterator, context), context)
+
+            return grpc.stream_stream_rpc_method_handler(streaming, deserializer, serializer)
+
+        def unary(request_iterator: Iterator[Any], context: grpc.ServicerContext) -> Any:
+            with guard(context):
+                return method(requests(request_iterator, context), context)
+
+        return grpc.stream_unary_rpc_method_handler(unary, deserializer, serializer)
+
+
+UNAUTHENTICATED = "missing or wrong bearer token: send the metadata 'authorization: Bearer <token>'"
+
+
+def _refusal(code: grpc.StatusCode, details: str) -> Callable[[grpc.ServicerContext], Any]:
+    @contextlib.contextmanager
+    def refuse(context: grpc.ServicerContext) -> Iterator[None]:
+        context.abort(code, details)
+        yield  # not reached: abort raises
+
+    return refuse
 
 
 class _Undecodable:
@@ -144,46 +221,6 @@ def _checked(request: Any, context: grpc.ServicerContext) -> Any:
     return request
 
 
-def _guarded(handler: Any, guard: Callable[[grpc.ServicerContext], Any], frames_of: Any = None) -> Any:
-    """`handler` whose behaviour runs inside guard(context), to the end of its response stream, and
-    whose undecodable requests are INVALID_ARGUMENT; `frames_of`: the request type of a stream RPC
-    whose messages go through streaming's frame codec."""
-    codec = {
-        "request_deserializer": _lenient(handler.request_deserializer),
-        "response_serializer": handler.response_serializer,
-    }
-    if frames_of is not None:  # ForwardBackwardStream, ForwardOnlyStream: data frames as raw bytes both ways
-        codec = {
-            "request_deserializer": _lenient(frame_parser(frames_of)),
-            "response_serializer": serialize_frame,
-        }
-
-    def requests(request: Any, context: grpc.ServicerContext) -> Any:
-        if handler.request_streaming:
-            return (_checked(message, context) for message in request)
-        return _checked(request, context)
-
-    if handler.response_streaming:
-        inner = handler.stream_stream if handler.request_streaming else handler.unary_stream
-
-        def streaming(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-            with guard(context):
-                yield from inner(requests(request, context), context)
-
-        factory = (
-            grpc.stream_stream_rpc_method_handler if handler.request_streaming else grpc.unary_stream_rpc_method_handler
-        )
-        return factory(streaming, **codec)
-    inner = handler.stream_unary if handler.request_streaming else handler.unary_unary
-
-    def unary(request: Any, context: grpc.ServicerContext) -> Any:
-        with guard(context):
-            return inner(requests(request, context), context)
-
-    factory = grpc.stream_unary_rpc_method_handler if handler.request_streaming else grpc.unary_unary_rpc_method_handler
-    return factory(unary, **codec)
-
-
 def _tracing(trace_file: str | None) -> list[Any]:
     if not trace_file:
         return []
@@ -207,9 +244,10 @@ class WorkerServer:
         metrics_port: int | None = None,
         trace_file: str | None = None,
     ) -> None:
-        limit = max_message_mb << 20
         self.servicer = WorkerServicer(options)
-        self.gate = GateInterceptor(token)
+        self.gate = GateInterceptor(
+            token, ReceiveDeadlines(options.receive_timeout_seconds), self.servicer.refusal_for_session
+        )
         self.metrics = WorkerMetrics(self.servicer.lease_state)
         self.metrics_port = metrics_port
         self._metrics_endpoint: MetricsEndpoint | None = None
@@ -218,8 +256,13 @@ class WorkerServer:
             # metrics outermost: refused calls are counted too; tracing (optional) sees the gate's refusals
             interceptors=[MetricsInterceptor(self.metrics), *_tracing(trace_file), self.gate],
             options=[
-                ("grpc.max_receive_message_length", limit),
-                ("grpc.max_send_message_length", limit),
+                ("grpc.max_receive_message_length", max_message_mb << 20),
+                ("grpc.max_send_message_length", max(MAX_SEND_MB, max_message_mb) << 20),
+                # What a caller can make the worker buffer before its call is refused is its stream's
+                # flow-control window: fixed at 1 MiB, not grown by BDP probing (measured: ~5 MiB per
+                # refused 12 MiB request with it, ~1 MiB without; loopback throughput is not lower).
+                ("grpc.http2.bdp_probe", 0),
+                ("grpc.http2.lookahead_bytes", STREAM_WINDOW_BYTES),
                 ("grpc.so_reuseport", 0),  # a second worker on the same port fails instead of sharing it
             ],
         )

@@ -29,6 +29,7 @@ from twinkle_client.sampling import SampledSequence
 from twinkle_worker import mesh_registry, metrics, validation
 from twinkle_worker.model import ForwardResult, TransformersModel
 from twinkle_worker.sampling import SamplingParams
+from twinkle_worker.receive_deadline import DEFAULT_RECEIVE_TIMEOUT_SECONDS
 from twinkle_worker.session import SEQUENCE_WAIT_SECONDS, Ledger
 from twinkle_worker.strategies import Rendezvous
 
@@ -72,8 +73,11 @@ class WorkerOptions:
     allow_remote_code: bool = False
     # An owner silent this long may be replaced by another session's Init (0: never).
     lease_seconds: float = 900.0
-    # The largest batch a streamed request may declare (its bytes are allocated up front).
+    # The largest batch a streamed request may declare (its bytes are allocated once the header passed
+    # the session and sequence checks).
     max_stream_bytes: int = 8 << 30
+    # A call whose next request message takes longer than this to arrive is cancelled (0: never).
+    receive_timeout_seconds: float = DEFAULT_RECEIVE_TIMEOUT_SECONDS
     # Accept tensors in /dev/shm segments named by a client on this host (docs/protocol.md, "Shared memory").
     shared_memory: bool = True
     # Checkpoint paths must lie under output_root; False (--allow-any-path, embedded workers): any path
@@ -247,6 +251,15 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         if len(text) > MAX_ERROR_CHARS:  # status messages travel in headers (8 KiB); a request may be echoed in them
             text = text[:MAX_ERROR_CHARS] + " ... (truncated)"
         context.abort(code, f"{self._name()}: {text}")
+
+    def refusal_for_session(self, session_id: str) -> str | None:
+        """Why a call from session_id is refused before its request is read (another session owns
+        the worker), or None. The server's gate asks this for calls that name their session in metadata."""
+        try:
+            self._ledger.check_owner(session_id)
+        except TwinkleError as error:
+            return f"{self._name()}: {error}"
+        return None
 
     def _model(self) -> TransformersModel:
         if self.model is None:
@@ -569,13 +582,19 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     def _receive(
         self, messages: Iterator[Any], context: grpc.ServicerContext, tensor_map_of: Callable[[Any], Any]
     ) -> tuple[Any, dict[str, Any]]:
-        """A streamed request's header and tensors; bad framing is INVALID_ARGUMENT."""
+        """A streamed request's header and tensors; bad framing is INVALID_ARGUMENT. A header that
+        the session or sequence checks would refuse is refused before its tensors are allocated."""
+
+        def admissible(header: Any) -> None:  # before the declared bytes are allocated
+            self._ledger.check_admissible(header.context.session_id, header.context.sequence_number)
+
         try:
             return streaming.receive(
                 messages,
                 tensor_map_of,
                 self.options.max_stream_bytes,
                 shared=lambda header: header.HasField("shared_inputs"),
+                admit=admissible,
             )
         except TwinkleError as error:
             self._abort(context, error)

@@ -82,6 +82,25 @@ class Ledger:
                 "client (its close() releases the workers), or Reset with force=true if it is gone"
             )
 
+    def check_owner(self, session_id: str) -> None:
+        """Raises FailedPrecondition when another session owns the worker and its lease runs."""
+        with self._cond:
+            self._check_owner(session_id)
+
+    def check_admissible(self, session_id: str, number: int) -> None:
+        """Raises what admit() would raise for this call before it takes its turn (owner, no
+        sequence, a number no longer kept or too far ahead); a stream asks before it receives its bytes."""
+        with self._cond:
+            self._check_owner(session_id)
+            if number == 0 or number in self._running or number in self._kept:
+                return
+            if not self._started:
+                raise FailedPrecondition(f"sequence number {number} but this worker has no call sequence: Init first")
+            if number <= self._last_started:
+                raise FailedPrecondition(f"call {number} already ran and its outcome is no longer kept")
+            if number > self._last_started + MAX_AHEAD:
+                raise FailedPrecondition(self._gap_message(number))
+
     def claim(self, session_id: str, number: int, initialised: bool, lease_seconds: float = 0.0) -> bool:
         """Init: makes session_id the owner (for lease_seconds, 0: the worker's default) and starts
         its sequence at `number`.
