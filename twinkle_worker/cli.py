@@ -28,8 +28,7 @@ import threading
 from typing import TYPE_CHECKING
 
 from twinkle_client.errors import TwinkleError
-from twinkle_worker import placement
-from twinkle_worker import parent
+from twinkle_worker import parent, placement
 from twinkle_worker.receive_deadline import DEFAULT_RECEIVE_TIMEOUT_SECONDS
 from twinkle_worker.server import DEFAULT_MAX_MESSAGE_MB
 from twinkle_worker.servicer import WorkerOptions

@@ -28,8 +28,8 @@ from twinkle_client.mesh import DeviceMesh
 from twinkle_client.sampling import SampledSequence
 from twinkle_worker import mesh_registry, metrics, validation
 from twinkle_worker.model import ForwardResult, TransformersModel
-from twinkle_worker.sampling import SamplingParams
 from twinkle_worker.receive_deadline import DEFAULT_RECEIVE_TIMEOUT_SECONDS
+from twinkle_worker.sampling import SamplingParams
 from twinkle_worker.session import SEQUENCE_WAIT_SECONDS, Ledger
 from twinkle_worker.strategies import Rendezvous
 
