@@ -12,7 +12,7 @@ Used by the `twinkle-worker` command. The first source that applies wins, field 
    LWS); a JobSet pod (`JOB_COMPLETION_INDEX` set by the Job controller, plus `JOBSET_NAME`,
    `REPLICATED_JOB_NAME`, `JOB_INDEX`, `REPLICATED_JOB_REPLICAS` mapped from the jobset.sigs.k8s.io labels by
    the manifest; rank 0 is `<jobset>-<replicated job>-0-0.<subdomain>`); an Indexed Job pod
-   (`JOB_COMPLETION_INDEX`); a StatefulSet pod (the ordinal at the end of `POD_NAME` or `HOSTNAME`; rank 0 is
+   (`JOB_COMPLETION_INDEX`); a StatefulSet pod (the ordinal at the end of `POD_NAME`; rank 0 is
    the same name with ordinal 0, under the pod's own DNS subdomain when `POD_FQDN` gives it).
 5. nothing: a single rank.
 """
@@ -111,7 +111,8 @@ def from_kubernetes(env: Mapping[str, str]) -> Placement | None:
         )
     if "JOB_COMPLETION_INDEX" in env:
         return _from_job(env)
-    name = env.get("POD_NAME") or (env.get("HOSTNAME") if "KUBERNETES_SERVICE_HOST" in env else None)
+    # POD_NAME only (the manifest maps metadata.name): a Deployment pod's HOSTNAME may end in digits too.
+    name = env.get("POD_NAME")
     match = _ORDINAL.match(name or "")
     if match is None:
         return None

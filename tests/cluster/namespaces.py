@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import pathlib
 import shutil
 import subprocess
+import sys
+from collections.abc import Mapping
 
 import pytest
 
@@ -18,3 +21,18 @@ def require_network_namespace() -> None:
         pytest.skip(f"cannot make a network namespace here: {error}")
     if made.returncode != 0:
         pytest.skip(f"cannot make a network namespace here (unshare -n needs root): {made.stderr.decode().strip()}")
+
+
+def run_driver(
+    namespaces: list[str], driver: pathlib.Path, args: list[str], env: Mapping[str, str]
+) -> subprocess.CompletedProcess[str]:
+    """`unshare <namespaces> python <driver> <args>`; fails the test with the driver's stderr when it fails."""
+    done = subprocess.run(
+        ["unshare", *namespaces, sys.executable, str(driver), *args],
+        env=dict(env),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    return done

@@ -9,19 +9,18 @@ from __future__ import annotations
 
 import copy
 import json
-import subprocess
-import sys
+import pathlib
 from typing import Any
 
 import pytest
 from cluster_support import clean_environment
 from dist_reference import RTOL
 from k8s_pods import CORE_KINDS, NAMESPACE, VARIANTS, Unavailable, crd_schema, pod_of, render, unknown_fields
-from namespaces import require_network_namespace
+from namespaces import require_network_namespace, run_driver
 
 from twinkle_worker import cli, placement
 
-DRIVER = __import__("pathlib").Path(__file__).resolve().parent / "k8s_driver.py"
+DRIVER = pathlib.Path(__file__).resolve().parent / "k8s_driver.py"
 
 
 @pytest.fixture(scope="module")
@@ -128,14 +127,7 @@ def test_statefulset_pods_pass_their_probes_and_train_like_the_embedded_default(
     manifest = tmp_path / "rendered.json"
     manifest.write_text(json.dumps(rendered["statefulset"]))
     result_path = tmp_path / "result.json"
-    driver = subprocess.run(
-        ["unshare", "-m", "-n", sys.executable, str(DRIVER), str(manifest), str(tmp_path), str(result_path)],
-        env=clean_environment(),
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert driver.returncode == 0, driver.stderr[-4000:]
+    run_driver(["-m", "-n"], DRIVER, [str(manifest), str(tmp_path), str(result_path)], clean_environment())
     result = json.loads(result_path.read_text())
     names = [f"twinkle-{i}.twinkle.{NAMESPACE}.svc.cluster.local:50051" for i in range(2)]
     assert result["addresses"] == names, result  # rank 0's GetMesh gave each pod's stable DNS name

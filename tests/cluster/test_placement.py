@@ -116,6 +116,8 @@ def test_flags_override_field_by_field() -> None:
 
 def test_no_engine_is_one_rank() -> None:
     assert placement.resolve({"HOME": "/root", "HOSTNAME": "laptop-3"}) == Placement()
+    # A Deployment pod whose random suffix happens to be all digits is not a StatefulSet's rank.
+    assert placement.resolve({"KUBERNETES_SERVICE_HOST": "10.96.0.1", "HOSTNAME": "web-5d4f9-38271"}) == Placement()
 
 
 @pytest.mark.parametrize(

@@ -7,13 +7,11 @@ from __future__ import annotations
 
 import json
 import pathlib
-import subprocess
-import sys
 
 import pytest
 from cluster_support import clean_environment
 from dist_reference import RTOL
-from namespaces import require_network_namespace
+from namespaces import require_network_namespace, run_driver
 
 DRIVER = pathlib.Path(__file__).resolve().parent / "ray_driver.py"
 # Ray's start-up and the kill's detection on a loaded 2-core machine, beyond the configured bound.
@@ -27,14 +25,8 @@ def test_ray_actors_train_like_the_embedded_default_and_a_dead_actor_is_its_rank
     pytest.importorskip("ray", reason="the Ray launcher needs the [ray] extra: pip install -e '.[ray]'")
     require_network_namespace()
     result_path = tmp_path / "result.json"
-    driver = subprocess.run(
-        ["unshare", "-n", sys.executable, str(DRIVER), str(tmp_path), str(result_path)],
-        env=clean_environment({"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}),
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert driver.returncode == 0, driver.stderr[-4000:]
+    env = clean_environment({"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"})
+    run_driver(["-n"], DRIVER, [str(tmp_path), str(result_path)], env)
     result = json.loads(result_path.read_text())
     assert result["losses"] == pytest.approx(embedded_losses, rel=RTOL)
     assert [rank for rank, *_ in result["mesh"]] == [0, 1]

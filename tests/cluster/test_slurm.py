@@ -12,14 +12,12 @@ from __future__ import annotations
 import json
 import pathlib
 import socket
-import subprocess
-import sys
 
 import pytest
 import slurm_engine
 from cluster_support import clean_environment
 from dist_reference import RTOL
-from namespaces import require_network_namespace
+from namespaces import require_network_namespace, run_driver
 
 from twinkle_worker.placement import expand_hostlist
 
@@ -34,14 +32,7 @@ def test_sbatch_script_trains_like_the_embedded_default(tmp_path, embedded_losse
     except slurm_engine.Unavailable as reason:
         pytest.skip(str(reason))
     result_path = tmp_path / "result.json"
-    driver = subprocess.run(
-        ["unshare", "-n", sys.executable, str(DRIVER), str(root), str(tmp_path), str(result_path)],
-        env=clean_environment(),
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert driver.returncode == 0, driver.stderr[-3000:]
+    run_driver(["-n"], DRIVER, [str(root), str(tmp_path), str(result_path)], clean_environment())
     result = json.loads(result_path.read_text())
 
     # Our host-list parser agrees with Slurm's own on the compressed forms.
