@@ -372,6 +372,7 @@ class TransformersModel:
             self.model.delete_adapter(adapter_name)
         self.wrapped = None  # one rank: the model is its own wrapper, and it just changed
         del self.groups[adapter_name]
+        self.group_names = tuple(self.groups)
         self.adapter_names.remove(adapter_name)
         self._forget_parameters()
 
