@@ -269,13 +269,19 @@ class MetricsInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
         return _Instrumented(self.metrics, details.method[len(SERVICE_PREFIX) :], handler).handler()
 
 
+STREAM_REQUEST_RPCS = frozenset({"ForwardBackwardStream", "ForwardOnlyStream"})
+STREAM_RESPONSE_RPCS = STREAM_REQUEST_RPCS | {"ExportWeights"}
+
+
 class _Instrumented:
     """One RPC's handler wrapped: byte-counting codec, timing, status, trailing metadata."""
 
     def __init__(self, metrics: WorkerMetrics, rpc: str, handler: Any) -> None:
         self.metrics, self.rpc, self.inner = metrics, rpc, handler
-        self.request_transport = "stream" if handler.request_streaming else "message"
-        self.response_transport = "stream" if handler.response_streaming else "message"
+        # By the RPC, not the handler: the token gate (server.GateInterceptor) serves every method as a
+        # request stream, so that it reads a request only once the caller is admitted.
+        self.request_transport = "stream" if rpc in STREAM_REQUEST_RPCS else "message"
+        self.response_transport = "stream" if rpc in STREAM_RESPONSE_RPCS else "message"
 
     def handler(self) -> Any:
         inner = self.inner
@@ -325,8 +331,11 @@ class _Instrumented:
 
         def messages() -> Iterator[Any]:
             for message in request:
-                if seen[0] is None and _part(message) == "header":
-                    seen[0] = message.header
+                if seen[0] is None:
+                    if self.rpc not in STREAM_REQUEST_RPCS:  # a unary request the gate reads as a stream of one
+                        seen[0] = message
+                    elif _part(message) == "header":
+                        seen[0] = message.header
                 yield message
 
         return messages()
