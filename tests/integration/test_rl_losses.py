@@ -38,7 +38,7 @@ def test_get_state_dict_and_remove_adapter(remote, config) -> None:  # type: ign
     from peft import LoraConfig, get_peft_model
 
     from twinkle_client.errors import NotFound
-    from twinkle_worker.model import _adapter_seed  # the worker's documented LoRA initialisation seed
+    from twinkle_worker.model import adapter_seed  # the worker's documented LoRA initialisation seed
 
     lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM")
     model = remote(config=config, seed=SEED)
@@ -46,7 +46,7 @@ def test_get_state_dict_and_remove_adapter(remote, config) -> None:  # type: ign
     model.add_adapter_to_model("b", lora)
     transformers.set_seed(SEED)
     plain = transformers.AutoModelForCausalLM.from_config(config).float()
-    torch.manual_seed(_adapter_seed("a"))
+    torch.manual_seed(adapter_seed(SEED, "a"))
     plain = get_peft_model(plain, lora, adapter_name="a")
     expected = {n: p.detach() for n, p in plain.named_parameters() if p.requires_grad}
     state = model.get_state_dict("a")
