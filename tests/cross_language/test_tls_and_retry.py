@@ -18,6 +18,7 @@ import sys
 from typing import Any
 
 import grpc
+from test_auth import CONFIG  # the tiny model of the cross-language jobs
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 SUPPORT = REPO / "tests" / "reliability" / "reliability_support.py"  # start_workers, make_pki, SavePause
@@ -28,15 +29,6 @@ sys.modules[_spec.name] = support  # dataclasses look their module up
 _spec.loader.exec_module(support)
 
 TOKEN = "tls-and-retry-token"
-CONFIG = {
-    "model_type": "qwen2",
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "vocab_size": 256,
-}
 DEADLINE_SECONDS = 20  # Node's per-call timeout in the retry test: long enough for Init on shared cores
 
 
