@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 POLL_SECONDS = 1.0
 # After the parent died: the call in progress gets this long, then the process exits regardless.
 ORPHAN_GRACE_SECONDS = 2.0
-ORPHAN_EXIT_SECONDS = 10.0
+ORPHAN_EXIT_SECONDS = 5.0
 
 
 def watch(parent_pid: int, on_gone: Callable[[], None]) -> threading.Thread:

@@ -143,12 +143,8 @@ function exportWeights(worker, adapterName) {
   return new Promise((resolve, reject) => {
     const tensors = {};
     let current = null;
-    // The export is a collective: it carries the owner's session (never a sequence number).
-    const request = {
-      adapter_name: adapterName,
-      chunk_bytes: 0,
-      context: { sequence_number: '0', session_id: worker.sessionId },
-    };
+    // The export runs collectives: numbered like every such call, so it runs in its turn.
+    const request = { adapter_name: adapterName, chunk_bytes: 0, context: worker.nextContext() };
     const stream = worker.client.ExportWeights(request, worker.metadata());
     stream.on('data', (piece) => {
       if (piece.name && piece.name !== current?.name) {
@@ -195,9 +191,15 @@ async function train(args) {
       );
     }
   }
+  const tls =
+    args['tls-ca'] || args['tls-cert'] || args.tls
+      ? { ca: args['tls-ca'], cert: args['tls-cert'], key: args['tls-key'], serverName: args['tls-server-name'] }
+      : null;
   const coordinator = new Coordinator(addresses, mesh, {
     token: args.token ?? process.env.TWINKLE_TOKEN ?? '',
     timeoutSeconds: Number(args.timeout),
+    tls,
+    onInDoubt: (call) => emit('in_doubt', call), // resent with its number: it runs once
   });
   const adapterName = job.adapter_name;
   // --stream sends batches and receives outputs as raw bytes after a header
@@ -315,7 +317,8 @@ async function train(args) {
 
 const USAGE = `usage: node train.js --workers HOST:PORT[,HOST:PORT...] --data JOB.json
        [--mesh dp=N[,fsdp=N,tp=N,...]] [--seed N] [--token TOKEN] [--master-port P]
-       [--timeout SECONDS] [--export-weights FILE.safetensors] [--stream]`;
+       [--timeout SECONDS] [--export-weights FILE.safetensors] [--stream]
+       [--tls] [--tls-ca CA.pem] [--tls-cert CLIENT.pem --tls-key CLIENT.key] [--tls-server-name NAME]`;
 
 async function main() {
   const { values } = parseArgs({
@@ -329,6 +332,11 @@ async function main() {
       timeout: { type: 'string', default: '600' },
       'export-weights': { type: 'string' },
       stream: { type: 'boolean', default: false },
+      tls: { type: 'boolean', default: false },
+      'tls-ca': { type: 'string' },
+      'tls-cert': { type: 'string' },
+      'tls-key': { type: 'string' },
+      'tls-server-name': { type: 'string' },
       help: { type: 'boolean', short: 'h' },
     },
   });

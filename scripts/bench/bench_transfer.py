@@ -15,7 +15,7 @@ Client -> worker, one int64 tensor of S MiB:
   FAILED_PRECONDITION, as Ray's actor gets a zero-copy view of its argument.
 - twinkle unary: the same tensor inline in one ForwardOnly message (the path for small
   batches), to the same worker; it is parsed whole before the worker answers. Over the
-  256 MiB message limit it cannot be sent at all (n/a).
+  worker's request limit (`--max-message-mb`, 64 MiB) it cannot be sent at all (n/a).
 - raw gRPC stream (the transport's ceiling): the same 1 MiB chunks as plain bytes (no protobuf
   on either side) to a bare Python gRPC server in another process that counts them and copies
   nothing: what gRPC in Python over loopback TCP can carry at best on this machine.
@@ -46,7 +46,7 @@ from typing import Any
 
 from common import MIB, interleaved, median, now, process_cpu_seconds, save, start_ray, table, verdict
 
-UNARY_LIMIT = 256 << 20
+UNARY_LIMIT = 64 << 20  # the worker's default --max-message-mb (twinkle_worker.server.DEFAULT_MAX_MESSAGE_MB)
 
 
 def weights_config(megabytes: int) -> Any:

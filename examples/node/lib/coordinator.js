@@ -1,10 +1,15 @@
 'use strict';
 // A minimal coordinator over the WorkerService of every rank of a mesh: loads
 // the .proto files at run time (no generated code), numbers each worker's calls,
-// sends a call to all ranks concurrently, and retries a call that did not
-// arrive with the same sequence number (the worker runs it at most once).
+// sends a call to all ranks concurrently, and follows the Python client's retry
+// rule (docs/protocol.md, section 9): UNAVAILABLE is resent with the same
+// sequence number; a call whose outcome stayed unknown (UNAVAILABLE after the
+// retries, DEADLINE_EXCEEDED, CANCELLED) is "in doubt" and is resent, with its
+// own number, before the next call, so it runs exactly once. Plaintext, or TLS
+// with a CA (and optionally a client certificate for mutual TLS).
 
 const crypto = require('node:crypto');
+const fs = require('node:fs');
 const path = require('node:path');
 const grpc = require('@grpc/grpc-js');
 const protoLoader = require('@grpc/proto-loader');
@@ -59,25 +64,49 @@ class RankError extends Error {
   }
 }
 
+// Outcomes that leave a sequenced call unconfirmed: it may or may not have run.
+const IN_DOUBT = new Set([grpc.status.UNAVAILABLE, grpc.status.DEADLINE_EXCEEDED, grpc.status.CANCELLED]);
+
+// Channel credentials: plaintext, or TLS with `tls.ca` (PEM file of the CA that
+// signed the workers' certificates; the system roots when absent) and, for
+// mutual TLS, `tls.cert` + `tls.key` (this client's certificate).
+function credentialsFor(tls) {
+  if (!tls) return grpc.credentials.createInsecure();
+  const read = (file) => (file ? fs.readFileSync(file) : null);
+  return grpc.credentials.createSsl(read(tls.ca), read(tls.key), read(tls.cert));
+}
+
 class Worker {
-  constructor(Service, rank, address, { token, timeoutSeconds, retries, sessionId }) {
+  constructor(Service, rank, address, { token, timeoutSeconds, retries, sessionId, tls, onInDoubt }) {
     this.rank = rank;
     this.address = address;
     this.sessionId = sessionId;
-    this.client = new Service(address, grpc.credentials.createInsecure(), {
+    const options = {
       'grpc.max_send_message_length': 64 * 1024 * 1024,
       'grpc.max_receive_message_length': 64 * 1024 * 1024,
-    });
+    };
+    if (tls?.serverName) options['grpc.ssl_target_name_override'] = tls.serverName;
+    this.client = new Service(address, credentialsFor(tls), options);
     this.token = token;
     this.timeoutSeconds = timeoutSeconds;
     this.retries = retries;
     this.lastSequenceNumber = 0;
+    this.inDoubt = []; // [{method, request}] sent, outcome unknown: resent before the next call
+    this.onInDoubt = onInDoubt ?? (() => {});
   }
 
   metadata() {
     const metadata = new grpc.Metadata();
     if (this.token) metadata.set('authorization', `Bearer ${this.token}`);
+    // Lets a worker owned by another session refuse the call before reading it.
+    metadata.set('twinkle-session-id', this.sessionId);
     return metadata;
+  }
+
+  // The next CallContext: a new sequence number of this worker, and the session.
+  nextContext() {
+    this.lastSequenceNumber += 1;
+    return { sequence_number: String(this.lastSequenceNumber), session_id: this.sessionId };
   }
 
   unary(method, request) {
@@ -107,22 +136,47 @@ class Worker {
     });
   }
 
-  // A mutating call: takes the next sequence number, and on UNAVAILABLE (the
-  // request may not have arrived) resends the same number once the channel is
-  // ready again. A number the worker already ran returns its stored result.
+  // A mutating call: first resends the calls in doubt (their outcome must be
+  // known before a new number is used), then takes the next sequence number.
+  // On UNAVAILABLE (the request may not have arrived) it resends the same number
+  // once the channel is ready again; on DEADLINE_EXCEEDED or CANCELLED (it may be
+  // running) it resends the same number too: the worker joins the running call
+  // or returns its stored outcome, so it runs once. A call still unconfirmed
+  // after `retries` resends stays in doubt and fails this call.
   async mutate(method, request) {
-    this.lastSequenceNumber += 1;
-    const context = { sequence_number: String(this.lastSequenceNumber), session_id: this.sessionId };
-    const full = { ...request, context };
+    await this.confirmInDoubt();
+    const full = { ...request, context: this.nextContext() };
+    return this.sendNumbered(method, full);
+  }
+
+  async sendNumbered(method, full) {
     const send = method.endsWith('Stream') ? () => this.framed(method, full) : () => this.unary(method, full);
     for (let attempt = 0; ; attempt++) {
       try {
-        return await send();
+        const response = await send();
+        this.inDoubt = this.inDoubt.filter((call) => call.request !== full);
+        return response;
       } catch (error) {
-        if (error.code !== grpc.status.UNAVAILABLE || attempt >= this.retries) {
+        const doubtful = IN_DOUBT.has(error.code);
+        if (!doubtful) this.inDoubt = this.inDoubt.filter((call) => call.request !== full);
+        if (!doubtful || attempt >= this.retries) {
+          if (doubtful && !this.inDoubt.some((call) => call.request === full)) this.inDoubt.push({ method, request: full });
           throw new RankError(this.rank, this.address, method, error);
         }
-        await this.waitForReady(this.timeoutSeconds).catch(() => {});
+        this.onInDoubt({ rank: this.rank, method, sequence_number: full.context.sequence_number, code: error.code });
+        if (error.code === grpc.status.UNAVAILABLE) await this.waitForReady(this.timeoutSeconds).catch(() => {});
+      }
+    }
+  }
+
+  // Resends every call in doubt with its own number; an answer (even an error)
+  // settles it. One still unconfirmed fails the new call before it is sent.
+  async confirmInDoubt() {
+    for (const call of [...this.inDoubt]) {
+      try {
+        await this.sendNumbered(call.method, call.request);
+      } catch (error) {
+        if (IN_DOUBT.has(error.code)) throw error;
       }
     }
   }
@@ -143,7 +197,7 @@ class Worker {
 class Coordinator {
   // addresses[r] serves global rank r of `mesh`. The session id marks this
   // client as the owner of the workers from Init until release() (Reset).
-  constructor(addresses, mesh, { token = '', timeoutSeconds = 600, retries = 2 } = {}) {
+  constructor(addresses, mesh, { token = '', timeoutSeconds = 600, retries = 2, tls = null, onInDoubt } = {}) {
     if (addresses.length !== mesh.worldSize) {
       throw new Error(`mesh of ${mesh.worldSize} ranks needs ${mesh.worldSize} workers, got ${addresses.length}`);
     }
@@ -152,7 +206,7 @@ class Coordinator {
     this.sessionId = crypto.randomUUID().replace(/-/g, '');
     this.workers = addresses.map(
       (address, rank) =>
-        new Worker(Service, rank, address, { token, timeoutSeconds, retries, sessionId: this.sessionId }),
+        new Worker(Service, rank, address, { token, timeoutSeconds, retries, sessionId: this.sessionId, tls, onInDoubt }),
     );
   }
 
