@@ -5,6 +5,7 @@ give pod N (downward API fields, $(VAR) expansion, Secret and emptyDir mounts ma
 
 from __future__ import annotations
 
+import gzip
 import os
 import pathlib
 import re
@@ -44,16 +45,20 @@ def render(variant: str) -> list[dict[str, Any]]:
     return [document for document in yaml.safe_load_all(done.stdout) if document]
 
 
-def crd_folder() -> pathlib.Path:
-    """The vendored CRDs: shared/k8s-crds beside the repository (as CI lays it), or $TWINKLE_K8S_CRDS."""
+def crd_text(kind: str) -> str:
+    """A CRD's YAML: from $TWINKLE_K8S_CRDS, shared/k8s-crds beside the repository, or the gzipped copies
+    in tests/cluster/crds/ (the same files, for a machine that has the repository alone)."""
     for folder in (os.environ.get("TWINKLE_K8S_CRDS"), REPO.parent / "shared" / "k8s-crds"):
-        if folder and (pathlib.Path(folder) / CRD_FILES["JobSet"]).is_file():
-            return pathlib.Path(folder)
-    raise Unavailable("the JobSet and LeaderWorkerSet CRDs are not in ../shared/k8s-crds (or $TWINKLE_K8S_CRDS)")
+        if folder and (pathlib.Path(folder) / CRD_FILES[kind]).is_file():
+            return (pathlib.Path(folder) / CRD_FILES[kind]).read_text()
+    packed = pathlib.Path(__file__).parent / "crds" / (CRD_FILES[kind] + ".gz")
+    if packed.is_file():
+        return gzip.decompress(packed.read_bytes()).decode()
+    raise Unavailable(f"the {kind} CRD is in none of $TWINKLE_K8S_CRDS, ../shared/k8s-crds, tests/cluster/crds")
 
 
 def crd_schema(kind: str, api_version: str) -> dict[str, Any]:
-    crd = yaml.safe_load((crd_folder() / CRD_FILES[kind]).read_text())
+    crd = yaml.safe_load(crd_text(kind))
     version = api_version.split("/")[1]
     for entry in crd["spec"]["versions"]:
         if entry["name"] == version:
