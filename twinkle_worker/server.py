@@ -19,7 +19,9 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from twinkle_client import errors
 from twinkle_client._proto import worker_pb2, worker_pb2_grpc
+from twinkle_client.errors import InvalidArgument, TwinkleError, Unauthenticated, Unavailable
 from twinkle_client.streaming import frame_parser, serialize_frame
 from twinkle_worker.metrics import MetricsEndpoint, MetricsInterceptor, WorkerMetrics
 from twinkle_worker.servicer import WorkerOptions, WorkerServicer
@@ -64,8 +66,9 @@ class GateInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
     and every new call once the worker drains for shutdown (UNAVAILABLE), while counting the calls
     in progress so the drain can wait for them. Health checks pass always."""
 
-    def __init__(self, token: str | None) -> None:
+    def __init__(self, token: str | None, rank: Callable[[], int] = lambda: 0) -> None:
         self._expected = f"Bearer {token}".encode() if token else None
+        self._rank = rank  # the worker's rank now, for the refusals' ErrorInfo
         self._state = threading.Condition()
         self._in_progress = 0
         self.draining = False
@@ -79,14 +82,14 @@ class GateInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
             given = next((value for key, value in details.invocation_metadata or () if key == "authorization"), "")
             given_bytes = given.encode() if isinstance(given, str) else bytes(given)
             if not hmac.compare_digest(given_bytes, self._expected):  # constant time: no timing oracle
-                return _guarded(handler, _refusal, frames_of)
-        return _guarded(handler, self._admitted, frames_of)
+                return _guarded(handler, self._refusal, frames_of, self._rank)
+        return _guarded(handler, self._admitted, frames_of, self._rank)
 
     @contextlib.contextmanager
     def _admitted(self, context: grpc.ServicerContext) -> Iterator[None]:
         with self._state:
             if self.draining:
-                context.abort(grpc.StatusCode.UNAVAILABLE, "the worker is shutting down")
+                _abort(context, Unavailable("the worker is shutting down", reason="SHUTTING_DOWN"), self._rank())
             self._in_progress += 1
         try:
             yield
@@ -105,14 +108,16 @@ class GateInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
             self.draining = True
             return self._state.wait_for(lambda: self._in_progress == 0, grace)
 
+    @contextlib.contextmanager
+    def _refusal(self, context: grpc.ServicerContext) -> Iterator[None]:
+        text = "missing or wrong bearer token: send the metadata 'authorization: Bearer <token>'"
+        _abort(context, Unauthenticated(text), self._rank())
+        yield  # not reached: abort raises
 
-@contextlib.contextmanager
-def _refusal(context: grpc.ServicerContext) -> Iterator[None]:
-    context.abort(
-        grpc.StatusCode.UNAUTHENTICATED,
-        "missing or wrong bearer token: send the metadata 'authorization: Bearer <token>'",
-    )
-    yield  # not reached: abort raises
+
+def _abort(context: grpc.ServicerContext, error: TwinkleError, rank: int) -> None:
+    """Ends the call with error's status and its ErrorInfo (the interceptor's refusals)."""
+    context.abort_with_status(errors.to_status(error, str(error), rank))
 
 
 class _Undecodable:
@@ -136,15 +141,19 @@ def _lenient(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], A
     return parse
 
 
-def _checked(request: Any, context: grpc.ServicerContext) -> Any:
+def _checked(request: Any, context: grpc.ServicerContext, rank: int) -> Any:
     if isinstance(request, _Undecodable):
-        context.abort(
-            grpc.StatusCode.INVALID_ARGUMENT, f"the request is not a valid message of this RPC: {request.error}"
-        )
+        text = f"the request is not a valid message of this RPC: {request.error}"
+        _abort(context, InvalidArgument(text, reason="UNDECODABLE_REQUEST"), rank)
     return request
 
 
-def _guarded(handler: Any, guard: Callable[[grpc.ServicerContext], Any], frames_of: Any = None) -> Any:
+def _guarded(
+    handler: Any,
+    guard: Callable[[grpc.ServicerContext], Any],
+    frames_of: Any = None,
+    rank: Callable[[], int] = lambda: 0,
+) -> Any:
     """`handler` whose behaviour runs inside guard(context), to the end of its response stream, and
     whose undecodable requests are INVALID_ARGUMENT; `frames_of`: the request type of a stream RPC
     whose messages go through streaming's frame codec."""
@@ -160,8 +169,8 @@ def _guarded(handler: Any, guard: Callable[[grpc.ServicerContext], Any], frames_
 
     def requests(request: Any, context: grpc.ServicerContext) -> Any:
         if handler.request_streaming:
-            return (_checked(message, context) for message in request)
-        return _checked(request, context)
+            return (_checked(message, context, rank()) for message in request)
+        return _checked(request, context, rank())
 
     if handler.response_streaming:
         inner = handler.stream_stream if handler.request_streaming else handler.unary_stream
@@ -209,7 +218,7 @@ class WorkerServer:
     ) -> None:
         limit = max_message_mb << 20
         self.servicer = WorkerServicer(options)
-        self.gate = GateInterceptor(token)
+        self.gate = GateInterceptor(token, lambda: self.servicer.rank)
         self.metrics = WorkerMetrics(self.servicer.lease_state)
         self.metrics_port = metrics_port
         self._metrics_endpoint: MetricsEndpoint | None = None
