@@ -49,6 +49,7 @@ REASONS: dict[grpc.StatusCode, tuple[str, ...]] = {
 }
 # A message that starts with a request field's path ("lora_config.r must be ...") names that field.
 _LEADING_PATH = re.compile(r"^([a-z][a-z0-9_]*(?:\.[a-z][a-z0-9_]*)*)(?=[ :])")
+MAX_METADATA_CHARS = 256
 _FIELD_NAMES = frozenset(
     field.name for message in worker_pb2.DESCRIPTOR.message_types_by_name.values() for field in message.fields
 )
@@ -200,7 +201,8 @@ def to_status(error: BaseException, message: str, rank: int) -> grpc.Status:
     message's leading path when it starts with a field name of worker.proto) and the error's own keys.
     An exception that is not a TwinkleError is a bug: INTERNAL."""
     twinkle = error if isinstance(error, TwinkleError) else Internal(str(error))
-    metadata = {**twinkle.metadata, "rank": str(rank)}
+    # Trailers share the 8 KiB header limit with the message: a value echoed from a request is cut.
+    metadata = {key: value[:MAX_METADATA_CHARS] for key, value in {**twinkle.metadata, "rank": str(rank)}.items()}
     leading = _LEADING_PATH.match(str(error))
     if "field" not in metadata and leading and leading.group(1).split(".")[0] in _FIELD_NAMES:
         metadata["field"] = leading.group(1)

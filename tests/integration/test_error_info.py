@@ -104,3 +104,14 @@ def test_refusals_of_a_bare_stub_carry_reason_rank_and_field(one_worker, remote,
     channel.close()
     model.set_optimizer("AdamW", lr=1e-3)  # the owner's sequence goes on
     assert np.isfinite(model.forward_backward(_batch(1))["loss"])
+
+
+def test_a_refusal_that_echoes_a_huge_name_still_carries_its_error_info(remote, config) -> None:  # type: ignore[no-untyped-def]
+    # Message and trailer share the 8 KiB header limit: the message is cut at 2000 characters and
+    # every metadata value at errors.MAX_METADATA_CHARS, so the status still arrives whole.
+    model = remote(config=config, seed=0)
+    huge = "a" * 20_000
+    error = _refused(lambda: model.forward_backward(_batch(), adapter_name=huge))
+    assert isinstance(error, errors.NotFound) and error.reason == "UNKNOWN_ADAPTER"
+    assert error.metadata["adapter"] == huge[: errors.MAX_METADATA_CHARS] and "(truncated)" in str(error)
+    assert np.isfinite(model.forward_backward(_batch(1))["loss"])
