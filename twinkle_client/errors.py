@@ -61,7 +61,8 @@ class TwinkleError(Exception):
     Args:
         message: what went wrong, naming the values.
         reason: one of REASONS[code] (default: the code's first).
-        field: the request field at fault (default: the message's leading field path, if any).
+        field: the request field at fault (default: the message's leading path, when it starts
+            with a field name of worker.proto: "lora_config.r must be ...").
         metadata: more ErrorInfo metadata (adapter, expected, got, ...), as strings.
     """
 
@@ -82,7 +83,10 @@ class TwinkleError(Exception):
     @property
     def field(self) -> str | None:
         """The request field at fault, where the error names one."""
-        return self.metadata.get("field")
+        if "field" in self.metadata:
+            return self.metadata["field"]
+        leading = _LEADING_PATH.match(str(self))
+        return leading.group(1) if leading and leading.group(1).split(".")[0] in _FIELD_NAMES else None
 
     @property
     def rank(self) -> int | None:
@@ -176,7 +180,9 @@ def from_status(code: grpc.StatusCode, message: str, call: Any = None) -> Twinkl
     the reason and metadata of the ErrorInfo the worker attached."""
     cls = _BY_CODE.get(code, TwinkleError)
     info = error_info(call) if call is not None else None
-    error = cls(message) if info is None else cls(message, reason=info.reason or None, **dict(info.metadata))
+    error = cls(message, reason=info.reason if info is not None and info.reason else None)
+    if info is not None:
+        error.metadata.update(info.metadata)
     if cls is TwinkleError:
         error.code = code
     return error
@@ -197,15 +203,15 @@ def error_info(call: Any) -> error_details_pb2.ErrorInfo | None:
 
 def to_status(error: BaseException, message: str, rank: int) -> grpc.Status:
     """The status a worker answers for `error` with `message` (grpc.ServicerContext.abort_with_status):
-    its code, and an ErrorInfo with its reason, DOMAIN, and metadata: `rank`, `field` (given, or the
-    message's leading path when it starts with a field name of worker.proto) and the error's own keys.
+    its code, and an ErrorInfo with its reason, DOMAIN, and metadata: `rank`, `field` (where the
+    error names one) and the error's own keys.
     An exception that is not a TwinkleError is a bug: INTERNAL."""
     twinkle = error if isinstance(error, TwinkleError) else Internal(str(error))
     # Trailers share the 8 KiB header limit with the message: a value echoed from a request is cut.
-    metadata = {key: value[:MAX_METADATA_CHARS] for key, value in {**twinkle.metadata, "rank": str(rank)}.items()}
-    leading = _LEADING_PATH.match(str(error))
-    if "field" not in metadata and leading and leading.group(1).split(".")[0] in _FIELD_NAMES:
-        metadata["field"] = leading.group(1)
+    found = {"field": twinkle.field} if twinkle.field else {}
+    metadata = {
+        key: value[:MAX_METADATA_CHARS] for key, value in {**twinkle.metadata, **found, "rank": str(rank)}.items()
+    }
     info = error_details_pb2.ErrorInfo(reason=twinkle.reason, domain=DOMAIN, metadata=metadata)
     status = status_pb2.Status(code=twinkle.code.value[0], message=message)
     status.details.add().Pack(info)

@@ -84,6 +84,19 @@ def test_a_status_without_details_gets_the_code_default() -> None:
     assert type(received) is errors.Aborted and received.reason == "PEER_FAILED" and received.rank is None
 
 
+def test_in_process_errors_name_their_field_too() -> None:
+    assert errors.InvalidArgument("optim_params.lr must be a finite number > 0, got 0").field == "optim_params.lr"
+    assert errors.FailedPrecondition("the worker has no model").field is None
+
+
+def test_metadata_keys_of_another_server_cannot_break_the_client() -> None:
+    info = error_details_pb2.ErrorInfo(reason="X", domain="elsewhere", metadata={"message": "m", "reason": "r"})
+    status = status_pb2.Status(code=grpc.StatusCode.NOT_FOUND.value[0], message="gone")
+    status.details.add().Pack(info)
+    received = errors.from_status(grpc.StatusCode.NOT_FOUND, "gone", _FailedCall(rpc_status.to_status(status)))
+    assert type(received) is errors.NotFound and received.reason == "X" and received.metadata["message"] == "m"
+
+
 def test_every_reason_belongs_to_one_code() -> None:
     listed = [reason for reasons in errors.REASONS.values() for reason in reasons]
     assert len(listed) == len(set(listed))
