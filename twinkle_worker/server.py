@@ -21,7 +21,6 @@ from grpc_reflection.v1alpha import reflection
 
 from twinkle_client import errors
 from twinkle_client._proto import worker_pb2, worker_pb2_grpc
-from twinkle_client.errors import InvalidArgument, TwinkleError, Unauthenticated, Unavailable
 from twinkle_client.streaming import frame_parser, serialize_frame
 from twinkle_worker.metrics import MetricsEndpoint, MetricsInterceptor, WorkerMetrics
 from twinkle_worker.servicer import WorkerOptions, WorkerServicer
@@ -89,7 +88,7 @@ class GateInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
     def _admitted(self, context: grpc.ServicerContext) -> Iterator[None]:
         with self._state:
             if self.draining:
-                _abort(context, Unavailable("the worker is shutting down", reason="SHUTTING_DOWN"), self._rank())
+                _abort(context, errors.Unavailable("the worker is shutting down", reason="SHUTTING_DOWN"), self._rank())
             self._in_progress += 1
         try:
             yield
@@ -111,11 +110,11 @@ class GateInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
     @contextlib.contextmanager
     def _refusal(self, context: grpc.ServicerContext) -> Iterator[None]:
         text = "missing or wrong bearer token: send the metadata 'authorization: Bearer <token>'"
-        _abort(context, Unauthenticated(text), self._rank())
+        _abort(context, errors.Unauthenticated(text), self._rank())
         yield  # not reached: abort raises
 
 
-def _abort(context: grpc.ServicerContext, error: TwinkleError, rank: int) -> None:
+def _abort(context: grpc.ServicerContext, error: errors.TwinkleError, rank: int) -> None:
     """Ends the call with error's status and its ErrorInfo (the interceptor's refusals)."""
     context.abort_with_status(errors.to_status(error, str(error), rank))
 
@@ -144,7 +143,7 @@ def _lenient(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], A
 def _checked(request: Any, context: grpc.ServicerContext, rank: int) -> Any:
     if isinstance(request, _Undecodable):
         text = f"the request is not a valid message of this RPC: {request.error}"
-        _abort(context, InvalidArgument(text, reason="UNDECODABLE_REQUEST"), rank)
+        _abort(context, errors.InvalidArgument(text, reason="UNDECODABLE_REQUEST"), rank)
     return request
 
 

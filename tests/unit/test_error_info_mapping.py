@@ -108,10 +108,16 @@ def _raised_reasons() -> list[tuple[str, str, str]]:
     found = []
     for path in [*ROOT.glob("twinkle_worker/**/*.py"), *ROOT.glob("twinkle_client/*.py")]:
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and hasattr(errors, node.func.id):
+            if not isinstance(node, ast.Call):
+                continue
+            name = getattr(node.func, "id", None) or getattr(
+                node.func, "attr", None
+            )  # Aborted(...), errors.Aborted(...)
+            found_class = getattr(errors, name, None) if name else None
+            if isinstance(found_class, type) and issubclass(found_class, errors.TwinkleError):
                 for keyword in node.keywords:
                     if keyword.arg == "reason" and isinstance(keyword.value, ast.Constant):
-                        found.append((f"{path.name}:{node.lineno}", node.func.id, keyword.value.value))
+                        found.append((f"{path.name}:{node.lineno}", name, keyword.value.value))
     return found
 
 
