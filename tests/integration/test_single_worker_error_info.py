@@ -63,6 +63,16 @@ def test_refusals_of_the_client_carry_reason_rank_and_field(remote, config) -> N
     assert model.clip_grad_and_step()["micro_step"] == 1
 
 
+def test_refused_inits_carry_reason_and_field(remote, config, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    error = _refused(lambda: remote(config=config, seed=0, trust_remote_code=True))
+    assert isinstance(error, errors.PermissionDenied)
+    assert (error.reason, error.field) == ("REMOTE_CODE_NOT_ALLOWED", "trust_remote_code")
+    error = _refused(lambda: remote(model_id=str(tmp_path / "no-such-model"), seed=0))
+    assert isinstance(error, errors.NotFound) and (error.reason, error.field) == ("MODEL_NOT_FOUND", "model_id")
+    model = remote(config=config, seed=0)  # the worker serves on
+    model.set_optimizer("AdamW", lr=1e-3)
+
+
 def test_refusals_of_a_bare_stub_carry_reason_rank_and_field(one_worker, remote, config) -> None:  # type: ignore[no-untyped-def]
     channel = grpc.insecure_channel(one_worker.addresses[0])
     stub = worker_pb2_grpc.WorkerServiceStub(channel)
