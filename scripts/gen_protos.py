@@ -1,5 +1,8 @@
 """Regenerates the Python stubs in twinkle_client/_proto from protos/ (run after editing a .proto).
 
+Only protos/twinkle/worker/v1 is generated: the stubs import the third-party protos in
+protos/google (google.api.field_behavior) from the googleapis-common-protos package.
+
 Usage: python scripts/gen_protos.py [--out DIR]   (tests/unit/test_protos_current.py checks the result)
 """
 

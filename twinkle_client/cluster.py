@@ -127,7 +127,7 @@ def discover(rank0: str, security: ChannelSecurity, timeout: float = 60.0) -> wo
                 metadata=security.metadata(),
             )
         except grpc.RpcError as error:
-            raise from_status(error.code(), f"GetMesh on rank 0 ({rank0}): {error.details()}") from None
+            raise from_status(error.code(), f"GetMesh on rank 0 ({rank0}): {error.details()}", error) from None
     if not mesh.complete:
         present = {member.rank for member in mesh.members}
         missing = [rank for rank in range(mesh.world_size) if rank not in present]

@@ -324,7 +324,8 @@ class Coordinator:
                 f"; rank(s) {silent} did not answer within {self.abort_grace_seconds:.0f} s after that: "
                 "they are probably hung or dead"
             )
-        failure = from_status(error.code(), f"{prefix}: {details}")
+        failure = from_status(error.code(), f"{prefix}: {details}", error)
+        failure.metadata.setdefault("rank", str(rank))  # a status without ErrorInfo (e.g. from the transport)
         return self.explain_failure(rank, failure) if self.explain_failure else failure
 
     # ------------------------------------------------------- in-doubt calls
@@ -369,6 +370,7 @@ class Coordinator:
                     error.code(),
                     f"call {resend.number} ({resend.method}) on rank {resend.rank} ({self.addresses[resend.rank]}) "
                     f"is still unconfirmed ({error.details()}); nothing new was sent",
+                    error,
                 )
 
     def close(self) -> None:

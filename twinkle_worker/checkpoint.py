@@ -73,7 +73,9 @@ def confine(root: pathlib.Path, *parts: str, allow_root: bool = True, confined: 
             path = path / part
     resolved = path.resolve()
     if confined and resolved != root and root not in resolved.parents:
-        raise PermissionDenied(f"path {str(path)!r} is outside the worker's output root {str(root)!r}")
+        raise PermissionDenied(
+            f"path {str(path)!r} is outside the worker's output root {str(root)!r}", reason="OUTSIDE_OUTPUT_ROOT"
+        )
     if resolved == root and not allow_root:
         raise InvalidArgument(f"path {str(path)!r} is the output root itself; name a directory under it")
     return resolved
@@ -253,13 +255,17 @@ def write_manifest(directory: pathlib.Path) -> None:
 def verify_manifest(directory: pathlib.Path, required: bool = True) -> None:
     """Refuses a checkpoint whose files do not match its manifest (or that has none, when required)."""
     if _WORKING_DIRECTORY.match(directory.name):
-        raise FailedPrecondition(f"{str(directory)!r} is the hidden working directory of a save, not a checkpoint")
+        raise FailedPrecondition(
+            f"{str(directory)!r} is the hidden working directory of a save, not a checkpoint",
+            reason="CHECKPOINT_DAMAGED",
+        )
     manifest = directory / MANIFEST
     if not manifest.is_file():
         if required:
             raise FailedPrecondition(
                 f"{str(directory)!r} is not a complete checkpoint: it has no {MANIFEST} (a save that did not "
-                "finish, or a directory not written by a Twinkle worker; load a PEFT adapter with AddAdapter)"
+                "finish, or a directory not written by a Twinkle worker; load a PEFT adapter with AddAdapter)",
+                reason="CHECKPOINT_DAMAGED",
             )
         return
     try:
@@ -267,20 +273,30 @@ def verify_manifest(directory: pathlib.Path, required: bool = True) -> None:
         entries = [(str(name), int(entry["size"]), str(entry["sha256"])) for name, entry in files.items()]
     except (ValueError, KeyError, TypeError, AttributeError) as error:
         raise FailedPrecondition(
-            f"{str(directory)!r}: {MANIFEST} is unreadable ({error}); the checkpoint is damaged"
+            f"{str(directory)!r}: {MANIFEST} is unreadable ({error}); the checkpoint is damaged",
+            reason="CHECKPOINT_DAMAGED",
         ) from None
     for name, size, digest in entries:
         path = (directory / name).resolve()
         if directory.resolve() not in path.parents:
-            raise FailedPrecondition(f"{str(directory)!r}: {MANIFEST} names {name!r}, outside the checkpoint")
+            raise FailedPrecondition(
+                f"{str(directory)!r}: {MANIFEST} names {name!r}, outside the checkpoint", reason="CHECKPOINT_DAMAGED"
+            )
         if not path.is_file():
-            raise FailedPrecondition(f"{str(directory)!r} is damaged: {name} is listed in {MANIFEST} but missing")
+            raise FailedPrecondition(
+                f"{str(directory)!r} is damaged: {name} is listed in {MANIFEST} but missing",
+                reason="CHECKPOINT_DAMAGED",
+            )
         if path.stat().st_size != size:
             raise FailedPrecondition(
-                f"{str(directory)!r} is damaged: {name} has {path.stat().st_size} bytes, {MANIFEST} says {size}"
+                f"{str(directory)!r} is damaged: {name} has {path.stat().st_size} bytes, {MANIFEST} says {size}",
+                reason="CHECKPOINT_DAMAGED",
             )
         if _sha256(path) != digest:
-            raise FailedPrecondition(f"{str(directory)!r} is damaged: {name} does not match its sha256 in {MANIFEST}")
+            raise FailedPrecondition(
+                f"{str(directory)!r} is damaged: {name} does not match its sha256 in {MANIFEST}",
+                reason="CHECKPOINT_DAMAGED",
+            )
 
 
 def save_tensors(path: pathlib.Path, tensors: dict[str, torch.Tensor]) -> None:
@@ -293,7 +309,7 @@ def load_tensors(path: pathlib.Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     if not path.is_file():
-        raise NotFound(f"checkpoint file {str(path)!r} does not exist")
+        raise NotFound(f"checkpoint file {str(path)!r} does not exist", reason="CHECKPOINT_NOT_FOUND")
     return load_file(str(path))
 
 
@@ -304,7 +320,7 @@ def save_object(path: pathlib.Path, value: Any) -> None:
 def load_object(path: pathlib.Path) -> Any:
     """Loads tensors, dicts, lists and numbers only (weights_only: no pickled code runs)."""
     if not path.is_file():
-        raise NotFound(f"checkpoint file {str(path)!r} does not exist")
+        raise NotFound(f"checkpoint file {str(path)!r} does not exist", reason="CHECKPOINT_NOT_FOUND")
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
@@ -377,7 +393,7 @@ def write_json(path: pathlib.Path, value: dict[str, Any]) -> None:
 
 def read_json(path: pathlib.Path) -> dict[str, Any]:
     if not path.is_file():
-        raise NotFound(f"checkpoint file {str(path)!r} does not exist")
+        raise NotFound(f"checkpoint file {str(path)!r} does not exist", reason="CHECKPOINT_NOT_FOUND")
     try:
         value = json.loads(path.read_text())
     except json.JSONDecodeError as error:

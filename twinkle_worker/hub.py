@@ -51,7 +51,8 @@ def resolve(model_id: str) -> Resolved:
         return _huggingface(model_id, "hf://" + model_id)
     raise NotFound(
         f"model_id {model_id!r} is neither a local directory nor a hub id ('hf://org/name[@revision]', "
-        "'ms://org/name[@revision]' or 'org/name')"
+        "'ms://org/name[@revision]' or 'org/name')",
+        reason="MODEL_NOT_FOUND",
     )
 
 
@@ -76,14 +77,15 @@ def _huggingface(model_id: str, uri: str) -> Resolved:
     except errors.LocalEntryNotFoundError:
         raise NotFound(
             f"model_id {model_id!r}: not in this worker's Hugging Face cache and it cannot download "
-            "(offline: HF_HUB_OFFLINE=1, or no network); download it on the worker's host first"
+            "(offline: HF_HUB_OFFLINE=1, or no network); download it on the worker's host first",
+            reason="MODEL_NOT_FOUND",
         ) from None
     except errors.GatedRepoError:  # before RepositoryNotFoundError, its base class
         raise PermissionDenied(
             f"model_id {model_id!r} is gated: give the workers a token with access (HF_TOKEN)"
         ) from None
     except (errors.RepositoryNotFoundError, errors.RevisionNotFoundError) as error:
-        raise NotFound(f"model_id {model_id!r}: {str(error).splitlines()[0]}") from None
+        raise NotFound(f"model_id {model_id!r}: {str(error).splitlines()[0]}", reason="MODEL_NOT_FOUND") from None
     except (errors.HfHubHTTPError, OSError) as error:
         raise Unavailable(f"model_id {model_id!r}: download failed: {str(error).splitlines()[0]}") from None
     return Resolved(path, pathlib.Path(path).name)
@@ -100,7 +102,9 @@ def _modelscope(model_id: str, repo: str, revision: str | None) -> Resolved:
     try:
         path = snapshot_download(repo, revision=revision, allow_patterns=ALLOW_PATTERNS)
     except Exception as error:  # modelscope raises its own and requests' errors; say which and go on serving
-        raise NotFound(f"model_id {model_id!r}: modelscope could not provide it: {error}".splitlines()[0]) from None
+        raise NotFound(
+            f"model_id {model_id!r}: modelscope could not provide it: {error}".splitlines()[0], reason="MODEL_NOT_FOUND"
+        ) from None
     return Resolved(path, revision)
 
 

@@ -83,7 +83,9 @@ class MeshRegistry:
 
 def not_rank0(rank: int, rank0: str | None) -> FailedPrecondition:
     where = f"rank 0 at {rank0}" if rank0 else "rank 0"
-    return FailedPrecondition(f"this worker is rank {rank}, not rank 0: ask {where} (RegisterRank and GetMesh)")
+    return FailedPrecondition(
+        f"this worker is rank {rank}, not rank 0: ask {where} (RegisterRank and GetMesh)", reason="NOT_RANK0"
+    )
 
 
 class Registrar:

@@ -157,7 +157,8 @@ class Group:
         if self.optimizer is None:
             label = f"adapter {self.name!r}" if self.name else "the full model"
             raise FailedPrecondition(
-                f"no optimizer for {label}: call set_optimizer(..., adapter_name={self.name!r}) first"
+                f"no optimizer for {label}: call set_optimizer(..., adapter_name={self.name!r}) first",
+                reason="NO_OPTIMIZER",
             )
         return self.optimizer
 
@@ -220,7 +221,9 @@ class TransformersModel:
         if trust_remote_code and not allow_remote_code:
             raise PermissionDenied(
                 "trust_remote_code was requested but this worker does not run a model's own code; "
-                "start it with --allow-remote-code to permit it"
+                "start it with --allow-remote-code to permit it",
+                reason="REMOTE_CODE_NOT_ALLOWED",
+                field="trust_remote_code",
             )
         if not 0 <= rank < self.mesh.world_size:
             raise InvalidArgument(f"rank {rank} is outside the mesh {self.mesh} of {self.mesh.world_size} ranks")
@@ -274,7 +277,10 @@ class TransformersModel:
         if adapter_name not in self.groups:
             known = [name for name in self.groups if name]
             raise NotFound(
-                f"unknown adapter {adapter_name!r}; adapters: {known}. Add it first with add_adapter_to_model"
+                f"unknown adapter {adapter_name!r}; adapters: {known}. Add it first with add_adapter_to_model",
+                reason="UNKNOWN_ADAPTER",
+                field="adapter_name",
+                adapter=adapter_name,
             )
         return self.groups[adapter_name]
 
@@ -1028,7 +1034,9 @@ class TransformersModel:
         if ok and refused:
             raise Aborted(
                 f"not run: rank(s) {refused} refused this call before any collective (see their error); "
-                "nothing changed and the mesh is intact"
+                "nothing changed and the mesh is intact",
+                reason="PEER_REFUSED",
+                ranks=",".join(map(str, refused)),
             )
         return total
 
@@ -1040,7 +1048,7 @@ class TransformersModel:
             except (RuntimeError, dist.DistBackendError) as error:
                 raise self._break(f"{what}: a collective with the other ranks failed: {error}", error) from error
             if failure is None and refused:
-                raise Aborted(f"{what} failed on rank(s) {refused} (see their error)")
+                raise Aborted(f"{what} failed on rank(s) {refused} (see their error)", reason="PEER_REFUSED")
         if failure is not None:
             raise failure
 
@@ -1202,7 +1210,7 @@ class TransformersModel:
     def _checkpoint_dir(self, name: str, output_dir: str) -> pathlib.Path:
         path = self._path(output_dir, name)
         if not path.is_dir():
-            raise NotFound(f"checkpoint {str(path)!r} does not exist")
+            raise NotFound(f"checkpoint {str(path)!r} does not exist", reason="CHECKPOINT_NOT_FOUND")
         ckpt.verify_manifest(path)
         return path
 
@@ -1475,7 +1483,8 @@ def _check_buildable(cls: Any, name: str, config: Any, trust_remote_code: bool, 
     if available is not None and need > available:
         raise ResourceExhausted(
             f"config: the model's weights need {need / 2**30:.2f} GiB; "
-            f"this host has {available / 2**30:.2f} GiB available"
+            f"this host has {available / 2**30:.2f} GiB available",
+            reason="OUT_OF_MEMORY",
         )
 
 

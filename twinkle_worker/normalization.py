@@ -77,7 +77,8 @@ def check_window(current: Normalization | None, incoming: Normalization) -> None
     if current is not None and current != incoming:
         raise FailedPrecondition(
             f"normalization {incoming.describe()!r} differs from {current.describe()!r} of the earlier micro-batches "
-            "of this accumulation window; step (clip_grad_and_step) first, or use one normalization per window"
+            "of this accumulation window; step (clip_grad_and_step) first, or use one normalization per window",
+            reason="WINDOW_MISMATCH",
         )
 
 

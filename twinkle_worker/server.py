@@ -22,6 +22,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from twinkle_client import errors
 from twinkle_client._proto import worker_pb2, worker_pb2_grpc
 from twinkle_client.coordinator import SESSION_METADATA
 from twinkle_client.streaming import frame_parser, serialize_frame
@@ -93,8 +94,10 @@ class GateInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
         token: str | None,
         deadlines: ReceiveDeadlines | None = None,
         session_refusal: Callable[[str], str | None] | None = None,
+        rank: Callable[[], int] = lambda: 0,
     ) -> None:
         self._expected = f"Bearer {token}".encode() if token else None
+        self._rank = rank  # the worker's rank now, for the refusals' ErrorInfo
         self._deadlines = deadlines or ReceiveDeadlines(0.0)
         self._session_refusal = session_refusal or (lambda session: None)
         self._state = threading.Condition()
@@ -111,7 +114,7 @@ class GateInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
             given = metadata.get("authorization", "")
             given_bytes = given.encode() if isinstance(given, str) else bytes(given)
             if not hmac.compare_digest(given_bytes, self._expected):  # constant time: no timing oracle
-                return self._guarded(handler, _refusal(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED), frames_of)
+                return self._guarded(handler, self._refusal, frames_of)
         session = metadata.get(SESSION_METADATA)
         if isinstance(session, str) and details.method not in OPEN_TO_ANY_SESSION:
             return self._guarded(handler, functools.partial(self._admitted, session=session), frames_of)
@@ -121,12 +124,12 @@ class GateInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
     def _admitted(self, context: grpc.ServicerContext, session: str | None = None) -> Iterator[None]:
         with self._state:
             if self.draining:
-                context.abort(grpc.StatusCode.UNAVAILABLE, "the worker is shutting down")
+                _abort(context, errors.Unavailable("the worker is shutting down", reason="SHUTTING_DOWN"), self._rank())
             self._in_progress += 1
         try:
             refusal = self._session_refusal(session) if session is not None else None
             if refusal is not None:
-                context.abort(grpc.StatusCode.FAILED_PRECONDITION, refusal)
+                _abort(context, errors.FailedPrecondition(refusal, reason="OWNED_BY_OTHER_SESSION"), self._rank())
             yield
         finally:
             with self._state:
@@ -159,11 +162,12 @@ class GateInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
         def requests(request_iterator: Iterator[Any], context: grpc.ServicerContext) -> Any:
             messages = deadlines.messages(request_iterator, context, "request")
             if handler.request_streaming:
-                return (_checked(message, context) for message in messages)
+                return (_checked(message, context, self._rank()) for message in messages)
             first = next(messages, None)
             if first is None:
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the call ended without its request message")
-            return _checked(first, context)
+                text = "the call ended without its request message"
+                _abort(context, errors.InvalidArgument(text, reason="UNDECODABLE_REQUEST"), self._rank())
+            return _checked(first, context, self._rank())
 
         if handler.response_streaming:
 
@@ -179,17 +183,18 @@ class GateInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
 
         return grpc.stream_unary_rpc_method_handler(unary, deserializer, serializer)
 
-
-UNAUTHENTICATED = "missing or wrong bearer token: send the metadata 'authorization: Bearer <token>'"
-
-
-def _refusal(code: grpc.StatusCode, details: str) -> Callable[[grpc.ServicerContext], Any]:
     @contextlib.contextmanager
-    def refuse(context: grpc.ServicerContext) -> Iterator[None]:
-        context.abort(code, details)
+    def _refusal(self, context: grpc.ServicerContext) -> Iterator[None]:
+        _abort(context, errors.Unauthenticated(UNAUTHENTICATED), self._rank())
         yield  # not reached: abort raises
 
-    return refuse
+
+def _abort(context: grpc.ServicerContext, error: errors.TwinkleError, rank: int) -> None:
+    """Ends the call with error's status and its ErrorInfo (the interceptor's refusals)."""
+    context.abort_with_status(errors.to_status(error, str(error), rank))
+
+
+UNAUTHENTICATED = "missing or wrong bearer token: send the metadata 'authorization: Bearer <token>'"
 
 
 class _Undecodable:
@@ -213,11 +218,10 @@ def _lenient(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], A
     return parse
 
 
-def _checked(request: Any, context: grpc.ServicerContext) -> Any:
+def _checked(request: Any, context: grpc.ServicerContext, rank: int) -> Any:
     if isinstance(request, _Undecodable):
-        context.abort(
-            grpc.StatusCode.INVALID_ARGUMENT, f"the request is not a valid message of this RPC: {request.error}"
-        )
+        text = f"the request is not a valid message of this RPC: {request.error}"
+        _abort(context, errors.InvalidArgument(text, reason="UNDECODABLE_REQUEST"), rank)
     return request
 
 
@@ -246,7 +250,10 @@ class WorkerServer:
     ) -> None:
         self.servicer = WorkerServicer(options)
         self.gate = GateInterceptor(
-            token, ReceiveDeadlines(options.receive_timeout_seconds), self.servicer.refusal_for_session
+            token,
+            ReceiveDeadlines(options.receive_timeout_seconds),
+            self.servicer.refusal_for_session,
+            rank=lambda: self.servicer.rank,
         )
         self.metrics = WorkerMetrics(self.servicer.lease_state)
         self.metrics_port = metrics_port

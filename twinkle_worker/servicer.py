@@ -21,7 +21,7 @@ from typing import Any
 import grpc
 from google.protobuf import json_format, struct_pb2
 
-from twinkle_client import __version__, shared_memory, streaming, tensors
+from twinkle_client import __version__, errors, shared_memory, streaming, tensors
 from twinkle_client._proto import tensor_pb2, worker_pb2, worker_pb2_grpc
 from twinkle_client.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, TwinkleError, Unavailable
 from twinkle_client.mesh import DeviceMesh
@@ -222,7 +222,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         try:
             return self._executor.submit(self._execute, fn)
         except RuntimeError:  # the executor was shut down
-            raise Unavailable("the worker is shutting down") from None
+            raise Unavailable("the worker is shutting down", reason="SHUTTING_DOWN") from None
 
     @staticmethod
     def _execute(fn: Callable[[], Any]) -> Any:
@@ -232,17 +232,18 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         except TwinkleError as error:
             return error
         except MemoryError as error:
-            return ResourceExhausted(f"out of memory: {error}")
+            return ResourceExhausted(f"out of memory: {error}", reason="OUT_OF_MEMORY")
         except Exception as error:  # a bug: keep serving, say so
             text = str(error)
             out_of_memory = ("can't allocate memory", "not enough memory")
             if type(error).__name__ == "OutOfMemoryError" or any(marker in text for marker in out_of_memory):
-                return ResourceExhausted(f"out of memory: {text}".splitlines()[0])
+                return ResourceExhausted(f"out of memory: {text}".splitlines()[0], reason="OUT_OF_MEMORY")
             log.exception("internal error")
             return error
 
     def _abort(self, context: grpc.ServicerContext, error: BaseException) -> None:
-        code = error.code if isinstance(error, TwinkleError) else grpc.StatusCode.INTERNAL
+        """The one place an exception becomes a status: its code, the message naming this rank, and
+        an ErrorInfo detail (reason, rank, field: twinkle_client.errors.to_status)."""
         text = (
             str(error)
             if isinstance(error, TwinkleError)
@@ -250,7 +251,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         )
         if len(text) > MAX_ERROR_CHARS:  # status messages travel in headers (8 KiB); a request may be echoed in them
             text = text[:MAX_ERROR_CHARS] + " ... (truncated)"
-        context.abort(code, f"{self._name()}: {text}")
+        context.abort_with_status(errors.to_status(error, f"{self._name()}: {text}", self.rank))
 
     def refusal_for_session(self, session_id: str) -> str | None:
         """Why a call from session_id is refused before its request is read (another session owns
@@ -264,7 +265,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     def _model(self) -> TransformersModel:
         if self.model is None:
             raise FailedPrecondition(
-                "the worker has no model: call Init first (a worker restarted or Reset since Init has none)"
+                "the worker has no model: call Init first (a worker restarted or Reset since Init has none)",
+                reason="NOT_INITIALIZED",
             )
         self.model.check_not_broken()
         return self.model
@@ -305,7 +307,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
 
         def build() -> worker_pb2.InitResponse:
             if self.model is not None:
-                raise FailedPrecondition("the worker is already initialised; call Reset first to start a new job")
+                raise FailedPrecondition(
+                    "the worker is already initialised; call Reset first to start a new job",
+                    reason="ALREADY_INITIALIZED",
+                )
             self.rank = request.rank  # errors name the rank Init asked for
             validation.check_init(request)
             if self.placed_rank is not None and request.rank != self.placed_rank:

@@ -79,7 +79,8 @@ class Ledger:
             raise FailedPrecondition(
                 f"this worker is driven by another client (session {self.session_id[:8]}..., {lease}); this call's "
                 f"session is {session_id[:8] or '(none)'}. One client drives a mesh at a time: close the other "
-                "client (its close() releases the workers), or Reset with force=true if it is gone"
+                "client (its close() releases the workers), or Reset with force=true if it is gone",
+                reason="OWNED_BY_OTHER_SESSION",
             )
 
     def check_owner(self, session_id: str) -> None:
@@ -119,7 +120,10 @@ class Ledger:
             self._check_owner(session_id)
             takeover = initialised and self._expired()
             if initialised and not takeover:
-                raise FailedPrecondition("the worker is already initialised; call Reset first to start a new job")
+                raise FailedPrecondition(
+                    "the worker is already initialised; call Reset first to start a new job",
+                    reason="ALREADY_INITIALIZED",
+                )
             self._lease = lease_seconds if lease_seconds > 0 else self.lease_seconds
             self._restart(session_id, number)
             return takeover
@@ -205,7 +209,8 @@ class Ledger:
             if not self._started:
                 raise FailedPrecondition(
                     f"sequence number {number} but this worker has no call sequence: Init first (the worker may "
-                    "have been restarted or Reset since this client's Init; Init again and resume from a checkpoint)"
+                    "have been restarted or Reset since this client's Init; Init again and resume from a checkpoint)",
+                    reason="NOT_INITIALIZED",
                 )
             stored = self._stored(number)
             if stored is not None:
@@ -213,23 +218,25 @@ class Ledger:
             if number <= self._last_started:
                 raise FailedPrecondition(
                     f"call {number} already ran and its outcome is no longer kept (the worker keeps the last "
-                    f"{MAX_KEPT}); the last started call is {self._last_started}"
+                    f"{MAX_KEPT}); the last started call is {self._last_started}",
+                    reason="SEQUENCE_EXPIRED",
                 )
             if number > self._last_started + MAX_AHEAD:
-                raise FailedPrecondition(self._gap_message(number))
+                raise self._gap(number)
             generation = self._generation
             self._cond.wait_for(
                 lambda: number <= self._last_started + 1 or self._generation != generation, wait_seconds
             )
             if self._generation != generation:
                 raise FailedPrecondition(
-                    f"call {number} was waiting for its turn when the worker was Reset or re-initialised"
+                    f"call {number} was waiting for its turn when the worker was Reset or re-initialised",
+                    reason="SEQUENCE_RESET",
                 )
             stored = self._stored(number)  # a duplicate of this call may have started while we waited
             if stored is not None:
                 return stored
             if number != self._last_started + 1:
-                raise FailedPrecondition(self._gap_message(number))
+                raise self._gap(number)
             future = submit()
             self._last_started = number
             self._running[number] = future
@@ -242,10 +249,14 @@ class Ledger:
         if session_id is not None and session_id == self.session_id:
             self._renew()
 
-    def _gap_message(self, number: int) -> str:
-        return (
+    def _gap(self, number: int) -> FailedPrecondition:
+        return FailedPrecondition(
             f"sequence number {number} does not follow the last started call {self._last_started}: an earlier call "
-            "never arrived. Resend the missing calls with their numbers (a retry repeats a number)"
+            "never arrived. Resend the missing calls with their numbers (a retry repeats a number)",
+            reason="SEQUENCE_GAP",
+            field="context.sequence_number",
+            expected=self._last_started + 1,
+            got=number,
         )
 
     def _stored(self, number: int) -> Future[Any] | None:
@@ -265,7 +276,7 @@ class Ledger:
             outcome = (
                 future.result()
                 if not future.cancelled()
-                else Unavailable("the call was cancelled: the worker is stopping")
+                else Unavailable("the call was cancelled: the worker is stopping", reason="SHUTTING_DOWN")
             )
             kept = _on_host(outcome)
             self._kept[number] = (kept, _size(kept))

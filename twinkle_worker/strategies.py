@@ -101,7 +101,9 @@ def init_process_group(plan: StrategyPlan, rank: int, rendezvous: Rendezvous) ->
     if world == 1:
         return
     if dist.is_initialized():
-        raise FailedPrecondition("this worker already belongs to a process group; call Reset first")
+        raise FailedPrecondition(
+            "this worker already belongs to a process group; call Reset first", reason="ALREADY_INITIALIZED"
+        )
     if not rendezvous.master_port:
         raise InvalidArgument("rendezvous.master_port must be set for a mesh of more than one rank")
     timeout = timedelta(seconds=rendezvous.timeout_seconds or DEFAULT_TIMEOUT_SECONDS)
@@ -122,7 +124,8 @@ def init_process_group(plan: StrategyPlan, rank: int, rendezvous: Rendezvous) ->
     except (dist.DistStoreError, dist.DistNetworkError) as error:
         raise Unavailable(
             f"rank {rank} could not meet the other {world - 1} rank(s) at {address} within "
-            f"{timeout.total_seconds():.0f} s (is every rank's Init in flight?): {str(error).splitlines()[0]}"
+            f"{timeout.total_seconds():.0f} s (is every rank's Init in flight?): {str(error).splitlines()[0]}",
+            reason="RENDEZVOUS_FAILED",
         ) from None
 
 

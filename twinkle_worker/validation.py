@@ -191,5 +191,6 @@ def check_inputs(inputs: Mapping[str, np.ndarray], vocab_size: int, return_logit
     if available is not None and need > available:
         raise ResourceExhausted(
             f"inputs.input_ids of shape {list(ids.shape)}: its logits alone need {need / 2**30:.2f} GiB, "
-            f"this worker has {available / 2**30:.2f} GiB available; send smaller micro-batches"
+            f"this worker has {available / 2**30:.2f} GiB available; send smaller micro-batches",
+            reason="OUT_OF_MEMORY",
         )

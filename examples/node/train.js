@@ -349,7 +349,13 @@ async function main() {
     await train(values);
     emit('done', {});
   } catch (error) {
-    emit('error', { message: error.message, code: error.code ?? null, rank: error.rank ?? null });
+    emit('error', {
+      message: error.message,
+      code: error.code ?? null,
+      rank: error.rank ?? null,
+      reason: error.reason ?? null,
+      metadata: error.metadata ?? {},
+    });
     process.stderr.write(`${error.stack}\n`);
     process.exitCode = 1;
   }

@@ -64,6 +64,7 @@ def test_node_without_the_token_is_unauthenticated(run_node: Any, token_worker: 
     code, events, _ = run_node("--workers", token_worker, "--data", str(small_job))
     assert code == 1
     assert events[-1]["event"] == "error" and events[-1]["code"] == grpc.StatusCode.UNAUTHENTICATED.value[0]
+    assert events[-1]["reason"] == "UNAUTHENTICATED" and events[-1]["metadata"] == {"rank": "0"}  # the ErrorInfo
 
 
 def test_node_with_the_token_trains(run_node: Any, token_worker: str, small_job: pathlib.Path) -> None:

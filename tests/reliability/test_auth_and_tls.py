@@ -113,8 +113,9 @@ def test_client_trains_over_mutual_tls_from_a_cluster_config(
     finally:
         model.close()
     monkeypatch.setenv("TEST_TWINKLE_TOKEN", "not-the-token")
-    with pytest.raises(Unauthenticated, match="rank 0"):
+    with pytest.raises(Unauthenticated, match="rank 0") as caught:
         TransformersModel(config=tiny_config(), remote_group="secure", mixed_precision="no", seed=0)
+    assert (caught.value.reason, caught.value.rank) == ("UNAUTHENTICATED", 0)  # the interceptor's ErrorInfo
 
 
 def test_messages_over_the_limit_are_resource_exhausted(locked: LocalWorkers, pki: Pki) -> None:

@@ -13,6 +13,7 @@ const fs = require('node:fs');
 const path = require('node:path');
 const grpc = require('@grpc/grpc-js');
 const protoLoader = require('@grpc/proto-loader');
+const { errorInfo } = require('./errors');
 const { framedCall, splitTensorMap } = require('./streaming');
 
 const PROTO_ROOT = path.resolve(__dirname, '..', '..', '..', 'protos');
@@ -56,11 +57,18 @@ function toStruct(object) {
   return { fields };
 }
 
+// A failed call of one rank. `rank`: the rank it was sent to; `reason`, `domain`,
+// `metadata` (with `rank` and, where there is one, `field`): the ErrorInfo the
+// worker sent (lib/errors.js), null / {} when the status carried none.
 class RankError extends Error {
   constructor(rank, address, method, cause) {
     super(`rank ${rank} (${address}) ${method}: ${grpc.status[cause.code] ?? cause.code}: ${cause.details ?? cause.message}`);
     this.rank = rank;
     this.code = cause.code;
+    const info = errorInfo(cause);
+    this.reason = info?.reason ?? null;
+    this.domain = info?.domain ?? null;
+    this.metadata = info?.metadata ?? {};
   }
 }
 
