@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import itertools
+import json
 import logging
 import pathlib
 import queue
@@ -126,14 +127,27 @@ class Gateway:
         self.init_state = f"{ROOT}/_init/{uuid.uuid4().hex[:8]}"
         self.mesh.save(name="state", output_dir=self.init_state, save_optimizer=True, adapter_name=SLOT.format(0))
         self.init_state += "/state"
-        for index in range(self.options.max_adapters):  # a restored state loads only into a loaded optimizer
+        for index in range(1, self.options.max_adapters):
             self._reset(SLOT.format(index))
 
     def _reset(self, slot: str, state: str | None = None) -> None:
-        """A slot's weights, optimizer and counters from a saved state (default: the fresh one)."""
-        self.mesh.resume_from_checkpoint(state or self.init_state, adapter_name=slot)
+        """A slot with the initial weights and a fresh optimizer, or a saved state's weights, optimizer
+        and counters. The workers restore an optimizer state only into the adapter that saved it (its
+        parameter names carry the adapter's name), so `state` must come from this slot."""
+        if state is not None:
+            self.mesh.resume_from_checkpoint(state, adapter_name=slot)
+            return
+        self.mesh.set_optimizer("AdamW", lr=1e-4, weight_decay=0.0, adapter_name=slot, betas=[0.9, 0.95], eps=1e-12)
+        name, parent = self.init_state.rsplit("/", 1)[1], self.init_state.rsplit("/", 1)[0]
+        self.mesh.load(name=name, output_dir=parent, adapter_name=slot)
 
-    def _take_slot(self) -> str:
+    def saved_slot(self, state: str) -> str:
+        """The slot a saved state (with optimizer) came from."""
+        return str(json.loads((self.root / state / "trainer_state.json").read_text())["adapter_name"])
+
+    def _take_slot(self, wanted: str | None = None) -> str:
+        if wanted is not None:
+            return self._take_this_slot(wanted)
         if self._free:
             return self._free.pop(0)
         now = time.monotonic()
@@ -151,6 +165,20 @@ class Gateway:
         slot = self._park(model)
         return slot
 
+    def _take_this_slot(self, slot: str) -> str:
+        if slot in self._free:
+            self._free.remove(slot)
+            return slot
+        holder = next((m for m in self.models.values() if m.slot == slot), None)
+        idle = holder is not None and holder.pending == 0
+        if holder is not None and idle and time.monotonic() - holder.last_request >= self.options.idle_seconds:
+            return self._park(holder)
+        raise ResourceExhausted(
+            f"this optimizer state was saved from adapter slot {slot!r}, and the workers restore an optimizer state "
+            "only into the slot that saved it; another active training client holds that slot now: close it "
+            "(ServiceClient.close) or retry later, or load the weights without the optimizer state"
+        )
+
     def _park(self, model: TrainingModel) -> str:
         """Saves a model's state (weights, optimizer, counters) and frees its slot."""
         assert model.slot is not None
@@ -162,7 +190,8 @@ class Gateway:
 
     def _loaded(self, model: TrainingModel) -> str:
         if model.slot is None:
-            slot = self._take_slot()
+            assert model.parked is not None
+            slot = self._take_slot(self.saved_slot(model.parked))
             self._reset(slot, model.parked)
             model.slot = slot
             log.info("reloaded model %s into %s", model.model_id, slot)
@@ -457,13 +486,19 @@ class Gateway:
             model_id = f"{request['session_id']}:train:{int(request['model_seq_id'])}"
             if model_id in self.models:
                 raise InvalidArgument(f"model {model_id!r} exists already")
-            slot = self._take_slot()
+            slot = self._take_slot(self.saved_slot(directory) if optimizer else None)
             self.models[model_id] = model = TrainingModel(
                 model_id, tenant, request["session_id"], slot, _now(), request.get("user_metadata")
             )
         else:
             model = self.model(tenant, request["model_id"])
             slot = self._loaded(model)
+            if optimizer and self.saved_slot(directory) != slot:
+                raise ResourceExhausted(
+                    f"this optimizer state was saved from adapter slot {self.saved_slot(directory)!r}, not this "
+                    f"training client's {slot!r}: the workers restore an optimizer state only into the slot that saved "
+                    "it; create the client with ServiceClient.create_training_client_from_state_with_optimizer"
+                )
         if optimizer:
             self._reset(slot, directory)
         else:

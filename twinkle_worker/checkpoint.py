@@ -82,18 +82,6 @@ def adapter_param_pattern(adapter_name: str) -> re.Pattern[str]:
     return re.compile(rf"\.(lora_[A-Za-z_]+|modules_to_save)\.{re.escape(adapter_name)}(?=\.|$)")
 
 
-def rename_adapter_in_optimizer_state(state: dict[str, Any], saved: str, target: str) -> dict[str, Any]:
-    """A full optimizer state dict saved from adapter `saved`, keyed for adapter `target` (parameter names
-    carry the adapter's name): so a state saved from one adapter loads into another."""
-    pattern = adapter_param_pattern(saved)
-
-    def rename(key: Any) -> Any:
-        return pattern.sub(lambda match: f".{match.group(1)}.{target}", key) if isinstance(key, str) else key
-
-    groups = [{**group, "params": [rename(key) for key in group["params"]]} for group in state["param_groups"]]
-    return {**state, "state": {rename(key): value for key, value in state["state"].items()}, "param_groups": groups}
-
-
 def to_peft_key(model_key: str, adapter_name: str) -> str:
     """PEFT's saved name of an adapter parameter: the `.{adapter}` segment removed, and for a
     modules_to_save copy the `.modules_to_save` segment too (`lm_head.modules_to_save.a.weight`

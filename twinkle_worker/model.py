@@ -1161,10 +1161,6 @@ class TransformersModel:
 
         optimizer = group.require_optimizer()
         state = ckpt.load_object(path / ckpt.OPTIMIZER_FILE)
-        trainer_state = path / ckpt.TRAINER_STATE
-        saved_name = ckpt.read_json(trainer_state).get("adapter_name", "") if trainer_state.is_file() else ""
-        if saved_name and group.name and saved_name != group.name:
-            state = ckpt.rename_adapter_in_optimizer_state(state, saved_name, group.name)
         self._ensure_wrapped()
         with self._collective("load optimizer state"):
             set_optimizer_state_dict(

@@ -61,6 +61,7 @@ class Served:
     base_model: pathlib.Path
     gateway: Any
     world_size: int
+    keys: tuple[str, str] = (KEY_A, KEY_B)
 
 
 def serve(base_model: pathlib.Path, root: pathlib.Path, world_size: int, **options: Any) -> Iterator[Served]:
