@@ -102,3 +102,9 @@ def serve(base_model: pathlib.Path, root: pathlib.Path, world_size: int, **optio
 @pytest.fixture(scope="module", params=[1, 2], ids=["embedded", "two_ranks"])
 def served(request: pytest.FixtureRequest, base_model: pathlib.Path, tmp_path_factory: pytest.TempPathFactory):
     yield from serve(base_model, tmp_path_factory.mktemp("gateway"), request.param)
+
+
+@pytest.fixture(scope="module")
+def small(base_model: pathlib.Path, tmp_path_factory: pytest.TempPathFactory):
+    """A gateway with 2 adapter slots whose models never count as idle."""
+    yield from serve(base_model, tmp_path_factory.mktemp("limit"), 1, max_adapters=2, idle_seconds=3600)

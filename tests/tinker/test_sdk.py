@@ -77,7 +77,9 @@ class Reference:
     def adapter(self) -> dict[str, torch.Tensor]:
         from peft import get_peft_model_state_dict
 
-        return {k: v.detach().clone() for k, v in get_peft_model_state_dict(self.model, save_embedding_layers=False).items()}
+        return {
+            k: v.detach().clone() for k, v in get_peft_model_state_dict(self.model, save_embedding_layers=False).items()
+        }
 
 
 def saved_adapter(served: Any, tinker_path: str) -> dict[str, torch.Tensor]:
@@ -237,7 +239,8 @@ def test_rl_step_importance_sampling_and_ppo_like_torch(served: Any, client: Any
 
     def importance_sampling(lps: list[torch.Tensor]) -> torch.Tensor:
         return sum(
-            -(torch.exp(lp - torch.tensor(q)) * torch.tensor(a)).sum() for lp, q, a in zip(lps, sampled, advs, strict=True)
+            -(torch.exp(lp - torch.tensor(q)) * torch.tensor(a)).sum()
+            for lp, q, a in zip(lps, sampled, advs, strict=True)
         )
 
     def ppo(lps: list[torch.Tensor]) -> torch.Tensor:
