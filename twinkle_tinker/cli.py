@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import pathlib
+import signal
 import sys
 from typing import Any
 
@@ -90,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     sock.bind((args.host, args.port))
     print(f"{LISTENING}{args.host}:{sock.getsockname()[1]}", flush=True)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    # uvicorn re-raises SIGTERM/SIGINT once it has shut down; exit through Python so the workers stop too.
+    for number in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(number, lambda *_: sys.exit(0))
     try:
         server.run(sockets=[sock])
     finally:
