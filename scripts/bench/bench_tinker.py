@@ -1,0 +1,128 @@
+"""Per-step time of a LoRA training step through the tinker SDK + twinkle-tinker gateway, against the
+same step through twinkle_client directly, on the same embedded worker, side by side.
+
+    PYTHONPATH=. python scripts/bench/bench_tinker.py [--steps 20] [--batch 4] [--length 64]
+
+A step is forward_backward (cross_entropy, weights 1, Tinker's sum) + optim_step (AdamW), pipelined as
+Tinker recommends (both submitted, then both awaited). The direct variant makes the same two calls
+(forward_backward, clip_grad_and_step) on its own adapter of the same mesh, so both share one worker.
+Rounds interleave the two variants; the median per step is reported, with the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import socket
+import statistics
+import sys
+import tempfile
+import threading
+import time
+
+import numpy as np
+
+os.environ.setdefault("TINKER_TELEMETRY", "0")
+REPO = pathlib.Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+KEY = "tml-bench-key-0123456789"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--length", type=int, default=64)
+    args = parser.parse_args()
+
+    import tinker
+    import torch
+    import uvicorn
+    from tinker import types
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from twinkle_tinker import cli
+    from twinkle_tinker.app import create_app  # noqa: F401  (built by cli.build)
+
+    root = pathlib.Path(tempfile.mkdtemp(prefix="bench-tinker-"))
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=256, max_position_embeddings=256,
+    )  # fmt: skip
+    AutoModelForCausalLM.from_config(config).save_pretrained(root / "base")
+    (root / "keys.json").write_text(json.dumps({KEY: "bench"}))
+    (root / "out").mkdir()
+    argv = ["--base-model", str(root / "base"), "--output-root", str(root / "out"), "--keys-file",
+            str(root / "keys.json"), "--lora-rank", "8", "--max-adapters", "2"]  # fmt: skip
+    mesh, gateway, app = cli.build(cli.parse_args(argv))
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True).start()
+    while not server.started:
+        time.sleep(0.05)
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    service = tinker.ServiceClient(base_url=url, api_key=KEY)
+    training = service.create_lora_training_client(base_model=str(root / "base"), rank=8).result()
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(1, 250, size=(args.batch, args.length + 1))
+    data = [
+        types.Datum(
+            model_input=types.ModelInput.from_ints(row[:-1].tolist()),
+            loss_fn_inputs={"target_tokens": row[1:].tolist(), "weights": [1.0] * args.length},
+        )
+        for row in tokens
+    ]
+    samples = [
+        {"input_ids": row[:-1], "labels": row[1:], "weights": np.ones(args.length, np.float32)} for row in tokens
+    ]
+    direct_slot = "tinker-slot-1"  # the second slot, unused by the SDK client: same mesh, same worker
+    adam = types.AdamParams(learning_rate=1e-4)
+    optim = {"lr": 1e-4, "betas": [0.9, 0.95], "eps": 1e-12, "weight_decay": 0.0}
+
+    def sdk_step() -> None:
+        fb = training.forward_backward(data, "cross_entropy")
+        op = training.optim_step(adam)
+        fb.result()
+        op.result()
+
+    def direct_step() -> None:
+        def run() -> None:
+            mesh.forward_backward(
+                samples, adapter_name=direct_slot, gradient_accumulation_steps=1,
+                loss_fn="cross_entropy", loss_fn_config={"normalization": "sum"},
+            )  # fmt: skip
+            mesh.clip_grad_and_step(
+                max_grad_norm=0.0, adapter_name=direct_slot, gradient_accumulation_steps=1, optim_params=optim
+            )
+
+        # On the gateway's mesh thread, as the gateway itself calls the mesh.
+        future_id = gateway.submit("bench", run)
+        gateway.future("bench", future_id).result()
+
+    for step in (sdk_step, direct_step):  # warm-up
+        step()
+        step()
+    times: dict[str, list[float]] = {"sdk+gateway": [], "twinkle_client": []}
+    for _ in range(args.steps):
+        for name, step in (("sdk+gateway", sdk_step), ("twinkle_client", direct_step)):
+            started = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - started)
+    sdk, direct = (statistics.median(times[k]) * 1000 for k in ("sdk+gateway", "twinkle_client"))
+    print(f"batch {args.batch} x {args.length} tokens, {args.steps} steps each, median ms per step")
+    print(
+        f"| path | ms/step |\n|---|---|\n| tinker SDK + gateway | {sdk:.1f} |\n| twinkle_client direct | {direct:.1f} |"
+    )
+    print(f"ratio SDK+gateway / direct: {sdk / direct:.2f} (overhead {sdk - direct:.1f} ms/step)")
+    service.close("bench done")
+    server.should_exit = True
+    gateway.close()
+    mesh.close()
+
+
+if __name__ == "__main__":
+    main()
