@@ -134,8 +134,8 @@ class Gateway:
         """A slot with the initial weights and a fresh optimizer, or a saved state's weights, optimizer
         and counters. The workers restore an optimizer state only into the adapter that saved it (its
         parameter names carry the adapter's name), so `state` must come from this slot."""
-        if state is not None:
-            self.mesh.resume_from_checkpoint(state, adapter_name=slot)
+        if state is not None:  # absolute: a relative checkpoint_dir is read under the workers' output/
+            self.mesh.resume_from_checkpoint(str(self.root / state), adapter_name=slot)
             return
         self.mesh.set_optimizer("AdamW", lr=1e-4, weight_decay=0.0, adapter_name=slot, betas=[0.9, 0.95], eps=1e-12)
         name, parent = self.init_state.rsplit("/", 1)[1], self.init_state.rsplit("/", 1)[0]
