@@ -35,6 +35,22 @@ def clean_environment(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+def torchrun_env(rank: int) -> dict[str, str]:
+    """What `torchrun --nproc-per-node 2` gives rank `rank` (MASTER_PORT is torchrun's store, unused here)."""
+    return clean_environment(
+        {
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": "2",
+            "LOCAL_WORLD_SIZE": "2",
+            "GROUP_RANK": "0",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": "29500",
+            "TORCHELASTIC_RUN_ID": "test",
+        }
+    )
+
+
 def loopback_up() -> None:
     """In a new network namespace: lo up, plus the address this host's name resolves to when that is not
     a loopback one (glibc, Slurm and Ray need the host's name to be a local address)."""

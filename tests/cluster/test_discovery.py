@@ -9,7 +9,7 @@ import sys
 
 import grpc
 import pytest
-from cluster_support import WorkerProcess, clean_environment, free_port_pair, train
+from cluster_support import WorkerProcess, clean_environment, free_port_pair, torchrun_env, train
 from dist_reference import RTOL, SEED, tiny_config
 
 from twinkle_client import cluster
@@ -17,22 +17,6 @@ from twinkle_client._proto import worker_pb2, worker_pb2_grpc
 from twinkle_client.coordinator import ChannelSecurity
 from twinkle_client.errors import FailedPrecondition
 from twinkle_client.mesh import DeviceMesh
-
-
-def torchrun_env(rank: int) -> dict[str, str]:
-    """What `torchrun --nproc-per-node 2` gives rank `rank` (MASTER_PORT is torchrun's store, unused here)."""
-    return clean_environment(
-        {
-            "RANK": str(rank),
-            "LOCAL_RANK": str(rank),
-            "WORLD_SIZE": "2",
-            "LOCAL_WORLD_SIZE": "2",
-            "GROUP_RANK": "0",
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": "29500",
-            "TORCHELASTIC_RUN_ID": "test",
-        }
-    )
 
 
 def stub(address: str) -> worker_pb2_grpc.WorkerServiceStub:
