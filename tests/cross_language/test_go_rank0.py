@@ -13,16 +13,24 @@ mid-job, name rank 1 as restarted.
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import subprocess
 import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "cluster"))
 
-from cluster_support import WorkerProcess, free_port_pair, torchrun_env  # noqa: E402
+from cluster_support import (  # noqa: E402
+    WorkerProcess,
+    clean_environment,
+    free_port_pair,
+    tls_workers_placed_by_flags,
+    torchrun_env,
+)  # noqa: E402
 from test_go_scheduler import (  # noqa: E402, F401 - twinkle_sched is a fixture
     ACCUMULATION,
     STEPS,
+    TOKEN,
     assert_steps_match,
     interrupt_after_a_checkpoint,
     of_kind,
@@ -108,3 +116,31 @@ def status_table(binary: str, flags: list[str]) -> tuple[int, str, str]:
     """`twinkle-sched status FLAGS`: (exit code, table, stderr)."""
     result = subprocess.run([binary, "status", *flags], capture_output=True, text=True, timeout=120)
     return result.returncode, result.stdout, result.stderr
+
+
+def test_go_scheduler_finds_rank0_over_tls_with_the_token_and_is_refused_without_it(
+    twinkle_sched: str,  # noqa: F811 - the fixture imported above
+    tmp_path: pathlib.Path,
+) -> None:
+    """Placed workers with TLS and a token: `status --rank0` with the CA and the token lists both
+    ranks; without the token GetMesh is UNAUTHENTICATED (exit 1, naming rank 0's GetMesh)."""
+    pki, port, workers = tls_workers_placed_by_flags(tmp_path, clean_environment({"TWINKLE_WORKER_TOKEN": TOKEN}))
+    addresses = [f"127.0.0.1:{port}", f"127.0.0.1:{port + 1}"]
+    try:
+        flags = ["--rank0", addresses[0], "--tls-root-cert", str(pki.ca)]
+        with_token = dict(os.environ, TWINKLE_TOKEN=TOKEN)
+        result = subprocess.run(
+            [twinkle_sched, "status", *flags], capture_output=True, text=True, timeout=180, env=with_token
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+        rows = [line.split()[1:3] for line in result.stdout.splitlines()[1:]]
+        assert rows == [[a, "SERVING"] for a in addresses], result.stdout
+        without = {key: value for key, value in os.environ.items() if key != "TWINKLE_TOKEN"}
+        result = subprocess.run(
+            [twinkle_sched, "status", *flags], capture_output=True, text=True, timeout=180, env=without
+        )
+        assert result.returncode == 1, result.stdout + result.stderr
+        assert "GetMesh on rank 0" in result.stderr and "Unauthenticated" in result.stderr, result.stderr
+    finally:
+        for worker in workers:
+            worker.stop()
