@@ -22,6 +22,10 @@ import (
 // DefaultMeshWait is how long FromRank0 lets rank 0 wait for every rank to register.
 const DefaultMeshWait = 2 * time.Minute
 
+// RestartCheckTimeout bounds the GetStatus round that, after a failed call on a mesh found
+// through rank 0, looks for restarted ranks: it adds to Options.ReportBound.
+const RestartCheckTimeout = 5 * time.Second
+
 // maxMeshWait is the longest wait_seconds a worker accepts.
 const maxMeshWait = 600 * time.Second
 
@@ -163,7 +167,7 @@ func (c *Client) explainRestart(ctx context.Context, err error) error {
 	if err == nil || len(c.Targets.Incarnations) != len(c.Workers) {
 		return err
 	}
-	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	ctx, cancel := context.WithTimeout(ctx, RestartCheckTimeout)
 	defer cancel()
 	now := make([]string, len(c.Workers))
 	var group sync.WaitGroup

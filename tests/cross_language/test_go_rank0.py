@@ -78,6 +78,7 @@ def test_go_scheduler_given_rank0_alone_trains_like_the_python_client_and_names_
         python = train_with_python_client(addresses, STEPS)
         code, events, stderr = run_sched(twinkle_sched, *WINDOWS, "--rank0", addresses[0], str(job))
         assert code == 0, f"{stderr}\n{events}"
+        assert of_kind(events, "serving")[0]["report_bound_seconds"] == 5 + 5 + 5  # retry, grace, restart check
         mesh = of_kind(events, "mesh")[0]
         incarnations = [status_of(address).incarnation for address in addresses]
         assert mesh["workers"] == addresses and mesh["incarnations"] == incarnations, mesh

@@ -204,8 +204,12 @@ func run(jobPath string, s *settings) int {
 		fail(err, started)
 		return 1
 	}
+	bound := client.Options().ReportBound()
+	if len(targets.Incarnations) > 0 { // a failure is followed by the look for restarted ranks
+		bound += twinkle.RestartCheckTimeout
+	}
 	emit("serving", map[string]interface{}{"workers": targets.Addresses, "session_id": client.Session,
-		"report_bound_seconds": client.Options().ReportBound().Seconds()})
+		"report_bound_seconds": bound.Seconds()})
 	trainer := &trainer{client: client, job: job, resume: s.resume}
 	if err := trainer.run(ctx); err != nil {
 		fail(err, started)
