@@ -293,7 +293,7 @@ func All[R any, P interface {
 	responses := make([]P, len(c.Workers))
 	messages, err := c.fanOut(ctx, method, sequenced, build, func() proto.Message { return P(new(R)) })
 	if err != nil {
-		return nil, err
+		return nil, c.explainRestart(ctx, err)
 	}
 	for rank, message := range messages {
 		responses[rank] = message.(P)

@@ -46,10 +46,12 @@ func TestClusterConfigFromTheEnvironmentAndItsErrors(t *testing.T) {
 		}
 	}
 	bad := map[string]string{
-		`{"groups": {"a": {"workers": ["no-port"]}}}`: "not host:port",
-		`{"groups": {"a": {"workers": []}}}`:          "no worker addresses",
-		`{"workers": ["h:1"]}`:                        `{"groups"`,
-		`{not json`:                                   `{"groups"`,
+		`{"groups": {"a": {"workers": ["no-port"]}}}`:             "not host:port",
+		`{"groups": {"a": {"workers": []}}}`:                      "needs 'workers'",
+		`{"groups": {"a": {"rank0": "no-port"}}}`:                 "'rank0' is one 'host:port'",
+		`{"groups": {"a": {"rank0": "h:1", "workers": ["h:1"]}}}`: "excludes 'workers'",
+		`{"workers": ["h:1"]}`:                                    `{"groups"`,
+		`{not json`:                                               `{"groups"`,
 	}
 	for config, want := range bad {
 		if _, err := FromCluster(config, ""); err == nil || !strings.Contains(err.Error(), want) {
@@ -59,6 +61,18 @@ func TestClusterConfigFromTheEnvironmentAndItsErrors(t *testing.T) {
 	t.Setenv(ClusterEnv, "")
 	if _, err := FromCluster("", ""); err == nil || !strings.Contains(err.Error(), ClusterEnv) {
 		t.Errorf("no config: %v", err)
+	}
+}
+
+func TestAClusterGroupMayNameOnlyRank0(t *testing.T) {
+	t.Setenv("GO_TEST_TOKEN", "s3cret")
+	group, err := ParseCluster(`{"groups": {"placed": {"rank0": "host-a:50100", "token_env": "GO_TEST_TOKEN"}}}`, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if group.Name != "placed" || group.Rank0 != "host-a:50100" || len(group.Workers) != 0 ||
+		group.Security().Token != "s3cret" {
+		t.Errorf("group %+v", group)
 	}
 }
 

@@ -35,6 +35,38 @@ def clean_environment(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+def torchrun_env(rank: int) -> dict[str, str]:
+    """What `torchrun --nproc-per-node 2` gives rank `rank` (MASTER_PORT is torchrun's store, unused here)."""
+    return clean_environment(
+        {
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": "2",
+            "LOCAL_WORLD_SIZE": "2",
+            "GROUP_RANK": "0",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": "29500",
+            "TORCHELASTIC_RUN_ID": "test",
+        }
+    )
+
+
+def tls_workers_placed_by_flags(tmp_path: pathlib.Path, env: Mapping[str, str]) -> tuple[Any, int, list[WorkerProcess]]:
+    """Two workers placed by flags (--rank, --world-size 2, --port-base), serving TLS with a throwaway CA's
+    certificate, rank 1 started first: (the CA files, rank 0's port, the workers in start order)."""
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "reliability"))
+    from reliability_support import make_pki
+
+    pki = make_pki(tmp_path)
+    port = free_port_pair()
+    tls = ["--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key), "--tls-root-cert", str(pki.ca)]
+    common = ["--host", "127.0.0.1", "--port-base", str(port), "--world-size", "2", "--master-addr", "127.0.0.1"]
+    args = [*common, "--threads", "1", "--output-root", str(tmp_path), *tls]
+    workers = [WorkerProcess([*args, "--rank", "1", "--local-rank", "1"], env, tmp_path / "rank1.log")]
+    workers.append(WorkerProcess([*args, "--rank", "0"], env, tmp_path / "rank0.log"))
+    return pki, port, workers
+
+
 def loopback_up() -> None:
     """In a new network namespace: lo up, plus the address this host's name resolves to when that is not
     a loopback one (glibc, Slurm and Ray need the host's name to be a local address)."""

@@ -4,12 +4,16 @@ a rank's worker restarted."""
 
 from __future__ import annotations
 
-import pathlib
-import sys
-
 import grpc
 import pytest
-from cluster_support import WorkerProcess, clean_environment, free_port_pair, train
+from cluster_support import (
+    WorkerProcess,
+    clean_environment,
+    free_port_pair,
+    tls_workers_placed_by_flags,
+    torchrun_env,
+    train,
+)
 from dist_reference import RTOL, SEED, tiny_config
 
 from twinkle_client import cluster
@@ -17,22 +21,6 @@ from twinkle_client._proto import worker_pb2, worker_pb2_grpc
 from twinkle_client.coordinator import ChannelSecurity
 from twinkle_client.errors import FailedPrecondition
 from twinkle_client.mesh import DeviceMesh
-
-
-def torchrun_env(rank: int) -> dict[str, str]:
-    """What `torchrun --nproc-per-node 2` gives rank `rank` (MASTER_PORT is torchrun's store, unused here)."""
-    return clean_environment(
-        {
-            "RANK": str(rank),
-            "LOCAL_RANK": str(rank),
-            "WORLD_SIZE": "2",
-            "LOCAL_WORLD_SIZE": "2",
-            "GROUP_RANK": "0",
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": "29500",
-            "TORCHELASTIC_RUN_ID": "test",
-        }
-    )
 
 
 def stub(address: str) -> worker_pb2_grpc.WorkerServiceStub:
@@ -110,19 +98,7 @@ def test_rank0_finds_the_mesh_trains_and_names_a_restarted_rank(tmp_path, window
 def test_ranks_register_with_rank0_over_tls(tmp_path) -> None:  # type: ignore[no-untyped-def]
     """Rank 1 checks rank 0's certificate with --tls-root-cert when it registers; a client that trusts
     the same CA finds both ranks."""
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "reliability"))
-    from reliability_support import make_pki
-
-    pki = make_pki(tmp_path)
-    port = free_port_pair()
-    tls = ["--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key), "--tls-root-cert", str(pki.ca)]
-    common = ["--host", "127.0.0.1", "--port-base", str(port), "--world-size", "2", "--master-addr", "127.0.0.1"]
-    args = [*common, "--threads", "1", "--output-root", str(tmp_path), *tls]
-    env = clean_environment()
-    workers = [
-        WorkerProcess([*args, "--rank", "1", "--local-rank", "1"], env, tmp_path / "rank1.log"),
-        WorkerProcess([*args, "--rank", "0"], env, tmp_path / "rank0.log"),
-    ]
+    pki, port, workers = tls_workers_placed_by_flags(tmp_path, clean_environment())
     try:
         mesh = cluster.discover(f"127.0.0.1:{port}", ChannelSecurity.from_files(root_cert=str(pki.ca)), timeout=120.0)
         assert [m.address for m in mesh.members] == [f"127.0.0.1:{port}", f"127.0.0.1:{port + 1}"]

@@ -4,7 +4,7 @@
 // and prints one JSON object per line. `twinkle-sched status ADDR...` prints each rank's state.
 //
 //	twinkle-sched [flags] JOB.json           run a job (--resume: from its last checkpoint)
-//	twinkle-sched status [flags] ADDR...     a table of the workers' state
+//	twinkle-sched status [flags] ADDR...     a table of the workers' state (or --rank0 ADDR)
 //	twinkle-sched plan --mesh M --samples N  data ranks, collect ranks and slices of a mesh
 package main
 
@@ -20,11 +20,16 @@ import (
 	"syscall"
 	"time"
 
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
 	"example.com/twinkle"
 )
 
 type settings struct {
 	workers, cluster, group, tokenEnv  string
+	rank0                              string
+	meshWait                           time.Duration
 	rootCert, clientCert, clientKey    string
 	serverName                         string
 	useTLS                             bool
@@ -37,6 +42,8 @@ func flags(name string) (*flag.FlagSet, *settings) {
 	set := flag.NewFlagSet(name, flag.ExitOnError)
 	set.StringVar(&s.workers, "workers", "", "worker addresses host:port,... in global-rank order")
 	set.StringVar(&s.cluster, "cluster", "", "cluster config (a path or the JSON itself; default $"+twinkle.ClusterEnv+")")
+	set.StringVar(&s.rank0, "rank0", "", "rank 0's host:port alone: the other ranks are asked of it (GetMesh)")
+	set.DurationVar(&s.meshWait, "mesh-wait", twinkle.DefaultMeshWait, "with --rank0 (or a config's rank0): how long rank 0 may wait for every rank to register")
 	set.StringVar(&s.group, "group", "", "group of the cluster config (may be left out when there is one)")
 	set.StringVar(&s.tokenEnv, "token-env", "TWINKLE_TOKEN", "variable holding the bearer token (with --workers)")
 	set.BoolVar(&s.useTLS, "tls", false, "connect with TLS, trusting the system's roots")
@@ -52,12 +59,18 @@ func flags(name string) (*flag.FlagSet, *settings) {
 	return set, s
 }
 
-// targets: --workers, else the cluster config (--cluster or $TWINKLE_CLUSTER). The token is
-// read from a variable, never from the command line (where ps would show it).
-func (s *settings) targets(addresses []string) (twinkle.Targets, error) {
+// targets: --rank0, else --workers, else the cluster config (--cluster or $TWINKLE_CLUSTER). The
+// token is read from a variable, never from the command line (where ps would show it).
+func (s *settings) targets(ctx context.Context, addresses []string) (twinkle.Targets, error) {
 	security := twinkle.Security{
 		Token: os.Getenv(s.tokenEnv), TLS: s.useTLS, RootCert: s.rootCert,
 		ClientCert: s.clientCert, ClientKey: s.clientKey, ServerName: s.serverName,
+	}
+	if s.rank0 != "" {
+		if s.workers != "" || len(addresses) > 0 {
+			return twinkle.Targets{}, fmt.Errorf("--rank0 finds the workers itself: give no --workers or addresses with it")
+		}
+		return twinkle.FromRank0(ctx, s.rank0, twinkle.Rank0Options{Security: security, Wait: s.meshWait})
 	}
 	if s.workers != "" {
 		addresses = append(strings.Split(s.workers, ","), addresses...)
@@ -65,18 +78,38 @@ func (s *settings) targets(addresses []string) (twinkle.Targets, error) {
 	if len(addresses) > 0 {
 		return twinkle.FromAddresses(addresses, security)
 	}
-	targets, err := twinkle.FromCluster(s.cluster, s.group)
+	group, err := twinkle.ParseCluster(s.cluster, s.group)
 	if err != nil {
-		return targets, err
+		return twinkle.Targets{}, err
 	}
-	if targets.Security.Token == "" { // the config names no token_env (or it is empty)
-		targets.Security.Token = security.Token
+	configured := group.Security()
+	if configured.Token == "" { // the config names no token_env (or it is empty)
+		configured.Token = security.Token
 	}
 	if security.UsesTLS() { // TLS flags override the config's
-		security.Token = targets.Security.Token
-		targets.Security = security
+		security.Token = configured.Token
+		configured = security
 	}
-	return targets, nil
+	return group.Resolve(ctx, configured, s.meshWait)
+}
+
+// exitCode of a failure to find the workers: 1 when a worker answered (or not) over gRPC, 2 for
+// bad flags or a bad config.
+func exitCode(err error) int {
+	var rpcErr interface{ GRPCStatus() *status.Status }
+	if errors.As(err, &rpcErr) {
+		return 1
+	}
+	return 2
+}
+
+// emitMesh prints where the workers are when rank 0 said so.
+func emitMesh(targets twinkle.Targets) {
+	if targets.Rank0 == "" {
+		return
+	}
+	emit("mesh", map[string]interface{}{"rank0": targets.Rank0, "workers": targets.Addresses,
+		"incarnations": targets.Incarnations, "master_addr": targets.MasterAddr, "master_port": targets.MasterPort})
 }
 
 func (s *settings) options() twinkle.Options {
@@ -90,16 +123,16 @@ func main() {
 	if len(os.Args) > 1 && os.Args[1] == "status" {
 		set, s := flags("twinkle-sched status")
 		_ = set.Parse(os.Args[2:])
-		targets, err := s.targets(set.Args())
+		targets, err := s.targets(context.Background(), set.Args())
 		if err != nil {
 			fmt.Fprintln(os.Stderr, "twinkle-sched status:", err)
-			os.Exit(2)
+			os.Exit(exitCode(err))
 		}
 		os.Exit(printStatus(os.Stdout, targets, s))
 	}
 	set, s := flags("twinkle-sched")
 	set.Usage = func() {
-		fmt.Fprintln(set.Output(), "usage: twinkle-sched [flags] JOB.json | status [flags] ADDR... | plan --mesh M --samples N,...")
+		fmt.Fprintln(set.Output(), "usage: twinkle-sched [flags] JOB.json | status [flags] ADDR... (or --rank0 ADDR) | plan --mesh M --samples N,...")
 		set.PrintDefaults()
 	}
 	_ = set.Parse(os.Args[1:])
@@ -125,6 +158,13 @@ func fail(err error, started time.Time) {
 		fields["rank"], fields["address"], fields["method"] = rankErr.Rank, rankErr.Address, rankErr.Method
 		fields["code"], fields["code_name"] = int(rankErr.Code), rankErr.Code.String()
 		fields["silent_ranks"] = rankErr.Silent
+	} else if rpcErr := (interface{ GRPCStatus() *status.Status })(nil); errors.As(err, &rpcErr) {
+		fields["code"], fields["code_name"] = int(rpcErr.GRPCStatus().Code()), rpcErr.GRPCStatus().Code().String()
+	}
+	var restartErr *twinkle.RestartError
+	if errors.As(err, &restartErr) {
+		fields["restarted_ranks"] = restartErr.Ranks()
+		fields["code"], fields["code_name"] = int(codes.FailedPrecondition), codes.FailedPrecondition.String()
 	}
 	emit("error", fields)
 }
@@ -136,11 +176,15 @@ func run(jobPath string, s *settings) int {
 		fail(err, started)
 		return 2
 	}
-	targets, err := s.targets(nil)
+	// SIGINT / SIGTERM cancel the calls in flight; the workers are still Reset below.
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	targets, err := s.targets(ctx, nil)
 	if err != nil {
 		fail(err, started)
-		return 2
+		return exitCode(err)
 	}
+	emitMesh(targets)
 	mesh, err := meshOf(job, len(targets.Addresses))
 	if err != nil {
 		fail(err, started)
@@ -156,15 +200,16 @@ func run(jobPath string, s *settings) int {
 		return 2
 	}
 	defer client.Close()
-	// SIGINT / SIGTERM cancel the calls in flight; the workers are still Reset below.
-	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-	defer stop()
 	if err := client.WaitServing(ctx, s.health); err != nil {
 		fail(err, started)
 		return 1
 	}
+	bound := client.Options().ReportBound()
+	if len(targets.Incarnations) > 0 { // a failure is followed by the look for restarted ranks
+		bound += twinkle.RestartCheckTimeout
+	}
 	emit("serving", map[string]interface{}{"workers": targets.Addresses, "session_id": client.Session,
-		"report_bound_seconds": client.Options().ReportBound().Seconds()})
+		"report_bound_seconds": bound.Seconds()})
 	trainer := &trainer{client: client, job: job, resume: s.resume}
 	if err := trainer.run(ctx); err != nil {
 		fail(err, started)
