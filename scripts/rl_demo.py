@@ -39,6 +39,7 @@ import numpy as np
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
+import demo  # noqa: E402  (scripts/, beside this file: the model config)
 from twinkle_client import DeviceMesh, TransformersModel  # noqa: E402
 
 DATA = ROOT / "scripts" / "data" / "pride_and_prejudice_ch1.txt"
@@ -90,18 +91,8 @@ def parse_args(argv: list[str] | None = None) -> RLDemoConfig:
 
 
 def model_config(config: RLDemoConfig) -> dict[str, Any]:
-    heads = max(2, config.hidden // 32)
-    return {
-        "model_type": "qwen2",
-        "vocab_size": VOCAB,
-        "hidden_size": config.hidden,
-        "intermediate_size": 2 * config.hidden,
-        "num_hidden_layers": config.layers,
-        "num_attention_heads": heads,
-        "num_key_value_heads": heads // 2,
-        "max_position_embeddings": 256,
-        "tie_word_embeddings": False,
-    }
+    """scripts/demo.py's byte-level Qwen2, at this run's size."""
+    return demo.model_config(demo.DemoConfig(hidden=config.hidden, layers=config.layers, seq_len=64))
 
 
 def shout_reward(tokens: list[int]) -> float:
