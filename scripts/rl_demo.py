@@ -40,6 +40,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 import demo  # noqa: E402  (scripts/, beside this file: the model config)
+
 from twinkle_client import DeviceMesh, TransformersModel  # noqa: E402
 
 DATA = ROOT / "scripts" / "data" / "pride_and_prejudice_ch1.txt"
@@ -124,7 +125,11 @@ def warm_up(config: RLDemoConfig, text: np.ndarray, rng: np.random.Generator, ou
     )
     with model:
         model.set_optimizer("AdamW", lr=3e-3, weight_decay=0.0)
-        model.set_lr_scheduler("CosineWarmupScheduler", num_warmup_steps=5, num_training_steps=config.warmup_steps)
+        model.set_lr_scheduler(
+            "CosineWarmupScheduler",
+            num_warmup_steps=min(5, config.warmup_steps),
+            num_training_steps=config.warmup_steps,
+        )
         bar = tqdm(total=config.warmup_steps, desc="warm-up (SFT)", unit="step", dynamic_ncols=True)
         loss = float("nan")
         for _ in range(config.warmup_steps):
