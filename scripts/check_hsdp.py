@@ -28,8 +28,8 @@ import torch  # noqa: E402
 from dist_reference import SEED, check_training_parity, tiny_config  # noqa: E402
 
 from twinkle_client.local import LocalWorkers  # noqa: E402
-from twinkle_client.mesh import DeviceMesh  # noqa: E402
 from twinkle_client.model import TransformersModel  # noqa: E402
+from twinkle_protocol.mesh import DeviceMesh  # noqa: E402
 
 
 def main() -> int:

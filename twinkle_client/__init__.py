@@ -4,19 +4,19 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from twinkle_protocol import __version__
 
 __all__ = ["DeviceMesh", "TransformersModel", "__version__"]
 
 if TYPE_CHECKING:
-    from twinkle_client.mesh import DeviceMesh
     from twinkle_client.model import TransformersModel
+    from twinkle_protocol.mesh import DeviceMesh
 
 
 def __getattr__(name: str) -> Any:
-    # Lazy, so that `twinkle_client.errors` / `.tensors` load without the grpc client machinery.
+    # Lazy, so that `twinkle_protocol.errors` / `.tensors` load without the grpc client machinery.
     if name == "DeviceMesh":
-        from twinkle_client.mesh import DeviceMesh
+        from twinkle_protocol.mesh import DeviceMesh
 
         return DeviceMesh
     if name == "TransformersModel":

@@ -30,9 +30,16 @@ from typing import Any
 
 import grpc
 
-from twinkle_client._proto import worker_pb2, worker_pb2_grpc
-from twinkle_client.coordinator import ChannelSecurity
-from twinkle_client.errors import FailedPrecondition, InvalidArgument, NotFound, TwinkleError, Unavailable, from_status
+from twinkle_protocol._proto import worker_pb2, worker_pb2_grpc
+from twinkle_protocol.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    TwinkleError,
+    Unavailable,
+    from_status,
+)
+from twinkle_protocol.security import ChannelSecurity
 
 ENV_VAR = "TWINKLE_CLUSTER"
 

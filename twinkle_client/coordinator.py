@@ -26,19 +26,19 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from twinkle_client import streaming
-from twinkle_client._proto import worker_pb2, worker_pb2_grpc
-from twinkle_client.errors import TwinkleError, from_status
+from twinkle_protocol import streaming
+from twinkle_protocol._proto import worker_pb2, worker_pb2_grpc
+from twinkle_protocol.errors import TwinkleError, from_status
+from twinkle_protocol.metadata import SESSION_METADATA
+from twinkle_protocol.security import ChannelSecurity
 
 MAX_MESSAGE_BYTES = 256 << 20
 T = TypeVar("T")
-SESSION_METADATA = "twinkle-session-id"
 SERVICE = "twinkle.worker.v1.WorkerService"
 STREAM_RESPONSES = {
     "ForwardBackwardStream": worker_pb2.ForwardBackwardStreamResponse,
@@ -57,59 +57,6 @@ IDEMPOTENT = frozenset({"GetStatus", "GetTrainConfigs", "Reset"})
 MAX_ATTEMPTS = 3
 # Codes that say a rank is gone (no answer came): reported without waiting for the other ranks.
 _GONE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
-
-
-@dataclass(frozen=True)
-class ChannelSecurity:
-    """How the client reaches its workers: a bearer token, and TLS (PEM bytes).
-
-    TLS is on when `tls` is set or any certificate is given; `root_certificates` is the CA
-    that signed the workers' certificates (None: the system's roots); `certificate_chain` and
-    `private_key` are this client's certificate for mutual TLS; `server_name` overrides the
-    name checked against the workers' certificates (for workers reached by IP address).
-    """
-
-    token: str | None = field(default=None, repr=False)
-    root_certificates: bytes | None = field(default=None, repr=False)
-    certificate_chain: bytes | None = field(default=None, repr=False)
-    private_key: bytes | None = field(default=None, repr=False)
-    server_name: str | None = None
-    tls: bool = False
-
-    @classmethod
-    def from_files(
-        cls,
-        token: str | None = None,
-        root_cert: str | None = None,
-        client_cert: str | None = None,
-        client_key: str | None = None,
-        server_name: str | None = None,
-        tls: bool = False,
-    ) -> ChannelSecurity:
-        """Reads the PEM files named (paths); None leaves a part out."""
-
-        def read(path: str | None) -> bytes | None:
-            if not path:
-                return None
-            with open(path, "rb") as handle:
-                return handle.read()
-
-        return cls(token or None, read(root_cert), read(client_cert), read(client_key), server_name, tls)
-
-    @property
-    def uses_tls(self) -> bool:
-        return self.tls or self.root_certificates is not None or self.certificate_chain is not None
-
-    def metadata(self) -> tuple[tuple[str, str], ...]:
-        return (("authorization", f"Bearer {self.token}"),) if self.token else ()
-
-    def channel(self, address: str, options: Sequence[tuple[str, Any]] = ()) -> grpc.Channel:
-        """A channel to `address`: TLS when configured, plaintext otherwise."""
-        if not self.uses_tls:
-            return grpc.insecure_channel(address, options=list(options))
-        credentials = grpc.ssl_channel_credentials(self.root_certificates, self.private_key, self.certificate_chain)
-        extra = [("grpc.ssl_target_name_override", self.server_name)] if self.server_name else []
-        return grpc.secure_channel(address, credentials, options=[*options, *extra])
 
 
 class Coordinator:

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from twinkle_client.errors import FailedPrecondition, InvalidArgument
+from twinkle_protocol.errors import FailedPrecondition, InvalidArgument
 
 
 def import_torch() -> Any:

@@ -24,8 +24,9 @@ import warnings
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from twinkle_client.coordinator import ChannelSecurity, wait_ready
-from twinkle_client.errors import Unavailable
+from twinkle_client.coordinator import wait_ready
+from twinkle_protocol.errors import Unavailable
+from twinkle_protocol.security import ChannelSecurity
 
 LISTENING = "twinkle-worker listening on "
 

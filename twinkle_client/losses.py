@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from twinkle_client.custom_loss import import_torch
-from twinkle_client.errors import InvalidArgument
+from twinkle_protocol.errors import InvalidArgument
 
 
 def dpo(beta: float = 0.1, reference_free: bool = False) -> Callable[[Any, Any], tuple[Any, dict[str, Any]]]:

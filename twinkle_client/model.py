@@ -25,17 +25,19 @@ from typing import Any
 
 import numpy as np
 
-from twinkle_client import cluster, custom_loss, sampling, shared_memory, streaming, tensors, timing, tracing
-from twinkle_client._proto import tensor_pb2, worker_pb2
-from twinkle_client.batch import collate, take_rows
-from twinkle_client.coordinator import ChannelSecurity, Coordinator
-from twinkle_client.errors import InvalidArgument
+from twinkle_client import cluster, custom_loss, sampling, timing, tracing
+from twinkle_client.coordinator import Coordinator
 from twinkle_client.local import LocalWorkers, wait_serving
-from twinkle_client.lora import fill_lora_config
-from twinkle_client.mesh import DeviceMesh, slice_bounds
 from twinkle_client.ray_workers import RayWorkers
-from twinkle_client.sampling import SampledSequence
-from twinkle_client.shared_memory import segment_bytes
+from twinkle_protocol import shared_memory, streaming, tensors
+from twinkle_protocol._proto import tensor_pb2, worker_pb2
+from twinkle_protocol.batch import collate, take_rows
+from twinkle_protocol.errors import InvalidArgument
+from twinkle_protocol.lora import fill_lora_config
+from twinkle_protocol.mesh import DeviceMesh, slice_bounds
+from twinkle_protocol.sampling import SampledSequence, sequence_from_proto
+from twinkle_protocol.security import ChannelSecurity
+from twinkle_protocol.shared_memory import segment_bytes
 
 STRATEGIES = {"accelerate": worker_pb2.STRATEGY_ACCELERATE, "native_fsdp": worker_pb2.STRATEGY_NATIVE_FSDP}
 PRECISIONS = {
@@ -518,7 +520,7 @@ class TransformersModel:
 
         def result() -> list[list[SampledSequence]]:
             replies = self.coordinator.gather("Sample", futures)
-            sequences = [sampling.from_proto(item) for rank in collect for item in replies[rank].sequences]
+            sequences = [sequence_from_proto(item) for rank in collect for item in replies[rank].sequences]
             return sampling.group_by_prompt(sequences, num_samples)
 
         return self.coordinator.future(futures, result)

@@ -15,7 +15,7 @@ import importlib
 import os
 from typing import Any
 
-from twinkle_client.errors import TwinkleError, Unavailable
+from twinkle_protocol.errors import TwinkleError, Unavailable
 
 # Seconds the placement group has to be scheduled and each actor to start serving.
 START_TIMEOUT_SECONDS = 300.0

@@ -1,43 +1,17 @@
-"""SampledSequence: one completion drawn by `TransformersModel.sample`; and the client's side of a
+"""The client's side of a
 Sample call (prompts -> rows of (prompt, sample), results grouped per prompt). The worker returns
 the same SampledSequence in-process."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
-from twinkle_client.batch import _as_numpy
-from twinkle_client.errors import InvalidArgument
-
-StopReason = Literal["stop", "length"]
-# Caps on one Sample call (the worker checks them too): samples per prompt, and tokens per sample.
-MAX_NUM_SAMPLES = 1024
-MAX_TOKENS = 8192
-
-
-@dataclass(frozen=True)
-class SampledSequence:
-    """A generated continuation of one prompt.
-
-    tokens: the generated token ids, not the prompt; when a stop condition ended the sample, its
-        stop token (or stop sequence) is the last of them.
-    logprobs: one per token: log p(token) under the softmax of the logits divided by the
-        temperature, i.e. exactly what `forward_only(..., temperature=t)` computes for the same
-        tokens. With top_p / top_k the token was drawn from the truncated, renormalised
-        distribution, but the log-probability is still the untruncated one: that is the
-        quantity a trainer can recompute (an importance ratio of 1 on-policy); the truncated
-        one is this minus log(kept probability mass). temperature 0 (greedy) reports log p
-        under the untempered distribution (temperature 1).
-    stop_reason: "stop" when a stop token or sequence ended it, "length" when max_tokens did.
-    """
-
-    tokens: list[int]
-    logprobs: list[float]
-    stop_reason: StopReason
+from twinkle_protocol.batch import _as_numpy
+from twinkle_protocol.errors import InvalidArgument
+from twinkle_protocol.sampling import MAX_NUM_SAMPLES, SampledSequence
 
 
 def prompt_rows(prompts: Any) -> list[np.ndarray]:
@@ -115,14 +89,6 @@ def expand(rows: Sequence[np.ndarray], num_samples: int) -> tuple[dict[str, np.n
     prompt_indices = np.repeat(np.arange(len(rows)), num_samples)
     sample_indices = np.tile(np.arange(num_samples), len(rows))
     return {"input_ids": input_ids, "attention_mask": attention_mask}, prompt_indices, sample_indices
-
-
-def from_proto(message: Any) -> SampledSequence:
-    """A worker_pb2.SampledSequence as a SampledSequence."""
-    from twinkle_client._proto import worker_pb2
-
-    reason: StopReason = "stop" if message.stop_reason == worker_pb2.STOP_REASON_STOP else "length"
-    return SampledSequence(list(message.tokens), list(message.logprobs), reason)
 
 
 def group_by_prompt(sequences: Sequence[SampledSequence], num_samples: int) -> list[list[SampledSequence]]:

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-QUEUE_KEY, COMPUTE_KEY, HANDLER_KEY = "twinkle-queue-seconds", "twinkle-compute-seconds", "twinkle-handler-seconds"
+from twinkle_protocol.metadata import COMPUTE_KEY, HANDLER_KEY, QUEUE_KEY
 
 
 @dataclass(frozen=True)

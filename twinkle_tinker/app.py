@@ -14,7 +14,7 @@ from typing import Any
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
 
-from twinkle_client.errors import InvalidArgument, NotFound, ResourceExhausted, TwinkleError
+from twinkle_protocol.errors import InvalidArgument, NotFound, ResourceExhausted, TwinkleError
 from twinkle_tinker import wire
 from twinkle_tinker.auth import KeyRing
 from twinkle_tinker.gateway import Gateway

@@ -42,8 +42,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def build(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     """The mesh, the gateway and the FastAPI app for parsed arguments."""
-    from twinkle_client.mesh import DeviceMesh
     from twinkle_client.model import TransformersModel
+    from twinkle_protocol.mesh import DeviceMesh
     from twinkle_tinker.app import create_app
     from twinkle_tinker.gateway import Gateway, Options
 

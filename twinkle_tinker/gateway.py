@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from twinkle_client.errors import InvalidArgument, NotFound, ResourceExhausted
+from twinkle_protocol.errors import InvalidArgument, NotFound, ResourceExhausted
 from twinkle_tinker import losses, wire
 
 log = logging.getLogger(__name__)

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from twinkle_client.errors import InvalidArgument
+from twinkle_protocol.errors import InvalidArgument
 from twinkle_tinker.wire import Datum
 
 _RL_INPUTS = ("target_tokens", "logprobs", "advantages")

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 from tinker.proto import tinker_public_pb2 as public_pb
 
-from twinkle_client.errors import InvalidArgument
+from twinkle_protocol.errors import InvalidArgument
 
 _DTYPES = {
     public_pb.DTYPE_FLOAT32: np.float32,

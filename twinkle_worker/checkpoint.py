@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from twinkle_client.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+from twinkle_protocol.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"

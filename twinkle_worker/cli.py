@@ -27,7 +27,7 @@ import sys
 import threading
 from typing import TYPE_CHECKING
 
-from twinkle_client.errors import TwinkleError
+from twinkle_protocol.errors import TwinkleError
 from twinkle_worker import parent, placement
 from twinkle_worker.receive_deadline import DEFAULT_RECEIVE_TIMEOUT_SECONDS
 from twinkle_worker.server import DEFAULT_MAX_MESSAGE_MB
@@ -140,8 +140,8 @@ def join_mesh(
     """Rank 0 keeps the mesh's registry; every other rank gets a Registrar (started with the server)."""
     import socket
 
-    from twinkle_client._proto import worker_pb2
-    from twinkle_client.coordinator import ChannelSecurity
+    from twinkle_protocol._proto import worker_pb2
+    from twinkle_protocol.security import ChannelSecurity
     from twinkle_worker import mesh_registry
 
     servicer = server.servicer

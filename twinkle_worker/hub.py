@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from twinkle_client.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, Unavailable
+from twinkle_protocol.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, Unavailable
 
 log = logging.getLogger(__name__)
 

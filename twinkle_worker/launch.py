@@ -27,8 +27,8 @@ import sys
 import threading
 from typing import Any
 
-from twinkle_client.errors import Unavailable
 from twinkle_client.local import LocalWorkers
+from twinkle_protocol.errors import Unavailable
 
 TOKEN_ENV = "TWINKLE_WORKER_TOKEN"
 WILDCARD_HOSTS = ("0.0.0.0", "::", "")

@@ -13,9 +13,9 @@ import uuid
 
 import grpc
 
-from twinkle_client._proto import worker_pb2, worker_pb2_grpc
-from twinkle_client.coordinator import ChannelSecurity
-from twinkle_client.errors import FailedPrecondition, InvalidArgument
+from twinkle_protocol._proto import worker_pb2, worker_pb2_grpc
+from twinkle_protocol.errors import FailedPrecondition, InvalidArgument
+from twinkle_protocol.security import ChannelSecurity
 
 log = logging.getLogger(__name__)
 

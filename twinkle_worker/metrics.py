@@ -22,8 +22,8 @@ import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 
-from twinkle_client import tensors
-from twinkle_client.timing import COMPUTE_KEY, HANDLER_KEY, QUEUE_KEY
+from twinkle_protocol import tensors
+from twinkle_protocol.metadata import COMPUTE_KEY, HANDLER_KEY, QUEUE_KEY
 
 log = logging.getLogger(__name__)
 

@@ -31,8 +31,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from twinkle_client.batch import IGNORE_INDEX, TOKEN_KEYS, collate
-from twinkle_client.errors import (
+from twinkle_protocol.batch import IGNORE_INDEX, TOKEN_KEYS, collate
+from twinkle_protocol.errors import (
     Aborted,
     FailedPrecondition,
     InvalidArgument,
@@ -41,8 +41,8 @@ from twinkle_client.errors import (
     ResourceExhausted,
     TwinkleError,
 )
-from twinkle_client.mesh import DeviceMesh
-from twinkle_client.sampling import SampledSequence
+from twinkle_protocol.mesh import DeviceMesh
+from twinkle_protocol.sampling import SampledSequence
 from twinkle_worker import checkpoint as ckpt
 from twinkle_worker import hub, precision, sampling, strategies
 from twinkle_worker.losses import Loss, make_loss, token_logps

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from twinkle_client.errors import FailedPrecondition, InvalidArgument
+from twinkle_protocol.errors import FailedPrecondition, InvalidArgument
 
 TOKEN_MEAN = "token_mean"
 SUM = "sum"

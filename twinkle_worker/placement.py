@@ -23,7 +23,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
-from twinkle_client.errors import InvalidArgument
+from twinkle_protocol.errors import InvalidArgument
 
 SOURCES = ("flags", "torchrun", "slurm", "kubernetes", "none")
 _ORDINAL = re.compile(r"^(?P<prefix>.+)-(?P<ordinal>\d+)$")

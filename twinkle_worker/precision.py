@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from twinkle_client.errors import FailedPrecondition, InvalidArgument
+from twinkle_protocol.errors import FailedPrecondition, InvalidArgument
 
 # torch.amp.GradScaler's keyword arguments, all plain numbers (the device is the worker's).
 SCALER_KEYS = ("init_scale", "growth_factor", "backoff_factor", "growth_interval", "enabled")

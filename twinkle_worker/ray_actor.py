@@ -10,7 +10,7 @@ import logging
 import os
 import socket
 
-from twinkle_client._proto import worker_pb2
+from twinkle_protocol._proto import worker_pb2
 from twinkle_worker import mesh_registry, placement
 from twinkle_worker.servicer import WorkerOptions
 

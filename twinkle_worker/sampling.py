@@ -26,8 +26,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from twinkle_client.errors import InvalidArgument
-from twinkle_client.sampling import MAX_NUM_SAMPLES, MAX_TOKENS, SampledSequence
+from twinkle_protocol.errors import InvalidArgument
+from twinkle_protocol.sampling import MAX_NUM_SAMPLES, MAX_TOKENS, SampledSequence
 
 # Rows (prompt x sample) one rank decodes in one call.
 MAX_ROWS = 4096

@@ -22,10 +22,10 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from twinkle_client import errors
-from twinkle_client._proto import worker_pb2, worker_pb2_grpc
-from twinkle_client.coordinator import SESSION_METADATA
-from twinkle_client.streaming import frame_parser, serialize_frame
+from twinkle_protocol import errors
+from twinkle_protocol._proto import worker_pb2, worker_pb2_grpc
+from twinkle_protocol.metadata import SESSION_METADATA
+from twinkle_protocol.streaming import frame_parser, serialize_frame
 from twinkle_worker.metrics import MetricsEndpoint, MetricsInterceptor, WorkerMetrics
 from twinkle_worker.receive_deadline import ReceiveDeadlines
 from twinkle_worker.servicer import WorkerOptions, WorkerServicer

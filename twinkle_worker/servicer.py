@@ -21,11 +21,11 @@ from typing import Any
 import grpc
 from google.protobuf import json_format, struct_pb2
 
-from twinkle_client import __version__, errors, shared_memory, streaming, tensors
-from twinkle_client._proto import tensor_pb2, worker_pb2, worker_pb2_grpc
-from twinkle_client.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, TwinkleError, Unavailable
-from twinkle_client.mesh import DeviceMesh
-from twinkle_client.sampling import SampledSequence
+from twinkle_protocol import __version__, errors, shared_memory, streaming, tensors
+from twinkle_protocol._proto import tensor_pb2, worker_pb2, worker_pb2_grpc
+from twinkle_protocol.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, TwinkleError, Unavailable
+from twinkle_protocol.mesh import DeviceMesh
+from twinkle_protocol.sampling import SampledSequence
 from twinkle_worker import mesh_registry, metrics, validation
 from twinkle_worker.model import ForwardResult, TransformersModel
 from twinkle_worker.receive_deadline import DEFAULT_RECEIVE_TIMEOUT_SECONDS
@@ -243,7 +243,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
 
     def _abort(self, context: grpc.ServicerContext, error: BaseException) -> None:
         """The one place an exception becomes a status: its code, the message naming this rank, and
-        an ErrorInfo detail (reason, rank, field: twinkle_client.errors.to_status)."""
+        an ErrorInfo detail (reason, rank, field: twinkle_protocol.errors.to_status)."""
         text = (
             str(error)
             if isinstance(error, TwinkleError)

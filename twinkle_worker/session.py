@@ -22,7 +22,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
-from twinkle_client.errors import FailedPrecondition, Unavailable
+from twinkle_protocol.errors import FailedPrecondition, Unavailable
 
 # Outcomes kept for retries: at most this many calls, and besides the newest (always kept) this many
 # bytes, the largest going first (see Ledger._evict).

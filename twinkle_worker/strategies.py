@@ -15,8 +15,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from twinkle_client.errors import FailedPrecondition, InvalidArgument, Unavailable
-from twinkle_client.mesh import DeviceMesh
+from twinkle_protocol.errors import FailedPrecondition, InvalidArgument, Unavailable
+from twinkle_protocol.mesh import DeviceMesh
 
 log = logging.getLogger(__name__)
 

@@ -15,9 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from twinkle_client import lora
-from twinkle_client._proto import worker_pb2
-from twinkle_client.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from twinkle_protocol import lora
+from twinkle_protocol._proto import worker_pb2
+from twinkle_protocol.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 
 # Extra keyword arguments Init passes to from_pretrained / from_config. An allow-list: keys
 # like trust_remote_code, token, cache_dir or device_map must not reach transformers.
@@ -30,7 +30,7 @@ MODEL_KWARGS = (
     "use_cache",
 )
 # peft.LoraConfig fields accepted in LoraConfig.extra.
-# peft LoraConfig fields that travel in LoraConfig.extra (twinkle_client.lora's allow-list), and
+# peft LoraConfig fields that travel in LoraConfig.extra (twinkle_protocol.lora's allow-list), and
 # target_modules: null there asks for peft's default targets.
 LORA_EXTRA = (*lora.EXTRA_FIELDS, "target_modules")
 LORA_BIASES = ("none", "all", "lora_only")

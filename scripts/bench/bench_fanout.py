@@ -111,9 +111,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import ray
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    from twinkle_client._proto import worker_pb2
     from twinkle_client.coordinator import Coordinator
     from twinkle_client.local import LocalWorkers
+    from twinkle_protocol._proto import worker_pb2
 
     biggest = max(counts)
     print(f"starting {biggest} workers, {len(counts)} gloo groups and Ray ...", flush=True)

@@ -106,12 +106,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import numpy as np
     import ray
 
-    from twinkle_client import shared_memory, streaming, tensors
-    from twinkle_client._proto import worker_pb2
     from twinkle_client.coordinator import Coordinator
-    from twinkle_client.errors import FailedPrecondition
     from twinkle_client.local import LocalWorkers
     from twinkle_client.model import TransformersModel
+    from twinkle_protocol import shared_memory, streaming, tensors
+    from twinkle_protocol._proto import worker_pb2
+    from twinkle_protocol.errors import FailedPrecondition
 
     print("starting 2 workers, a raw gRPC server and Ray ...", flush=True)
     workers = LocalWorkers(2, threads=1)

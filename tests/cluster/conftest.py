@@ -29,8 +29,8 @@ def windows() -> list[Any]:
 @pytest.fixture(scope="session")
 def embedded_losses(windows: list[Any], monkeypatch_session: pytest.MonkeyPatch) -> list[float]:
     """The losses of the embedded default (two local workers the client starts) on `windows`."""
-    from twinkle_client.mesh import DeviceMesh
     from twinkle_client.model import TransformersModel
+    from twinkle_protocol.mesh import DeviceMesh
 
     monkeypatch_session.delenv("TWINKLE_CLUSTER", raising=False)
     model = TransformersModel(

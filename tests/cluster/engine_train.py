@@ -17,8 +17,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "distribute
 from cluster_support import STEPS, train  # noqa: E402
 from dist_reference import SEED, make_windows, tiny_config  # noqa: E402
 
-from twinkle_client.mesh import DeviceMesh  # noqa: E402
 from twinkle_client.model import TransformersModel  # noqa: E402
+from twinkle_protocol.mesh import DeviceMesh  # noqa: E402
 
 
 def main(result_path: str) -> None:

@@ -29,8 +29,8 @@ def main(rendered: str, workdir: str, result_path: str) -> None:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     from twinkle_client.local import wait_serving
-    from twinkle_client.mesh import DeviceMesh
     from twinkle_client.model import TransformersModel
+    from twinkle_protocol.mesh import DeviceMesh
 
     loopback_up()
     work = pathlib.Path(workdir)

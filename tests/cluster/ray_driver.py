@@ -31,9 +31,9 @@ def main(workdir: str, result_path: str) -> None:
     import ray
 
     from twinkle_client import cluster
-    from twinkle_client.errors import TwinkleError
-    from twinkle_client.mesh import DeviceMesh
     from twinkle_client.model import TransformersModel
+    from twinkle_protocol.errors import TwinkleError
+    from twinkle_protocol.mesh import DeviceMesh
 
     # A short session folder: Ray's sockets live in it, and socket paths have at most 107 bytes.
     session = tempfile.mkdtemp(prefix="ray-", dir="/tmp")

@@ -17,10 +17,10 @@ from cluster_support import (
 from dist_reference import RTOL, SEED, tiny_config
 
 from twinkle_client import cluster
-from twinkle_client._proto import worker_pb2, worker_pb2_grpc
-from twinkle_client.coordinator import ChannelSecurity
-from twinkle_client.errors import FailedPrecondition
-from twinkle_client.mesh import DeviceMesh
+from twinkle_protocol._proto import worker_pb2, worker_pb2_grpc
+from twinkle_protocol.errors import FailedPrecondition
+from twinkle_protocol.mesh import DeviceMesh
+from twinkle_protocol.security import ChannelSecurity
 
 
 def stub(address: str) -> worker_pb2_grpc.WorkerServiceStub:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from twinkle_client.errors import InvalidArgument
+from twinkle_protocol.errors import InvalidArgument
 from twinkle_worker import placement
 from twinkle_worker.placement import Placement
 

@@ -62,7 +62,7 @@ def buf(node_modules: pathlib.Path) -> str:
 
 def _reset_all(addresses: list[str]) -> None:
     """Force-Resets every worker concurrently: whoever owned it, it is uninitialised afterwards."""
-    from twinkle_client._proto import worker_pb2, worker_pb2_grpc
+    from twinkle_protocol._proto import worker_pb2, worker_pb2_grpc
 
     def reset(address: str) -> None:
         with grpc.insecure_channel(address) as channel:

@@ -35,9 +35,9 @@ import grpc
 import numpy as np
 import pytest
 
-from twinkle_client._proto import worker_pb2, worker_pb2_grpc
-from twinkle_client.coordinator import ChannelSecurity
 from twinkle_client.local import LocalWorkers
+from twinkle_protocol._proto import worker_pb2, worker_pb2_grpc
+from twinkle_protocol.security import ChannelSecurity
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = REPO / "examples" / "go" / "build.sh"
@@ -158,8 +158,8 @@ def status_of(address: str, security: ChannelSecurity | None = None) -> Any:
 
 def train_with_python_client(addresses: list[str], steps: int) -> dict[str, Any]:
     """The same job through twinkle_client.TransformersModel on the same workers."""
-    from twinkle_client.mesh import DeviceMesh
     from twinkle_client.model import TransformersModel
+    from twinkle_protocol.mesh import DeviceMesh
 
     model = TransformersModel(
         model_cls="Qwen2ForCausalLM",
@@ -280,8 +280,8 @@ def test_status_table_shows_state_groups_and_step(
     twinkle_sched: str, two_workers: Any, reset_workers: Any, tmp_path: pathlib.Path
 ) -> None:
     """`twinkle-sched status` against a mesh a Python client is driving (one optimizer step done)."""
-    from twinkle_client.mesh import DeviceMesh
     from twinkle_client.model import TransformersModel
+    from twinkle_protocol.mesh import DeviceMesh
 
     reset_workers(two_workers.addresses)
     model = TransformersModel(
@@ -583,8 +583,8 @@ MESHES = [
 
 @pytest.mark.parametrize("sizes", MESHES, ids=lambda sizes: ",".join(f"{k[:-5]}={v}" for k, v in sizes.items()))
 def test_go_mesh_rules_equal_the_python_client(twinkle_sched: str, sizes: dict[str, int]) -> None:
-    """Data ranks, collect ranks and slices of `twinkle-sched plan` = twinkle_client.mesh."""
-    from twinkle_client.mesh import DeviceMesh, slice_bounds
+    """Data ranks, collect ranks and slices of `twinkle-sched plan` = twinkle_protocol.mesh."""
+    from twinkle_protocol.mesh import DeviceMesh, slice_bounds
 
     mesh = DeviceMesh.from_sizes(**sizes)
     counts = [n for n in (7, 8, 13) if n >= mesh.data_world_size]

@@ -122,8 +122,8 @@ def train_in_process(job: dict[str, Any], output_root: pathlib.Path) -> dict[str
 
 def train_with_python_client(job: dict[str, Any], addresses: list[str]) -> dict[str, Any]:
     """The job through the Python client, twinkle_client.TransformersModel, on the given workers."""
-    from twinkle_client.mesh import DeviceMesh
     from twinkle_client.model import TransformersModel
+    from twinkle_protocol.mesh import DeviceMesh
 
     model = TransformersModel(
         model_cls="Qwen2ForCausalLM",
@@ -174,7 +174,7 @@ def python_two_ranks(job: dict[str, Any], two_workers: Any, reset_workers: Any) 
 def get_statuses(addresses: list[str]) -> list[Any]:
     import grpc
 
-    from twinkle_client._proto import worker_pb2, worker_pb2_grpc
+    from twinkle_protocol._proto import worker_pb2, worker_pb2_grpc
 
     statuses = []
     for address in addresses:
@@ -382,8 +382,8 @@ MESHES = [
 
 
 def test_node_mesh_rules_equal_the_python_client(node: str) -> None:
-    """Data ranks, collect ranks and slices computed by examples/node/lib/mesh.js = twinkle_client.mesh."""
-    from twinkle_client.mesh import DeviceMesh, slice_bounds
+    """Data ranks, collect ranks and slices computed by examples/node/lib/mesh.js = twinkle_protocol.mesh."""
+    from twinkle_protocol.mesh import DeviceMesh, slice_bounds
 
     specs = [{key[: -len("_size")]: value for key, value in sizes.items()} for sizes in MESHES]
     script = """

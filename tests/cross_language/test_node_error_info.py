@@ -14,7 +14,7 @@ from typing import Any
 
 import grpc
 
-from twinkle_client.errors import DOMAIN
+from twinkle_protocol.errors import DOMAIN
 
 HERE = pathlib.Path(__file__).resolve().parent
 CONFIG = {

@@ -23,7 +23,7 @@ from dist_reference import (
     train_reference,
 )
 
-from twinkle_client.mesh import DeviceMesh
+from twinkle_protocol.mesh import DeviceMesh
 
 GAS = 2
 MESHES = {

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from dist_reference import SEED, make_samples, tiny_config
 
-from twinkle_client import errors, tensors
-from twinkle_client._proto import worker_pb2
-from twinkle_client.batch import collate
-from twinkle_client.mesh import DeviceMesh
+from twinkle_protocol import errors, tensors
+from twinkle_protocol._proto import worker_pb2
+from twinkle_protocol.batch import collate
+from twinkle_protocol.mesh import DeviceMesh
 
 
 def test_an_unknown_adapter_on_rank_1_is_named_by_reason_and_rank(mesh_model, two_workers) -> None:  # type: ignore[no-untyped-def]

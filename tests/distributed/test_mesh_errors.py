@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from dist_reference import SEED, make_samples, tiny_config
 
-from twinkle_client import tensors
-from twinkle_client._proto import worker_pb2
-from twinkle_client.batch import collate
-from twinkle_client.errors import FailedPrecondition, InvalidArgument
-from twinkle_client.mesh import DeviceMesh
+from twinkle_protocol import tensors
+from twinkle_protocol._proto import worker_pb2
+from twinkle_protocol.batch import collate
+from twinkle_protocol.errors import FailedPrecondition, InvalidArgument
+from twinkle_protocol.mesh import DeviceMesh
 
 
 def _sequence_numbers(model) -> list[int]:  # type: ignore[no-untyped-def]

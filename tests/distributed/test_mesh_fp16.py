@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from dist_reference import SEED, as_tensor, make_samples, tiny_config
 
-from twinkle_client.mesh import DeviceMesh
+from twinkle_protocol.mesh import DeviceMesh
 
 LR, MAX_NORM = 0.05, 1.0
 # On these batches the gradients overflow float16 (max 65504) from a loss scale of 2**14 or 2**15 on
@@ -83,7 +83,7 @@ def test_fp16_on_two_ddp_ranks_matches_one_process_with_the_same_scaler(mesh_mod
 def _scales(model) -> list[float]:  # type: ignore[no-untyped-def]
     from google.protobuf import json_format
 
-    from twinkle_client._proto import worker_pb2
+    from twinkle_protocol._proto import worker_pb2
 
     replies = [
         stub.GetTrainConfigs(worker_pb2.GetTrainConfigsRequest(), metadata=model.coordinator.metadata, timeout=60)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 from dist_reference import SEED, check_training_parity, tiny_config
 
-from twinkle_client.mesh import DeviceMesh
+from twinkle_protocol.mesh import DeviceMesh
 
 HSDP = DeviceMesh.from_sizes(dp_size=2, fsdp_size=2)
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from dist_reference import SEED, Reference, make_samples, tiny_config
 
-from twinkle_client.mesh import DeviceMesh
+from twinkle_protocol.mesh import DeviceMesh
 
 MESHES = {
     "ddp-dp2": (DeviceMesh.from_sizes(dp_size=2), "accelerate"),

@@ -33,7 +33,7 @@ from dist_reference import (
     train_workers,
 )
 
-from twinkle_client.mesh import DeviceMesh, slice_bounds
+from twinkle_protocol.mesh import DeviceMesh, slice_bounds
 
 MESHES = {
     "ddp-dp2": (DeviceMesh.from_sizes(dp_size=2), "accelerate", "DDP"),

@@ -21,7 +21,7 @@ from dist_reference import (
     tiny_config,
 )
 
-from twinkle_client.mesh import DeviceMesh
+from twinkle_protocol.mesh import DeviceMesh
 
 STEPS, GAS = 3, 2
 

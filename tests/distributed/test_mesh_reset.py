@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from dist_reference import RTOL, SEED, Reference, make_samples, tiny_config
 
-from twinkle_client.mesh import DeviceMesh
+from twinkle_protocol.mesh import DeviceMesh
 
 
 def test_same_workers_take_a_new_mesh_shape_after_close(two_workers, mesh_model) -> None:  # type: ignore[no-untyped-def]
@@ -37,8 +37,8 @@ def test_same_workers_take_a_new_mesh_shape_after_close(two_workers, mesh_model)
 
 
 def _statuses(pool):  # type: ignore[no-untyped-def]
-    from twinkle_client._proto import worker_pb2
     from twinkle_client.coordinator import Coordinator
+    from twinkle_protocol._proto import worker_pb2
 
     coordinator = Coordinator(pool.addresses)
     try:

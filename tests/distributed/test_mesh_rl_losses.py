@@ -15,7 +15,7 @@ import pytest
 from dist_reference import tiny_config
 from rl_reference import LOSS_OPTIONS, SEED, check_dpo_parity, check_loss_parity
 
-from twinkle_client.mesh import DeviceMesh
+from twinkle_protocol.mesh import DeviceMesh
 
 MESHES = {
     "ddp-dp2": (DeviceMesh.from_sizes(dp_size=2), "accelerate", "DDP"),
@@ -44,7 +44,7 @@ def test_dpo_pairs_split_over_ranks_equal_a_reference_dpo_step(mesh_model, mesh_
 def test_remove_adapter_after_wrapping_is_refused_and_changes_nothing(mesh_model) -> None:  # type: ignore[no-untyped-def]
     from peft import LoraConfig
 
-    from twinkle_client.errors import FailedPrecondition
+    from twinkle_protocol.errors import FailedPrecondition
 
     model = mesh_model(config=tiny_config(), device_mesh=MESHES["ddp-dp2"][0], seed=SEED)
     lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM")
@@ -63,7 +63,7 @@ def test_remove_adapter_after_wrapping_is_refused_and_changes_nothing(mesh_model
 def test_refused_loss_calls_change_nothing_on_any_rank(mesh_model) -> None:  # type: ignore[no-untyped-def]
     from rl_reference import GAS, Reference, assert_weights_close, make_window
 
-    from twinkle_client.errors import FailedPrecondition, InvalidArgument
+    from twinkle_protocol.errors import FailedPrecondition, InvalidArgument
 
     config = tiny_config()
     model = mesh_model(config=config, device_mesh=MESHES["ddp-dp2"][0], seed=SEED)

@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 from dist_reference import SEED, tiny_config
 
-from twinkle_client.errors import InvalidArgument
-from twinkle_client.mesh import DeviceMesh
+from twinkle_protocol.errors import InvalidArgument
+from twinkle_protocol.mesh import DeviceMesh
 from twinkle_worker import TransformersModel as InProcessModel
 
 MESHES = {

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from dist_reference import SEED, make_samples, tiny_config
 
-from twinkle_client.mesh import DeviceMesh
+from twinkle_protocol.mesh import DeviceMesh
 
 
 def _run(model) -> list[dict]:  # type: ignore[no-untyped-def, type-arg]

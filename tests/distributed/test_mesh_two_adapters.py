@@ -23,7 +23,7 @@ from dist_reference import (
 )
 from peft import LoraConfig
 
-from twinkle_client.mesh import DeviceMesh
+from twinkle_protocol.mesh import DeviceMesh
 from twinkle_worker.model import adapter_seed
 
 MESHES = {

@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 from dist_reference import SEED, tiny_config
 
-from twinkle_client import tensors
-from twinkle_client._proto import worker_pb2
-from twinkle_client.errors import InvalidArgument
-from twinkle_client.mesh import DeviceMesh
+from twinkle_protocol import tensors
+from twinkle_protocol._proto import worker_pb2
+from twinkle_protocol.errors import InvalidArgument
+from twinkle_protocol.mesh import DeviceMesh
 
 ADAPTER = "pg"
 TIMEOUT_SECONDS = 60

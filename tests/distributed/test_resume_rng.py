@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 from dist_reference import SEED, make_windows, tiny_config
 
-from twinkle_client.mesh import DeviceMesh
+from twinkle_protocol.mesh import DeviceMesh
 
 ADAPTER = "drop"
 LORA = {"r": 4, "lora_alpha": 8, "lora_dropout": 0.3, "target_modules": "all-linear"}

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from dist_reference import RTOL, SEED, Reference, make_samples, tiny_config
 
-from twinkle_client.mesh import DeviceMesh
+from twinkle_protocol.mesh import DeviceMesh
 
 START_TIMEOUT = 240.0
 

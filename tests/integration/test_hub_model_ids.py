@@ -20,10 +20,10 @@ import numpy as np
 import pytest
 import torch
 
-from twinkle_client.errors import FailedPrecondition, NotFound
 from twinkle_client.local import LocalWorkers
-from twinkle_client.mesh import DeviceMesh
 from twinkle_client.model import TransformersModel
+from twinkle_protocol.errors import FailedPrecondition, NotFound
+from twinkle_protocol.mesh import DeviceMesh
 
 COMMIT = hashlib.sha1(b"tiny, first commit").hexdigest()
 OTHER_COMMIT = hashlib.sha1(b"tiny, second commit").hexdigest()
@@ -85,7 +85,7 @@ def _open(workers: list[LocalWorkers], model_id: str, ranks: int = 1) -> Transfo
 def _configs(model: Any) -> dict[str, Any]:
     from google.protobuf import json_format
 
-    from twinkle_client._proto import worker_pb2
+    from twinkle_protocol._proto import worker_pb2
 
     reply = model.coordinator.stubs[0].GetTrainConfigs(
         worker_pb2.GetTrainConfigsRequest(), metadata=model.coordinator.metadata, timeout=60

@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import GPT2Config
 
-from twinkle_client.errors import InvalidArgument
+from twinkle_protocol.errors import InvalidArgument
 
 
 def _gpt2() -> GPT2Config:

@@ -18,9 +18,9 @@ import pytest
 from plain_reference import VOCAB, counting_samples
 from prometheus_client.parser import text_string_to_metric_families
 
-from twinkle_client._proto import worker_pb2, worker_pb2_grpc
-from twinkle_client.errors import NotFound
 from twinkle_client.model import TransformersModel
+from twinkle_protocol._proto import worker_pb2, worker_pb2_grpc
+from twinkle_protocol.errors import NotFound
 
 DASHBOARD = pathlib.Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "twinkle-workers.json"
 # Exported only once CUDA is in use (twinkle_worker.metrics._cuda_memory); a CPU worker has none.

@@ -7,8 +7,8 @@ import grpc
 import pytest
 from google.api import field_behavior_pb2
 
-from twinkle_client import errors
-from twinkle_client._proto import worker_pb2, worker_pb2_grpc
+from twinkle_protocol import errors
+from twinkle_protocol._proto import worker_pb2, worker_pb2_grpc
 
 REQUIRED = {
     ("AddAdapterRequest", "adapter_name"),

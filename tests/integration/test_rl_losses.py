@@ -37,7 +37,7 @@ def test_get_state_dict_and_remove_adapter(remote, config) -> None:  # type: ign
     import transformers
     from peft import LoraConfig, get_peft_model
 
-    from twinkle_client.errors import NotFound
+    from twinkle_protocol.errors import NotFound
     from twinkle_worker.model import adapter_seed  # the worker's documented LoRA initialisation seed
 
     lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM")
@@ -91,7 +91,7 @@ def test_the_loss_choice_travels_on_every_transport(remote, config) -> None:  # 
 
 
 def test_a_loss_choice_that_cannot_apply_is_invalid_argument(remote, config) -> None:  # type: ignore[no-untyped-def]
-    from twinkle_client.errors import InvalidArgument
+    from twinkle_protocol.errors import InvalidArgument
 
     model = remote(config=config, seed=SEED)
     model.set_optimizer("SGD", lr=LR, weight_decay=0.0)

@@ -14,7 +14,7 @@ import torch
 from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 from plain_reference import base_model, counting_samples
 
-from twinkle_client.errors import InvalidArgument
+from twinkle_protocol.errors import InvalidArgument
 
 ATOL = 1e-5
 # Dropout on: a sample must run in eval mode to equal the (eval-mode) reference.
@@ -323,8 +323,8 @@ def test_sample_async_runs_in_submission_order(remote, config) -> None:  # type:
 
 def _raw_request(**change):  # type: ignore[no-untyped-def]
     """A valid Sample request for 2 rows, as a client in another language would build it."""
-    from twinkle_client import tensors
-    from twinkle_client._proto import worker_pb2
+    from twinkle_protocol import tensors
+    from twinkle_protocol._proto import worker_pb2
 
     ids = np.array([[5, 6, 7], [8, 0, 0]], dtype=np.int64)
     mask = np.array([[1, 1, 1], [1, 0, 0]], dtype=np.int64)

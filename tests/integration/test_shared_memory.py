@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from plain_reference import VOCAB
 
-from twinkle_client import shared_memory, tensors
-from twinkle_client._proto import worker_pb2, worker_pb2_grpc
-from twinkle_client.coordinator import ChannelSecurity
-from twinkle_client.errors import InvalidArgument, NotFound, PermissionDenied
 from twinkle_client.local import LocalWorkers
+from twinkle_protocol import shared_memory, tensors
+from twinkle_protocol._proto import worker_pb2, worker_pb2_grpc
+from twinkle_protocol.errors import InvalidArgument, NotFound, PermissionDenied
+from twinkle_protocol.security import ChannelSecurity
 
 pytestmark = pytest.mark.skipif(not shared_memory.available(), reason="needs a writable /dev/shm (Linux)")
 

@@ -14,7 +14,7 @@ from peft import LoraConfig, PeftModel
 from plain_reference import RTOL, assert_weights_equal, base_model, counting_samples, max_change, sample_logits, state
 from transformers import AutoModelForCausalLM
 
-from twinkle_client.errors import NotFound, PermissionDenied
+from twinkle_protocol.errors import NotFound, PermissionDenied
 
 # Logits are O(1) here; float32 with different batching (padded micro-batch vs one sample): ~1e-6.
 LOGITS_ATOL = 1e-5

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from plain_reference import counting_samples
 
-from twinkle_client import errors
-from twinkle_client._proto import worker_pb2, worker_pb2_grpc
+from twinkle_protocol import errors
+from twinkle_protocol._proto import worker_pb2, worker_pb2_grpc
 from twinkle_worker.session import MAX_AHEAD
 
 

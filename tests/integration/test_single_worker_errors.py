@@ -10,9 +10,9 @@ import pytest
 from peft import LoraConfig
 from plain_reference import VOCAB, counting_samples
 
-from twinkle_client import tensors
-from twinkle_client._proto import tensor_pb2, worker_pb2, worker_pb2_grpc
-from twinkle_client.errors import FailedPrecondition, InvalidArgument, NotFound
+from twinkle_protocol import tensors
+from twinkle_protocol._proto import tensor_pb2, worker_pb2, worker_pb2_grpc
+from twinkle_protocol.errors import FailedPrecondition, InvalidArgument, NotFound
 
 
 def _batch(seed: int = 0) -> list[dict[str, np.ndarray]]:

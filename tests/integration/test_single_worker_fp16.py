@@ -59,7 +59,7 @@ class _Reference:
 
 
 def _configs(model: Any) -> dict[str, Any]:
-    from twinkle_client._proto import worker_pb2
+    from twinkle_protocol._proto import worker_pb2
 
     reply = model.coordinator.stubs[0].GetTrainConfigs(
         worker_pb2.GetTrainConfigsRequest(), metadata=model.coordinator.metadata, timeout=60

@@ -13,7 +13,7 @@ from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft
 from peft.tuners.lora.config import EvaConfig
 from plain_reference import base_model, counting_samples
 
-from twinkle_client.errors import InvalidArgument
+from twinkle_protocol.errors import InvalidArgument
 
 # Bookkeeping the worker fills in itself (and peft stamps), not part of the adapter.
 _BOOKKEEPING = {"base_model_name_or_path", "revision", "peft_version", "auto_mapping"}
@@ -22,7 +22,7 @@ _BOOKKEEPING = {"base_model_name_or_path", "revision", "peft_version", "auto_map
 def _configs(model: Any, adapter_name: str) -> dict[str, Any]:
     from google.protobuf import json_format
 
-    from twinkle_client._proto import worker_pb2
+    from twinkle_protocol._proto import worker_pb2
 
     reply = model.coordinator.stubs[0].GetTrainConfigs(
         worker_pb2.GetTrainConfigsRequest(adapter_name=adapter_name), metadata=model.coordinator.metadata, timeout=60

@@ -8,8 +8,8 @@ import pathlib
 
 import pytest
 
-from twinkle_client.errors import FailedPrecondition
 from twinkle_client.model import TransformersModel
+from twinkle_protocol.errors import FailedPrecondition
 
 
 def _contents(directory: pathlib.Path) -> dict[str, bytes]:

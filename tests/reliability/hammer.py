@@ -25,8 +25,8 @@ from typing import Any
 import grpc
 import numpy as np
 
-from twinkle_client import tensors
-from twinkle_client._proto import worker_pb2
+from twinkle_protocol import tensors
+from twinkle_protocol._proto import worker_pb2
 
 SERVICE = "/twinkle.worker.v1.WorkerService/"
 STREAM_MB = 16

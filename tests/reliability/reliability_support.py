@@ -22,10 +22,10 @@ from typing import Any
 import grpc
 import numpy as np
 
-from twinkle_client import tensors
-from twinkle_client._proto import worker_pb2, worker_pb2_grpc
-from twinkle_client.coordinator import ChannelSecurity
 from twinkle_client.local import LocalWorkers
+from twinkle_protocol import tensors
+from twinkle_protocol._proto import worker_pb2, worker_pb2_grpc
+from twinkle_protocol.security import ChannelSecurity
 
 _ROOT = pathlib.Path(__file__).resolve().parents[1] / "conftest.py"
 _spec = importlib.util.spec_from_file_location("_tests_root_conftest_reliability", _ROOT)

@@ -16,11 +16,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from reliability_support import Pki, batch, code_of, forward_request, start_workers, stub, tiny_config
 
-from twinkle_client._proto import worker_pb2
-from twinkle_client.coordinator import ChannelSecurity
-from twinkle_client.errors import Unauthenticated
 from twinkle_client.local import LocalWorkers
 from twinkle_client.model import TransformersModel
+from twinkle_protocol._proto import worker_pb2
+from twinkle_protocol.errors import Unauthenticated
+from twinkle_protocol.security import ChannelSecurity
 
 TOKEN = "s3cret-token-for-tests-0123456789"
 

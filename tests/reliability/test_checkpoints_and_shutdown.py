@@ -20,10 +20,10 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from reliability_support import SavePause, batch, code_of, connect, in_thread, start_workers, stub
 
-from twinkle_client._proto import worker_pb2
-from twinkle_client.errors import FailedPrecondition, TwinkleError
 from twinkle_client.local import LocalWorkers
 from twinkle_client.model import TransformersModel
+from twinkle_protocol._proto import worker_pb2
+from twinkle_protocol.errors import FailedPrecondition, TwinkleError
 from twinkle_worker import checkpoint as ckpt
 
 Code = grpc.StatusCode

@@ -1,4 +1,4 @@
-"""The client's contract: every method raises twinkle_client.errors.* and honours the per-call timeout.
+"""The client's contract: every method raises twinkle_protocol.errors.* and honours the per-call timeout.
 
 A worker whose model thread is held (a save paused by the TWINKLE_TEST_PAUSE_IN_SAVE hook: no
 sleeps) must make get_train_configs() and export_weights() raise DeadlineExceeded once the
@@ -13,8 +13,8 @@ import time
 import pytest
 from reliability_support import SavePause, batch, connect, in_thread
 
-from twinkle_client.errors import DeadlineExceeded, NotFound
 from twinkle_client.local import LocalWorkers
+from twinkle_protocol.errors import DeadlineExceeded, NotFound
 
 TIMEOUT = 4.0
 

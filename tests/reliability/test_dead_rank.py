@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 from reliability_support import VOCAB, start_workers, stub, tiny_config
 
-from twinkle_client._proto import worker_pb2
-from twinkle_client.errors import TwinkleError
-from twinkle_client.mesh import DeviceMesh
 from twinkle_client.model import TransformersModel
+from twinkle_protocol._proto import worker_pb2
+from twinkle_protocol.errors import TwinkleError
+from twinkle_protocol.mesh import DeviceMesh
 
 STEPS, CHECKPOINT_AT, BATCH, SEQ = 6, 3, 4, 12
 RETRY_SECONDS, GRACE_SECONDS = 2.0, 5.0

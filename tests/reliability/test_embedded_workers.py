@@ -21,13 +21,13 @@ import time
 import pytest
 from reliability_support import tiny_config
 
-from twinkle_client.errors import Unavailable
 from twinkle_client.local import LocalWorkers
+from twinkle_protocol.errors import Unavailable
 
 EXIT_BOUND = 30.0  # seconds; measured: 0.07 s after the kill (generous: shared cores)
 CLIENT = """
 import sys
-from twinkle_client.mesh import DeviceMesh
+from twinkle_protocol.mesh import DeviceMesh
 from twinkle_client.model import TransformersModel
 
 model = TransformersModel(

@@ -22,10 +22,10 @@ from reliability_support import (
     tiny_config,
 )
 
-from twinkle_client._proto import worker_pb2
-from twinkle_client.errors import FailedPrecondition
 from twinkle_client.local import LocalWorkers
 from twinkle_client.model import TransformersModel
+from twinkle_protocol._proto import worker_pb2
+from twinkle_protocol.errors import FailedPrecondition
 
 Code = grpc.StatusCode
 

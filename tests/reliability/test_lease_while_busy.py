@@ -14,9 +14,9 @@ from typing import Any
 import grpc
 from reliability_support import SavePause, batch, code_of, init_request, stub, tiny_config
 
-from twinkle_client._proto import worker_pb2
 from twinkle_client.local import LocalWorkers
 from twinkle_client.model import TransformersModel
+from twinkle_protocol._proto import worker_pb2
 
 LEASE_SECONDS = 1.5
 

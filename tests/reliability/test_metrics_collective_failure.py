@@ -14,9 +14,9 @@ import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 from reliability_support import VOCAB, start_workers, tiny_config
 
-from twinkle_client.errors import TwinkleError
-from twinkle_client.mesh import DeviceMesh
 from twinkle_client.model import TransformersModel
+from twinkle_protocol.errors import TwinkleError
+from twinkle_protocol.mesh import DeviceMesh
 
 
 def samples_of(url: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:

@@ -27,11 +27,11 @@ import grpc
 import pytest
 from reliability_support import batch, forward_request, start_workers, tiny_config
 
-from twinkle_client._proto import worker_pb2
-from twinkle_client.errors import Aborted
 from twinkle_client.local import LocalWorkers
-from twinkle_client.mesh import DeviceMesh
 from twinkle_client.model import TransformersModel
+from twinkle_protocol._proto import worker_pb2
+from twinkle_protocol.errors import Aborted
+from twinkle_protocol.mesh import DeviceMesh
 from twinkle_worker.model import FAULT_HOOK_ENV
 
 TIMEOUT_SECONDS = 60

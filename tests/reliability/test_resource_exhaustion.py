@@ -25,9 +25,9 @@ import grpc
 import numpy as np
 from reliability_support import batch, connect, start_workers
 
-from twinkle_client import tensors
-from twinkle_client._proto import worker_pb2
 from twinkle_client.model import TransformersModel
+from twinkle_protocol import tensors
+from twinkle_protocol._proto import worker_pb2
 
 HAMMER = pathlib.Path(__file__).with_name("hammer.py")
 SERVICE = "/twinkle.worker.v1.WorkerService/"

@@ -15,9 +15,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from reliability_support import batch, connect, forward_request, rss_bytes, stub
 
-from twinkle_client._proto import worker_pb2
-from twinkle_client.errors import FailedPrecondition
 from twinkle_client.local import LocalWorkers
+from twinkle_protocol._proto import worker_pb2
+from twinkle_protocol.errors import FailedPrecondition
 from twinkle_worker import checkpoint as ckpt
 
 ITERATIONS, WARM_UP = 60, 20

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from reliability_support import batch, connect
 
-from twinkle_client._proto import worker_pb2
-from twinkle_client.errors import InvalidArgument, NotFound
 from twinkle_client.local import LocalWorkers
-from twinkle_client.mesh import DeviceMesh
+from twinkle_protocol._proto import worker_pb2
+from twinkle_protocol.errors import InvalidArgument, NotFound
+from twinkle_protocol.mesh import DeviceMesh
 
 ADAPTER = "a"
 

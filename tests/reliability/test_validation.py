@@ -24,11 +24,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from reliability_support import VOCAB, batch, connect, forward_request, init_request, stub, tiny_config
 
-from twinkle_client import tensors
-from twinkle_client._proto import tensor_pb2, worker_pb2
-from twinkle_client.errors import InvalidArgument
 from twinkle_client.local import LocalWorkers
-from twinkle_client.mesh import DeviceMesh
+from twinkle_protocol import tensors
+from twinkle_protocol._proto import tensor_pb2, worker_pb2
+from twinkle_protocol.errors import InvalidArgument
+from twinkle_protocol.mesh import DeviceMesh
 from twinkle_worker.losses import CLASS_NAMES, LOSSES
 
 Code = grpc.StatusCode

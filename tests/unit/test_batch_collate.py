@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from twinkle_client.batch import collate, take_rows
-from twinkle_client.errors import InvalidArgument
+from twinkle_protocol.batch import collate, take_rows
+from twinkle_protocol.errors import InvalidArgument
 
 
 def test_list_of_samples_is_right_padded_with_each_keys_pad_value() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from twinkle_client.errors import FailedPrecondition, InvalidArgument
+from twinkle_protocol.errors import FailedPrecondition, InvalidArgument
 from twinkle_worker.validation import bounded_device
 
 

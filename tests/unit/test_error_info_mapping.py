@@ -1,5 +1,5 @@
 """Exceptions -> google.rpc.Status with an ErrorInfo detail (AIP-193) -> exceptions: the packing of
-twinkle_client.errors.to_status and the decoding of from_status, and the closed list of reasons."""
+twinkle_protocol.errors.to_status and the decoding of from_status, and the closed list of reasons."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from twinkle_client import errors
+from twinkle_protocol import errors
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -106,7 +106,11 @@ def test_every_reason_belongs_to_one_code() -> None:
 def _raised_reasons() -> list[tuple[str, str, str]]:
     """(file:line, exception class, reason) of every `SomeError(..., reason="X")` in the code."""
     found = []
-    for path in [*ROOT.glob("twinkle_worker/**/*.py"), *ROOT.glob("twinkle_client/*.py")]:
+    for path in [
+        *ROOT.glob("twinkle_worker/**/*.py"),
+        *ROOT.glob("twinkle_client/*.py"),
+        *ROOT.glob("twinkle_protocol/*.py"),
+    ]:
         for node in ast.walk(ast.parse(path.read_text())):
             if not isinstance(node, ast.Call):
                 continue

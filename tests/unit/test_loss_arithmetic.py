@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from twinkle_client.errors import InvalidArgument, NotFound
+from twinkle_protocol.errors import InvalidArgument, NotFound
 from twinkle_worker.losses import make_loss, token_logps
 from twinkle_worker.model import _warmup_scheduler
 

@@ -7,8 +7,8 @@ import itertools
 import numpy as np
 import pytest
 
-from twinkle_client.errors import InvalidArgument
-from twinkle_client.mesh import DeviceMesh, slice_bounds
+from twinkle_protocol.errors import InvalidArgument
+from twinkle_protocol.mesh import DeviceMesh, slice_bounds
 
 
 def test_twinkle_example_fsdp2_dp4_data_ranks() -> None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from twinkle_client.errors import FailedPrecondition, InvalidArgument
-from twinkle_client.mesh import DeviceMesh
+from twinkle_protocol.errors import FailedPrecondition, InvalidArgument
+from twinkle_protocol.mesh import DeviceMesh
 from twinkle_worker.precision import check_scaler_config
 from twinkle_worker.strategies import StrategyPlan
 

@@ -1,4 +1,4 @@
-"""The generated stubs in twinkle_client/_proto are what scripts/gen_protos.py makes from protos/ now."""
+"""The generated stubs in twinkle_protocol/_proto are what scripts/gen_protos.py makes from protos/ now."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import importlib.util
 import pathlib
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-STUBS = ROOT / "twinkle_client" / "_proto"
+STUBS = ROOT / "twinkle_protocol" / "_proto"
 
 
 def _gen_protos():  # type: ignore[no-untyped-def]

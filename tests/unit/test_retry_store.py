@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from twinkle_client.errors import FailedPrecondition
+from twinkle_protocol.errors import FailedPrecondition
 from twinkle_worker import session
 
 SESSION = "owner"

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from twinkle_client import custom_loss
-from twinkle_client.errors import FailedPrecondition, InvalidArgument, NotFound
 from twinkle_client.losses import dpo
+from twinkle_protocol.errors import FailedPrecondition, InvalidArgument, NotFound
 from twinkle_worker.losses import make_loss
 from twinkle_worker.normalization import Normalization, check_window
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from twinkle_client import sampling as client
-from twinkle_client.errors import InvalidArgument
+from twinkle_protocol.errors import InvalidArgument
 from twinkle_worker import sampling
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from twinkle_client import shared_memory, tensors
-from twinkle_client._proto import tensor_pb2
+from twinkle_protocol import shared_memory, tensors
+from twinkle_protocol._proto import tensor_pb2
 
 pytestmark = pytest.mark.skipif(not shared_memory.available(), reason="needs a writable /dev/shm (Linux)")
 

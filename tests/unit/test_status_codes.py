@@ -5,7 +5,7 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from twinkle_client import errors
+from twinkle_protocol import errors
 
 CODES = {
     errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,

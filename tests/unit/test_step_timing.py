@@ -7,7 +7,8 @@ from typing import Any
 
 import pytest
 
-from twinkle_client.timing import COMPUTE_KEY, HANDLER_KEY, QUEUE_KEY, StepClock, StepTiming, call_timing
+from twinkle_client.timing import StepClock, StepTiming, call_timing
+from twinkle_protocol.metadata import COMPUTE_KEY, HANDLER_KEY, QUEUE_KEY
 
 
 @dataclass

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from google.protobuf.message import DecodeError
 
-from twinkle_client import streaming
-from twinkle_client._proto import worker_pb2
+from twinkle_protocol import streaming
+from twinkle_protocol._proto import worker_pb2
 
 REQUEST = worker_pb2.ForwardBackwardStreamRequest
 

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from twinkle_client import tensors
-from twinkle_client._proto import tensor_pb2
-from twinkle_client.errors import InvalidArgument
+from twinkle_protocol import tensors
+from twinkle_protocol._proto import tensor_pb2
+from twinkle_protocol.errors import InvalidArgument
 
 DataType = tensor_pb2.DataType
 NUMPY_DTYPES = ["float32", "float64", "float16", "int64", "int32", "int16", "int8", "uint8", "bool"]

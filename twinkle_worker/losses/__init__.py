@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from twinkle_client.errors import InvalidArgument, NotFound
+from twinkle_protocol.errors import InvalidArgument, NotFound
 from twinkle_worker.losses import formulas
 from twinkle_worker.losses.inputs import ALIASES, FLOAT_INPUTS, LossInputs, check_inputs
 from twinkle_worker.normalization import Normalization, counts

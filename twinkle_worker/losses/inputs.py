@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from twinkle_client.errors import InvalidArgument
+from twinkle_protocol.errors import InvalidArgument
 
 # Tinker's names. `advantages` may be per sequence [B] or per token [B, T]; the others are [B, T].
 FLOAT_INPUTS = ("weights", "advantages", "logprobs", "ref_logprobs", "mask")

@@ -1,7 +1,7 @@
 """Exceptions shared by the worker (raised by the model) and the client (raised to callers).
 
 One place maps them to gRPC status codes and back, so a training loop catches
-`twinkle_client.errors.NotFound` whether the model runs in-process or remotely. Every
+`twinkle_protocol.errors.NotFound` whether the model runs in-process or remotely. Every
 status the worker sends carries a `google.rpc.ErrorInfo` detail (AIP-193) in its
 `grpc-status-details-bin` trailer: a `reason` from REASONS, DOMAIN, and metadata with the
 worker's `rank` and, where there is one, the request `field` (docs/protocol.md, "Errors"),
@@ -17,7 +17,7 @@ import grpc
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from twinkle_client._proto import worker_pb2
+from twinkle_protocol._proto import worker_pb2
 
 DOMAIN = "twinkle.worker.v1"
 # The closed list of ErrorInfo reasons, by status code; the first of each code is its default

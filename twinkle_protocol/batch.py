@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from twinkle_client.errors import InvalidArgument
+from twinkle_protocol.errors import InvalidArgument
 
 IGNORE_INDEX = -100
 PAD_VALUES = {"input_ids": 0, "attention_mask": 0, "labels": IGNORE_INDEX, "position_ids": 0}

@@ -14,8 +14,8 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from twinkle_client._proto import worker_pb2
-from twinkle_client.errors import InvalidArgument
+from twinkle_protocol._proto import worker_pb2
+from twinkle_protocol.errors import InvalidArgument
 
 # Fields with a field of their own in the LoraConfig message.
 MESSAGE_FIELDS = ("r", "lora_alpha", "lora_dropout", "target_modules", "bias", "use_rslora", "modules_to_save")

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from twinkle_client.errors import InvalidArgument
+from twinkle_protocol.errors import InvalidArgument
 
 DIM_ORDER = ("fsdp", "pp", "dp", "cp", "tp")
 DATA_DIMS = ("dp", "fsdp")

@@ -24,9 +24,9 @@ from typing import Any
 
 import numpy as np
 
-from twinkle_client import tensors
-from twinkle_client._proto import tensor_pb2
-from twinkle_client.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, ResourceExhausted
+from twinkle_protocol import tensors
+from twinkle_protocol._proto import tensor_pb2
+from twinkle_protocol.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, ResourceExhausted
 
 SHM_DIR = "/dev/shm"
 _NAME = re.compile(r"twinkle-[A-Za-z0-9_.-]{1,100}")

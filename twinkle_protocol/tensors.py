@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from twinkle_client._proto import tensor_pb2
-from twinkle_client.errors import InvalidArgument
+from twinkle_protocol._proto import tensor_pb2
+from twinkle_protocol.errors import InvalidArgument
 
 DataType = tensor_pb2.DataType
 

@@ -12,9 +12,9 @@ from typing import Any
 
 import numpy as np
 
-from twinkle_client import tensors
-from twinkle_client._proto import tensor_pb2
-from twinkle_client.errors import InvalidArgument, ResourceExhausted
+from twinkle_protocol import tensors
+from twinkle_protocol._proto import tensor_pb2
+from twinkle_protocol.errors import InvalidArgument, ResourceExhausted
 
 
 def assemble_weights(chunks: Iterable[Any], segment: Any = None) -> dict[str, np.ndarray]:
