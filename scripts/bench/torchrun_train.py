@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 import transformers
-from common import batches, qwen2_config
+from common import batches, native_thread_name, qwen2_config, thread_cpu_seconds
 
 
 def main() -> None:
@@ -80,6 +80,7 @@ def main() -> None:
         step(batch)
     dist.barrier()
     times = []
+    threads_start = thread_cpu_seconds()
     cpu_start = time.process_time()
     start = time.perf_counter()
     for batch in data[args.warmup :]:
@@ -90,6 +91,13 @@ def main() -> None:
     total = time.perf_counter() - start
     cpu = [0.0] * world
     dist.all_gather_object(cpu, time.process_time() - cpu_start)
+    threads: dict[str, float] = {}  # CPU seconds of the window by thread: the loop's own, and torch's / gloo's
+    pid = os.getpid()
+    for tid, seconds in thread_cpu_seconds().items():
+        name = "main (the loop)" if tid == pid else native_thread_name(pid, tid)
+        threads[name] = threads.get(name, 0.0) + seconds - threads_start.get(tid, 0.0)
+    threads_per_rank: list[dict[str, float]] = [{}] * world
+    dist.all_gather_object(threads_per_rank, threads)
     if rank == 0:
         params = sum(p.numel() for p in model.parameters())
         trainable = sum(p.numel() for _, p in named)
@@ -100,6 +108,7 @@ def main() -> None:
                     "step_times_s": times,
                     "steps": args.steps,
                     "cpu_s_per_rank": cpu,
+                    "threads_cpu_s_per_rank": threads_per_rank,
                     "last_loss": loss,
                     "parameters": params,
                     "trainable": trainable,
