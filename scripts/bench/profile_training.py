@@ -33,6 +33,7 @@ from common import (
     RESULTS_DIR,
     ROOT,
     batches,
+    median,
     native_thread_name,
     now,
     process_cpu_seconds,
@@ -106,24 +107,35 @@ def parse_raw(path: str) -> collections.Counter[tuple[str, str]]:
     return counts
 
 
-def torchrun_threads(model: str, mode: str, steps: int, warmup: int) -> dict[str, float]:
-    """CPU ms/step by thread of a torchrun rank (the mean of the 2) on the same loop: the baseline."""
+def torchrun(model: str, mode: str, steps: int, warmup: int, votes: int = 0) -> dict[str, Any]:
+    """The same loop under torchrun (the baseline): ms/step, CPU ms/step of a rank and by thread (mean of the 2).
+    votes: small collectives added per step, each a twinkle agreement vote, to measure what the votes cost."""
     out = tempfile.mktemp(suffix=".json")
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
         os.path.join(os.path.dirname(os.path.abspath(__file__)), "torchrun_train.py"),
         "--model", model, "--mode", mode, "--steps", str(steps), "--warmup", str(warmup), "--out", out,
+        "--votes", str(votes),
     ]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS="1")
     subprocess.run(command, check=True, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, timeout=1800)
     with open(out) as handle:
-        ranks = json.load(handle)["threads_cpu_s_per_rank"]
+        result = json.load(handle)
     os.unlink(out)
-    totals: dict[str, float] = collections.defaultdict(float)
-    for threads in ranks:
-        for name, seconds in threads.items():
-            totals[name] += 1000 * seconds / steps / len(ranks)
-    return dict(sorted(totals.items(), key=lambda item: -item[1]))
+    ranks = result["threads_cpu_s_per_rank"]
+    threads: dict[str, float] = collections.defaultdict(float)
+    for per_rank in ranks:
+        for name, seconds in per_rank.items():
+            threads[name] += 1000 * seconds / steps / len(ranks)
+    return {
+        "step_ms": 1000 * result["total_s"] / steps,
+        "rank_cpu_ms": 1000 * sum(result["cpu_s_per_rank"]) / len(ranks) / steps,
+        "threads": dict(sorted(threads.items(), key=lambda item: -item[1])),
+    }
+
+
+def _gloo_ms(threads: dict[str, float]) -> float:
+    return sum(ms for thread, ms in threads.items() if thread.startswith(("gloo", "pt_gloo")))
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -134,6 +146,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--rate", type=int, default=200, help="py-spy samples per second")
     parser.add_argument("--pipelined", action="store_true", help="the *_async loop, one step ahead")
+    parser.add_argument("--vote-rounds", type=int, default=3, help="rounds of torchrun with 0 vs 3 votes a step")
     parser.add_argument("--keep", action="store_true", help="keep the raw py-spy files in runs/bench/")
     args = parser.parse_args(argv)
 
@@ -194,7 +207,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             name: 1000 * (process_cpu_seconds(pid) - process_before[name]) / args.steps for name, pid in pids.items()
         }
         results.update(step_ms=step_ms, process_cpu_ms=process_ms, threads_cpu_ms=threads)
-        threads["torchrun rank (mean of 2)"] = torchrun_threads(args.model, args.mode, args.steps, args.warmup)
+        threads["torchrun rank (mean of 2)"] = torchrun(args.model, args.mode, args.steps, args.warmup)["threads"]
 
         # 2. py-spy on rank 0 and the client, once holding the GIL, once every non-idle sample
         profiles: dict[str, dict[str, Any]] = {}
@@ -232,6 +245,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     finally:
         workers.close()
 
+    # 3. what the agreement votes cost: the plain loop with 0 and with 3 votes a step (a twinkle DDP step
+    # makes 3: before the forward, after the backward, at clip_grad_and_step), interleaved
+    votes: dict[str, list[dict[str, Any]]] = {"0 votes": [], "3 votes": []}
+    for _ in range(args.vote_rounds):
+        for name in votes:
+            votes[name].append(torchrun(args.model, args.mode, args.steps, args.warmup, votes=int(name[0])))
+    results["votes"] = votes
+    vote_rows = []
+    for name, runs in votes.items():
+        vote_rows.append(
+            [
+                f"torchrun, {name} a step",
+                median([run["step_ms"] for run in runs]),
+                median([run["rank_cpu_ms"] for run in runs]),
+                median([_gloo_ms(run["threads"]) for run in runs]),
+            ]
+        )
+
     text = f"### {args.model} {args.mode}, {'pipelined' if args.pipelined else 'sync'}: {step_ms:.1f} ms/step\n\n"
     text += "Process CPU ms/step: " + ", ".join(f"{k} {v:.2f}" for k, v in process_ms.items()) + "\n\n"
     rows = []
@@ -241,6 +272,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for key, profile in profiles.items():
         rows = [[*label.split(" | "), ms] for label, ms in profile["ms_per_step"].items() if ms >= 0.05]
         text += table(["thread", "category", "ms/step"], rows, f"py-spy {key}") + "\n\n"
+    text += (
+        table(
+            ["loop", "ms/step", "rank CPU ms/step", "of it gloo threads"],
+            vote_rows,
+            f"What the votes cost (median of {args.vote_rounds} interleaved rounds)",
+        )
+        + "\n\n"
+    )
     text += f"Load average at the end {os.getloadavg()[0]:.2f} (2 cores shared with other sessions' tests)."
     print(text, flush=True)
     save("profile_training", results, text)

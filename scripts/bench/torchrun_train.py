@@ -34,6 +34,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="measured steps")
     parser.add_argument("--warmup", type=int, default=3, help="steps before the measurement")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--votes",
+        type=int,
+        default=0,
+        help="small collectives added per step, each one twinkle agreement vote (strategies.agree): what they cost",
+    )
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
 
@@ -62,6 +68,9 @@ def main() -> None:
 
     data = batches(config.vocab_size, args.batch_size, args.seq_len, args.warmup + args.steps, args.seed)
     per_rank = args.batch_size // world
+    agree = None
+    if args.votes:  # only then is twinkle code imported: the plain loop stays plain
+        from twinkle_worker.strategies import agree
 
     def step(batch: dict) -> float:
         rows = slice(rank * per_rank, (rank + 1) * per_rank)
@@ -71,6 +80,8 @@ def main() -> None:
         logits = ddp(input_ids=ids, attention_mask=mask, use_cache=False).logits
         loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
         loss.backward()
+        for _ in range(args.votes):
+            agree(True, ids.device)
         torch.nn.utils.clip_grad_norm_([p for _, p in named], 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
