@@ -35,6 +35,7 @@ from typing import Any
 from common import (
     ROOT,
     batches,
+    busy_warning,
     count_parameters,
     median,
     now,
@@ -270,6 +271,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             )
     if targets:
         text += "\n\nTargets:\n" + "\n".join(targets)
+    if busy_warning():
+        text += "\n\n" + busy_warning()
     text += (
         f"\n\nLoad average at the end {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores (other processes on the"
         " machine share them: wall times move with their load, CPU times much less)."

@@ -87,6 +87,17 @@ def verdict(ok: bool) -> str:
     return "met" if ok else "MISSED"
 
 
+def busy_warning() -> str:
+    """A line saying the wall-time figures cannot be trusted when other processes load the machine, else ''."""
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    if load <= cores:
+        return ""
+    return (
+        f"WARNING: load average {load:.1f} on {cores} cores: other processes took the cores, so wall times "
+        "(and the verdicts from them) are not meaningful in this run; compare the CPU-time table."
+    )
+
+
 def machine() -> dict[str, Any]:
     """What the numbers were measured on, and how loaded it was."""
     import grpc
