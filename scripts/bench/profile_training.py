@@ -3,15 +3,18 @@ py-spy profile of rank 0 and of the client, while the client trains the tiny mod
 
     python scripts/bench/profile_training.py [--model tiny] [--mode lora] [--steps 60] [--pipelined]
 
-Two measurements over the same steps, after warm-up:
+Measured after warm-up, each over its own window of --steps steps:
 
 - CPU ms/step of every thread of each worker and of the client (`/proc/<pid>/task/<tid>/stat`),
-  named by Python thread name (from `py-spy dump`) or by the native name (gRPC core, gloo);
+  named by Python thread name (from `py-spy dump`) or by the native name (gRPC core, gloo), and
+  of the threads of a torchrun rank on the same loop (`torchrun_train.py` records them): the baseline;
 - `py-spy record --format raw` of worker rank 0 and of the client (`--gil`: samples holding the
-  GIL, i.e. Python work; without it, every sample of a thread that is not idle), each sample put
-  in the category of its innermost frame that names one (CATEGORIES), in ms/step.
+  GIL, i.e. Python work; without it, every sample of a thread that is not idle, which on a busy
+  machine includes waiting for a core), each sample put in the category of its innermost frame
+  that names one (CATEGORIES), in ms/step;
+- what the agreement votes cost: torchrun with 0 and with 3 votes a step (`--votes`), interleaved.
 
-Prints both as tables and writes runs/bench/profile_training.{json,md}; with --keep, the raw
+Prints them as tables and writes runs/bench/profile_training.{json,md}; with --keep, the raw
 py-spy files stay in runs/bench/ too (load them in speedscope after `py-spy record -f speedscope`).
 """
 
