@@ -7,7 +7,6 @@ the server reads them in the call's handler, not before). One watchdog thread se
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import logging
 import threading
@@ -23,7 +22,12 @@ DEFAULT_RECEIVE_TIMEOUT_SECONDS = 15.0
 
 
 class ReceiveDeadlines:
-    """Cancels a call when one request message takes longer than `seconds` to arrive."""
+    """Cancels a call when one request message takes longer than `seconds` to arrive.
+
+    Every deadline is `seconds` after its registration, so a new one is never earlier than those
+    already waiting: the watchdog is woken only when it sleeps with nothing to wait for, not at
+    every message (a wake-up per message was a thread hand-off, GIL included, twice a step).
+    """
 
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
@@ -31,38 +35,44 @@ class ReceiveDeadlines:
         self._waiting: dict[int, tuple[float, Callable[[], None]]] = {}
         self._tokens = itertools.count()
         self._thread: threading.Thread | None = None
+        self._wake_at: float | None = None  # when the watchdog wakes next on its own (None: only when notified)
 
     def messages(self, requests: Iterator[Any], context: grpc.ServicerContext, describe: str) -> Iterator[Any]:
         """The request messages, each awaited for at most `seconds` (0: no deadline)."""
         iterator = iter(requests)
+        if self.seconds <= 0:
+            yield from iterator
+            return
         details = (
             f"{describe}: no request message arrived for {self.seconds:g} s (the worker's --receive-timeout-seconds); "
             "the call was cancelled before it ran"
         )
+
+        def cancel() -> None:
+            cancel_with_status(context, details)
+
         while True:
-            with self._waiting_for(lambda: cancel_with_status(context, details)):
+            token = self._register(cancel)
+            try:
                 message = next(iterator, _END)
+            finally:
+                with self._cond:
+                    self._waiting.pop(token, None)
             if message is _END:
                 return
             yield message
 
-    @contextlib.contextmanager
-    def _waiting_for(self, cancel: Callable[[], None]) -> Iterator[None]:
-        if self.seconds <= 0:
-            yield
-            return
+    def _register(self, cancel: Callable[[], None]) -> int:
         token = next(self._tokens)
+        deadline = time.monotonic() + self.seconds
         with self._cond:
-            self._waiting[token] = (time.monotonic() + self.seconds, cancel)
+            self._waiting[token] = (deadline, cancel)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._watch, daemon=True, name="receive-deadline")
                 self._thread.start()
-            self._cond.notify()
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._waiting.pop(token, None)
+            if self._wake_at is None or deadline < self._wake_at:
+                self._cond.notify()
+        return token
 
     def _watch(self) -> None:
         while True:
@@ -71,8 +81,8 @@ class ReceiveDeadlines:
                 late = [token for token, (deadline, _) in self._waiting.items() if deadline <= now]
                 cancels = [self._waiting.pop(token)[1] for token in late]
                 if not cancels:
-                    nearest = min((deadline for deadline, _ in self._waiting.values()), default=None)
-                    self._cond.wait(None if nearest is None else nearest - now)
+                    self._wake_at = min((deadline for deadline, _ in self._waiting.values()), default=None)
+                    self._cond.wait(None if self._wake_at is None else self._wake_at - now)
                     continue
             for cancel in cancels:  # outside the lock: cancelling wakes the handler, which unregisters
                 cancel()

@@ -15,12 +15,15 @@ Used by twinkle_worker.servicer. Every mutating request carries a CallContext:
 from __future__ import annotations
 
 import math
+import sys
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
+
+from google.protobuf.message import Message
 
 from twinkle_protocol.errors import FailedPrecondition, Unavailable
 
@@ -53,6 +56,7 @@ class Ledger:
         # the lease cannot lapse while there is one (a long save outlasting it is still the owner's).
         self._busy = 0
         self._kept: OrderedDict[int, tuple[Any, int]] = OrderedDict()
+        self._kept_bytes = 0  # the sum of the sizes in _kept (kept up to date: _evict runs after every call)
 
     # -------------------------------------------------------------- session
 
@@ -154,6 +158,7 @@ class Ledger:
         self._running.clear()
         self._busy = 0
         self._kept.clear()
+        self._kept_bytes = 0
         self._cond.notify_all()
 
     @property
@@ -279,7 +284,9 @@ class Ledger:
                 else Unavailable("the call was cancelled: the worker is stopping", reason="SHUTTING_DOWN")
             )
             kept = _on_host(outcome)
-            self._kept[number] = (kept, _size(kept))
+            size = _size(kept)
+            self._kept_bytes += size - self._kept.pop(number, (None, 0))[1]
+            self._kept[number] = (kept, size)
             self.last_finished = max(self.last_finished, number)
             self._evict(newest=number)
             self._renew_for(self.session_id)
@@ -291,11 +298,13 @@ class Ledger:
         goes first once it is no longer the newest, instead of pushing out the small outcomes
         (optimizer steps) that a retry must find."""
         while len(self._kept) > MAX_KEPT:
-            self._kept.popitem(last=False)
-        others = sum(size for number, (_, size) in self._kept.items() if number != newest)
+            self._kept_bytes -= self._kept.popitem(last=False)[1][1]
+        others = self._kept_bytes - self._kept[newest][1]
         while others > MAX_KEPT_BYTES:
             largest = max((n for n in self._kept if n != newest), key=lambda n: self._kept[n][1])
-            others -= self._kept.pop(largest)[1]
+            dropped = self._kept.pop(largest)[1]
+            others -= dropped
+            self._kept_bytes -= dropped
 
 
 def _on_host(value: Any) -> Any:
@@ -307,9 +316,16 @@ def _on_host(value: Any) -> Any:
         return [_on_host(item) for item in value]
     if isinstance(value, dict):
         return {key: _on_host(item) for key, item in value.items()}
-    if type(value).__module__.startswith("torch") and hasattr(value, "detach"):
+    if _is_tensor(value):
         return value.detach().cpu()
     return value
+
+
+def _is_tensor(value: Any) -> bool:
+    """isinstance(value, torch.Tensor) without importing torch here (a worker has, when it holds tensors).
+    Cheaper than probing attributes: a failed hasattr on a protobuf message or a tensor costs ~4 µs."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(value, torch.Tensor)
 
 
 def _size(value: Any) -> int:
@@ -318,10 +334,9 @@ def _size(value: Any) -> int:
         return sum(_size(item) for item in value)
     if isinstance(value, dict):
         return sum(_size(item) for item in value.values())
-    if hasattr(value, "ByteSize"):
+    if isinstance(value, Message):
         return int(value.ByteSize())
-    if hasattr(value, "nbytes"):
-        return int(value.nbytes)
-    if hasattr(value, "numel") and hasattr(value, "element_size"):
+    if _is_tensor(value):
         return int(value.numel() * value.element_size())
-    return 64
+    nbytes = getattr(value, "nbytes", None)  # numpy arrays, memoryviews
+    return int(nbytes) if nbytes is not None else 64

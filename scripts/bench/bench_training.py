@@ -35,6 +35,7 @@ from typing import Any
 from common import (
     ROOT,
     batches,
+    busy_warning,
     count_parameters,
     median,
     now,
@@ -137,12 +138,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--quick", action="store_true", help="fewer steps and one round (a noisy first look)")
     parser.add_argument("--models", default="tiny,6m", help="tiny (the tests' model) and/or 6m")
     parser.add_argument("--modes", default="lora,full")
-    parser.add_argument("--rounds", type=int, default=0, help="rounds per model and mode (default 3, quick 1)")
+    parser.add_argument("--rounds", type=int, default=0, help="rounds per model and mode (default 2, quick 1)")
     parser.add_argument("--steps", type=int, default=0, help="measured steps (default tiny 40 / 6m 12; quick 15 / 5)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=256)
     args = parser.parse_args(argv)
-    rounds = args.rounds or (1 if args.quick else 3)
+    rounds = args.rounds or (1 if args.quick else 2)
     plan = {"tiny": (15, 5) if args.quick else (40, 10), "6m": (5, 2) if args.quick else (12, 3)}  # (steps, warm-up)
 
     from twinkle_client.local import LocalWorkers
@@ -152,6 +153,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results: dict[str, Any] = {"rounds": rounds, "batch": [args.batch_size, args.seq_len], "runs": {}}
     rows = []
     cpu_rows = []
+    round_rows = []
     try:
         for model in args.models.split(","):
             steps, warmup = plan[model]
@@ -184,6 +186,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     "samples": samples,
                     "median_ms": ms,
                 }
+                for index in range(rounds):
+                    base_ms, sync_ms, piped_ms = (1000 * samples[name][index]["step_s"] for name in variants)
+                    round_rows.append(
+                        [
+                            model,
+                            mode,
+                            index + 1,
+                            base_ms,
+                            sync_ms,
+                            sync_ms / base_ms,
+                            sync_ms - base_ms,
+                            piped_ms,
+                            piped_ms / base_ms,
+                            piped_ms - base_ms,
+                        ]
+                    )
                 base = ms["torchrun"]["step_s"]
                 sync, piped = ms["client sync"]["step_s"], ms["client pipelined"]["step_s"]
                 label = f"{model} ({params / 1e6:.2f}M)"
@@ -230,8 +248,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         cpu_rows,
         "CPU time per step: one rank (mean of the 2), and the client process",
     )
+    text += "\n\n" + table(
+        ["model", "mode", "round", "torchrun ms", "sync ms", "sync / torchrun", "sync +ms", "pipelined ms",
+         "pipelined / torchrun", "pipelined +ms"],
+        round_rows,
+        "Every round, side by side (each round runs torchrun, sync, pipelined one after the other)",
+    )  # fmt: skip
     targets = []
     for row in rows:
+        if row[0].startswith("tiny"):
+            targets.append(
+                f"- tiny {row[1]}: sync within 1.10x of torchrun (<= 4 ms a step): {row[4]:.2f}x, "
+                f"{row[5]:+.1f} ms, {verdict(row[4] <= 1.10 and row[5] <= 4.0)}"
+            )
+            targets.append(f"- tiny {row[1]}: pipelined within 1.03x: {row[7]:.2f}x, {verdict(row[7] <= 1.03)}")
         if row[0].startswith("6m"):
             targets.append(
                 f"- 6m {row[1]}: sync within 5% of torchrun: {100 * (row[4] - 1):+.1f}%, {verdict(row[4] <= 1.05)}"
@@ -241,7 +271,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             )
     if targets:
         text += "\n\nTargets:\n" + "\n".join(targets)
-    text += f"\n\nLoad average at the end {os.getloadavg()[0]:.2f}."
+    if busy_warning():
+        text += "\n\n" + busy_warning()
+    text += (
+        f"\n\nLoad average at the end {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores (other processes on the"
+        " machine share them: wall times move with their load, CPU times much less)."
+    )
     print(text, flush=True)
     save("training", results, text)
     return results

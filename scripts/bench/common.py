@@ -87,6 +87,17 @@ def verdict(ok: bool) -> str:
     return "met" if ok else "MISSED"
 
 
+def busy_warning() -> str:
+    """A line saying the wall-time figures cannot be trusted when other processes load the machine, else ''."""
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    if load <= cores:
+        return ""
+    return (
+        f"WARNING: load average {load:.1f} on {cores} cores: other processes took the cores, so wall times "
+        "(and the verdicts from them) are not meaningful in this run; compare the CPU-time table."
+    )
+
+
 def machine() -> dict[str, Any]:
     """What the numbers were measured on, and how loaded it was."""
     import grpc
@@ -209,6 +220,30 @@ def process_cpu_seconds(pid: int | None = None) -> float:
     with open(f"/proc/{pid}/stat") as handle:
         fields = handle.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def thread_cpu_seconds(pid: int | None = None) -> dict[int, float]:
+    """User + system CPU seconds of every thread of a process so far (this process when pid is None), by tid."""
+    pid = pid or os.getpid()
+    ticks = os.sysconf("SC_CLK_TCK")
+    cpu = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+        except OSError:  # the thread ended meanwhile
+            continue
+        cpu[int(tid)] = (int(fields[11]) + int(fields[12])) / ticks
+    return cpu
+
+
+def native_thread_name(pid: int, tid: int) -> str:
+    """The kernel's name of a thread (15 characters; Python threads all show the interpreter's name)."""
+    try:
+        with open(f"/proc/{pid}/task/{tid}/comm") as handle:
+            return handle.read().strip()
+    except OSError:
+        return "exited"
 
 
 def worker_threads(count: int) -> int:

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 import transformers
-from common import batches, qwen2_config
+from common import batches, native_thread_name, qwen2_config, thread_cpu_seconds
 
 
 def main() -> None:
@@ -34,6 +34,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="measured steps")
     parser.add_argument("--warmup", type=int, default=3, help="steps before the measurement")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--votes",
+        type=int,
+        default=0,
+        help="small collectives added per step, each one twinkle agreement vote (strategies.agree): what they cost",
+    )
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
 
@@ -62,6 +68,9 @@ def main() -> None:
 
     data = batches(config.vocab_size, args.batch_size, args.seq_len, args.warmup + args.steps, args.seed)
     per_rank = args.batch_size // world
+    agree = None
+    if args.votes:  # only then is twinkle code imported: the plain loop stays plain
+        from twinkle_worker.strategies import agree
 
     def step(batch: dict) -> float:
         rows = slice(rank * per_rank, (rank + 1) * per_rank)
@@ -71,6 +80,8 @@ def main() -> None:
         logits = ddp(input_ids=ids, attention_mask=mask, use_cache=False).logits
         loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
         loss.backward()
+        for _ in range(args.votes):
+            agree(True, ids.device)
         torch.nn.utils.clip_grad_norm_([p for _, p in named], 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -80,6 +91,7 @@ def main() -> None:
         step(batch)
     dist.barrier()
     times = []
+    threads_start = thread_cpu_seconds()
     cpu_start = time.process_time()
     start = time.perf_counter()
     for batch in data[args.warmup :]:
@@ -90,6 +102,13 @@ def main() -> None:
     total = time.perf_counter() - start
     cpu = [0.0] * world
     dist.all_gather_object(cpu, time.process_time() - cpu_start)
+    threads: dict[str, float] = {}  # CPU seconds of the window by thread: the loop's own, and torch's / gloo's
+    pid = os.getpid()
+    for tid, seconds in thread_cpu_seconds().items():
+        name = "main (the loop)" if tid == pid else native_thread_name(pid, tid)
+        threads[name] = threads.get(name, 0.0) + seconds - threads_start.get(tid, 0.0)
+    threads_per_rank: list[dict[str, float]] = [{}] * world
+    dist.all_gather_object(threads_per_rank, threads)
     if rank == 0:
         params = sum(p.numel() for p in model.parameters())
         trainable = sum(p.numel() for _, p in named)
@@ -100,6 +119,7 @@ def main() -> None:
                     "step_times_s": times,
                     "steps": args.steps,
                     "cpu_s_per_rank": cpu,
+                    "threads_cpu_s_per_rank": threads_per_rank,
                     "last_loss": loss,
                     "parameters": params,
                     "trainable": trainable,
