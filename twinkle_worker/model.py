@@ -126,9 +126,9 @@ class TransformersModel:
         self.wrapped: nn.Module | None = None
         self.mesh_agreement = MeshAgreement(rank, self.mesh.world_size, self.device)
         # Per-step bookkeeping that walks every module (milliseconds on a PEFT model): kept until
-        # _forget_parameters() says the parameters or their requires_grad flags may have changed.
+        # forget_parameters() says the parameters or their requires_grad flags may have changed.
         self._group_cache: dict[str, list[tuple[str, nn.Parameter]]] = {}
-        self._active: str | None = None  # the adapter _activate made active last
+        self._active: str | None = None  # the adapter adapters.activate made active last
         strategies.init_process_group(self.plan, rank, rendezvous or Rendezvous())
         if source is not None:
             try:
@@ -171,6 +171,7 @@ class TransformersModel:
         return None
 
     def group_parameters(self, group: Group) -> list[tuple[str, nn.Parameter]]:
+        """The group's (name, parameter) pairs: an adapter's, or the full model's trainable ones (cached)."""
         cached = self._group_cache.get(group.name)
         if cached is None:
             if group.name == FULL_MODEL:
@@ -183,7 +184,7 @@ class TransformersModel:
         return list(cached)
 
     def forget_parameters(self) -> None:
-        """Parameters were added, replaced or (un)frozen outside _activate: recompute the cached views."""
+        """Parameters were added, replaced or (un)frozen outside adapters.activate: recompute the cached views."""
         self._group_cache.clear()
         self._active = None
 
@@ -280,7 +281,7 @@ class TransformersModel:
                     logps, logits, result = self.forward_and_loss(loss, wrapped, batch, temperature)
                     backward_started = True
                     precision.backward(self.scaler(group), result.loss_sum)
-            except (MemoryError, RuntimeError) as error:  # one rank (on a mesh, _collective broke it)
+            except (MemoryError, RuntimeError) as error:  # one rank (on a mesh, MeshAgreement.collective broke it)
                 if backward_started:
                     raise backward.failure_after_vote(self.rank, error, backward.discard_window(self, group)) from error
                 raise
