@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from twinkle_protocol import lora
+from twinkle_protocol import lora, optim_params
 from twinkle_protocol._proto import worker_pb2
 from twinkle_protocol.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 
@@ -74,14 +74,8 @@ def _given(request: Any, name: str) -> bool:
 
 
 def check_optim_params(message: worker_pb2.OptimParams) -> None:
-    if message.HasField("lr") and not (math.isfinite(message.lr) and message.lr > 0):
-        raise InvalidArgument(f"optim_params.lr must be a finite number > 0, got {message.lr}")
-    if message.HasField("weight_decay") and not (math.isfinite(message.weight_decay) and message.weight_decay >= 0):
-        raise InvalidArgument(f"optim_params.weight_decay must be a finite number >= 0, got {message.weight_decay}")
-    if message.HasField("eps") and not (math.isfinite(message.eps) and message.eps > 0):
-        raise InvalidArgument(f"optim_params.eps must be a finite number > 0, got {message.eps}")
-    if message.betas and (len(message.betas) != 2 or not all(0 <= beta < 1 for beta in message.betas)):
-        raise InvalidArgument(f"optim_params.betas must be 2 numbers in [0, 1), got {list(message.betas)}")
+    """The rule of twinkle_protocol.optim_params, on the message's fields."""
+    optim_params.from_message(message)
 
 
 def bounded_device(worker_device: str, requested: str) -> str:

@@ -118,7 +118,7 @@ class Reference:
         if adapter_name is not None:
             from peft import get_peft_model
 
-            from twinkle_worker.model import adapter_seed  # the worker's documented LoRA init seed
+            from twinkle_worker.adapters import adapter_seed  # the worker's documented LoRA init seed
 
             torch.manual_seed(adapter_seed(seed, adapter_name))
             self.model = get_peft_model(self.model, lora, adapter_name=adapter_name)

@@ -24,7 +24,7 @@ from dist_reference import (
 from peft import LoraConfig
 
 from twinkle_protocol.mesh import DeviceMesh
-from twinkle_worker.model import adapter_seed
+from twinkle_worker.adapters import adapter_seed
 
 MESHES = {
     "ddp-dp2": (DeviceMesh.from_sizes(dp_size=2), "accelerate"),

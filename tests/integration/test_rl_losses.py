@@ -38,7 +38,7 @@ def test_get_state_dict_and_remove_adapter(remote, config) -> None:  # type: ign
     from peft import LoraConfig, get_peft_model
 
     from twinkle_protocol.errors import NotFound
-    from twinkle_worker.model import adapter_seed  # the worker's documented LoRA initialisation seed
+    from twinkle_worker.adapters import adapter_seed  # the worker's documented LoRA initialisation seed
 
     lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM")
     model = remote(config=config, seed=SEED)

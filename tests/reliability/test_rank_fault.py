@@ -2,7 +2,7 @@
 an unexpected error while rank 0 writes a checkpoint) never leaves a peer waiting in a collective
 until the process-group timeout, and never shifts later collectives.
 
-The failure is injected by the worker's test hook (twinkle_worker.model.FAULT_HOOK_ENV: a file
+The failure is injected by the worker's test hook (twinkle_worker.fault_hook.FAULT_HOOK_ENV: a file
 naming the point and the rank), which raises a MemoryError there, as an OOM would.
 
 - In DDP's backward: the ranks vote after the backward, before any gradient collective, so both
@@ -32,7 +32,7 @@ from twinkle_client.model import TransformersModel
 from twinkle_protocol._proto import worker_pb2
 from twinkle_protocol.errors import Aborted
 from twinkle_protocol.mesh import DeviceMesh
-from twinkle_worker.model import FAULT_HOOK_ENV
+from twinkle_worker.fault_hook import FAULT_HOOK_ENV
 
 TIMEOUT_SECONDS = 60
 ANSWER_SECONDS = 20  # generous on 2 shared cores, a third of the process-group timeout

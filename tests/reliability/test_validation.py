@@ -812,10 +812,10 @@ def rpc_cases(output_root: pathlib.Path) -> list[tuple[str, str, Any, grpc.Statu
 def _rows_beyond_memory(width: int) -> int | None:
     """Rows of int8 ids [rows, width*64] whose float32 logits exceed twice this host's free memory, if
     that fits in a request message the worker accepts (--max-message-mb)."""
-    from twinkle_worker.model import _available_memory
+    from twinkle_worker.building import available_memory
     from twinkle_worker.server import DEFAULT_MAX_MESSAGE_MB
 
-    available = _available_memory()
+    available = available_memory()
     if available is None:
         return None
     rows = math.ceil(2 * available / (width * 64 * VOCAB * 4))

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from twinkle_protocol.errors import InvalidArgument, NotFound
 from twinkle_worker.losses import make_loss, token_logps
-from twinkle_worker.model import _warmup_scheduler
+from twinkle_worker.optimizers import warmup_scheduler
 
 # float32 arithmetic on values of order 1-10: 1e-5 relative is a few ulps of headroom.
 RTOL, ATOL = 1e-5, 1e-6
@@ -111,7 +111,7 @@ def test_warmup_schedules_match_twinkle_and_transformers(name: str, kwargs: dict
 
     steps = kwargs["num_training_steps"]
     optimizer = _optimizer()
-    ours = _lrs(_warmup_scheduler(optimizer, name, dict(kwargs)), optimizer, steps)
+    ours = _lrs(warmup_scheduler(optimizer, name, dict(kwargs)), optimizer, steps)
     reference_optimizer = _optimizer()
     make = get_cosine_schedule_with_warmup if name == "CosineWarmupScheduler" else get_linear_schedule_with_warmup
     reference = _lrs(make(reference_optimizer, **kwargs), reference_optimizer, steps)
@@ -129,12 +129,12 @@ def test_warmup_schedules_match_twinkle_and_transformers(name: str, kwargs: dict
 )
 def test_warmup_schedule_arguments_are_checked(kwargs: dict) -> None:  # type: ignore[type-arg]
     with pytest.raises(InvalidArgument):
-        _warmup_scheduler(_optimizer(), "CosineWarmupScheduler", kwargs)
+        warmup_scheduler(_optimizer(), "CosineWarmupScheduler", kwargs)
 
 
 def test_min_lr_ratio_floors_the_cosine() -> None:
     optimizer = _optimizer()
-    scheduler = _warmup_scheduler(optimizer, "CosineWarmupScheduler", {"num_training_steps": 4, "min_lr_ratio": 0.1})
+    scheduler = warmup_scheduler(optimizer, "CosineWarmupScheduler", {"num_training_steps": 4, "min_lr_ratio": 0.1})
     values = _lrs(scheduler, optimizer, 6)
     expected = [0.1 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(step, 4) / 4))) for step in range(6)]
     assert values == pytest.approx(expected, rel=1e-12)

@@ -17,16 +17,28 @@ from typing import Any
 
 import torch
 
+from twinkle_protocol.batch import IGNORE_INDEX
 from twinkle_protocol.errors import InvalidArgument, NotFound
 from twinkle_worker.losses import formulas
 from twinkle_worker.losses.inputs import ALIASES, FLOAT_INPUTS, LossInputs, check_inputs
 from twinkle_worker.normalization import Normalization, counts
 
-IGNORE_INDEX = -100
+# The loss of a group that was given none (SetLoss), as the seed.
+DEFAULT_LOSS = "CrossEntropyLoss"
 _SAME_AS_EPSILON = None  # epsilon_high's default: the value of epsilon
 _REQUIRED = "required"  # an option (or normalization) without a default
 
-__all__ = ["ALIASES", "CLASS_NAMES", "FLOAT_INPUTS", "LOSSES", "Loss", "LossResult", "make_loss", "token_logps"]
+__all__ = [
+    "ALIASES",
+    "CLASS_NAMES",
+    "DEFAULT_LOSS",
+    "FLOAT_INPUTS",
+    "LOSSES",
+    "Loss",
+    "LossResult",
+    "make_loss",
+    "token_logps",
+]
 
 
 @dataclass
