@@ -27,16 +27,13 @@ from twinkle_protocol._proto import worker_pb2, worker_pb2_grpc
 from twinkle_protocol.metadata import SESSION_METADATA
 from twinkle_protocol.streaming import frame_parser, serialize_frame
 from twinkle_worker.metrics import MetricsEndpoint, MetricsInterceptor, WorkerMetrics
+from twinkle_worker.options import WorkerOptions
 from twinkle_worker.receive_deadline import ReceiveDeadlines
-from twinkle_worker.servicer import WorkerOptions, WorkerServicer
+from twinkle_worker.servicer import WorkerServicer
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = worker_pb2.DESCRIPTOR.services_by_name["WorkerService"].full_name
-# The largest request message accepted: batches above 1 MiB travel as streams of 1 MiB frames (or
-# through shared memory), so no request of a client of ours comes near it; a caller without the
-# token is refused before its message is read at all.
-DEFAULT_MAX_MESSAGE_MB = 64
 # The flow-control window of each call (see WorkerServer): 1 MiB in flight is 1-10 GB/s at 0.1-1 ms RTT.
 STREAM_WINDOW_BYTES = 1 << 20
 # The largest response message sent (a forward's outputs inline, ExportWeights chunks of up to 64 MiB).
@@ -242,7 +239,6 @@ class WorkerServer:
         self,
         options: WorkerOptions,
         port: int,
-        max_message_mb: int = DEFAULT_MAX_MESSAGE_MB,
         token: str | None = None,
         tls: TlsFiles | None = None,
         metrics_port: int | None = None,
@@ -263,8 +259,8 @@ class WorkerServer:
             # metrics outermost: refused calls are counted too; tracing (optional) sees the gate's refusals
             interceptors=[MetricsInterceptor(self.metrics), *_tracing(trace_file), self.gate],
             options=[
-                ("grpc.max_receive_message_length", max_message_mb << 20),
-                ("grpc.max_send_message_length", max(MAX_SEND_MB, max_message_mb) << 20),
+                ("grpc.max_receive_message_length", options.max_message_mb << 20),
+                ("grpc.max_send_message_length", max(MAX_SEND_MB, options.max_message_mb) << 20),
                 # What a caller can make the worker buffer before its call is refused is its stream's
                 # flow-control window: fixed at 1 MiB, not grown by BDP probing (measured: ~5 MiB per
                 # refused 12 MiB request with it, ~1 MiB without; loopback throughput is not lower).

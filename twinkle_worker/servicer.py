@@ -15,7 +15,6 @@ import os
 import socket
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -28,7 +27,7 @@ from twinkle_protocol.mesh import DeviceMesh
 from twinkle_protocol.sampling import SampledSequence
 from twinkle_worker import mesh_registry, metrics, validation
 from twinkle_worker.model import ForwardResult, TransformersModel
-from twinkle_worker.receive_deadline import DEFAULT_RECEIVE_TIMEOUT_SECONDS
+from twinkle_worker.options import WorkerOptions
 from twinkle_worker.sampling import SamplingParams
 from twinkle_worker.session import SEQUENCE_WAIT_SECONDS, Ledger
 from twinkle_worker.strategies import Rendezvous
@@ -61,28 +60,6 @@ AGREED_REQUESTS = (
     worker_pb2.SampleRequest,
 )
 MAX_ERROR_CHARS = 2000
-
-
-@dataclass
-class WorkerOptions:
-    """How the worker process was started (command-line flags)."""
-
-    host: str = "127.0.0.1"
-    device: str = "cpu"
-    output_root: str = "outputs"
-    allow_remote_code: bool = False
-    # An owner silent this long may be replaced by another session's Init (0: never).
-    lease_seconds: float = 900.0
-    # The largest batch a streamed request may declare (its bytes are allocated once the header passed
-    # the session and sequence checks).
-    max_stream_bytes: int = 8 << 30
-    # A call whose next request message takes longer than this to arrive is cancelled (0: never).
-    receive_timeout_seconds: float = DEFAULT_RECEIVE_TIMEOUT_SECONDS
-    # Accept tensors in /dev/shm segments named by a client on this host (docs/protocol.md, "Shared memory").
-    shared_memory: bool = True
-    # Checkpoint paths must lie under output_root; False (--allow-any-path, embedded workers): any path
-    # this user can write.
-    confine_paths: bool = True
 
 
 def struct_to_dict(struct: struct_pb2.Struct) -> dict[str, Any]:
