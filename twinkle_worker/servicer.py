@@ -18,35 +18,19 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import grpc
-from google.protobuf import json_format, struct_pb2
 
-from twinkle_protocol import __version__, errors, shared_memory, streaming, tensors
+from twinkle_protocol import __version__, errors, names, shared_memory, streaming, tensors
 from twinkle_protocol._proto import tensor_pb2, worker_pb2, worker_pb2_grpc
 from twinkle_protocol.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, TwinkleError, Unavailable
 from twinkle_protocol.mesh import DeviceMesh
-from twinkle_protocol.sampling import SampledSequence
-from twinkle_worker import mesh_registry, metrics, validation
-from twinkle_worker.model import ForwardResult, TransformersModel
+from twinkle_worker import convert, mesh_registry, metrics, validation
+from twinkle_worker.model import TransformersModel
 from twinkle_worker.options import WorkerOptions
-from twinkle_worker.sampling import SamplingParams
 from twinkle_worker.session import SEQUENCE_WAIT_SECONDS, Ledger
 from twinkle_worker.strategies import Rendezvous
 
 log = logging.getLogger(__name__)
 
-STRATEGY_NAMES = {
-    worker_pb2.STRATEGY_UNSPECIFIED: "accelerate",
-    worker_pb2.STRATEGY_ACCELERATE: "accelerate",
-    worker_pb2.STRATEGY_NATIVE_FSDP: "native_fsdp",
-}
-PRECISION_NAMES = {
-    worker_pb2.MIXED_PRECISION_UNSPECIFIED: "bf16",
-    worker_pb2.MIXED_PRECISION_NO: "no",
-    worker_pb2.MIXED_PRECISION_BF16: "bf16",
-    worker_pb2.MIXED_PRECISION_FP16: "fp16",
-    worker_pb2.MIXED_PRECISION_FP8: "fp8",
-}
-DEFAULT_CHUNK_BYTES = 1 << 20
 # Requests whose model method runs collectives (model.agreed_call): their checks run inside the agreement.
 AGREED_REQUESTS = (
     worker_pb2.ForwardBackwardRequest,
@@ -60,75 +44,6 @@ AGREED_REQUESTS = (
     worker_pb2.SampleRequest,
 )
 MAX_ERROR_CHARS = 2000
-
-
-def struct_to_dict(struct: struct_pb2.Struct) -> dict[str, Any]:
-    """A Struct as keyword arguments; whole numbers become ints (JSON has only doubles)."""
-
-    def fix(value: Any) -> Any:
-        if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
-            return int(value)
-        if isinstance(value, list):
-            return [fix(v) for v in value]
-        if isinstance(value, dict):
-            return {k: fix(v) for k, v in value.items()}
-        return value
-
-    return {key: fix(value) for key, value in json_format.MessageToDict(struct).items()}
-
-
-def dict_to_struct(values: dict[str, Any]) -> struct_pb2.Struct:
-    struct = struct_pb2.Struct()
-    struct.update(values)
-    return struct
-
-
-def lora_config(message: worker_pb2.LoraConfig) -> Any:
-    from peft import LoraConfig
-
-    validation.check_lora(message)
-    extra = struct_to_dict(message.extra)
-    targets: Any = list(message.target_modules) or "all-linear"  # empty: all-linear (docs/protocol.md)
-    if targets == ["all-linear"]:
-        targets = "all-linear"
-    if "target_modules" in extra:  # null: peft's default, the architecture's own targets
-        targets = extra.pop("target_modules")
-    if message.lora_alpha:  # 0: peft's default
-        extra["lora_alpha"] = message.lora_alpha
-    try:
-        return LoraConfig(
-            r=message.r,
-            lora_dropout=message.lora_dropout,
-            target_modules=targets,
-            bias=message.bias or "none",
-            use_rslora=message.use_rslora,
-            modules_to_save=list(message.modules_to_save) or None,
-            task_type="CAUSAL_LM",
-            **extra,
-        )
-    except (TypeError, ValueError) as error:
-        raise InvalidArgument(f"lora_config: {error}") from None
-
-
-def forward_header(result: ForwardResult) -> worker_pb2.ForwardOutput:
-    """The scalars and metrics of a forward; the caller adds the tensors (inline, or streamed)."""
-    normalization = result.normalization
-    output = worker_pb2.ForwardOutput(
-        loss_sum=result.loss_sum,
-        num_tokens=result.num_tokens,
-        loss=result.loss,
-        num_sequences=result.num_sequences,
-        normalization=normalization.kind,
-        normalization_divisor=normalization.divisor,
-    )
-    for name, (total, count) in result.metrics.items():
-        output.metrics[name].CopyFrom(worker_pb2.LossMetric(sum=total, count=count))
-    return output
-
-
-def loss_choice(request: Any) -> dict[str, Any]:
-    """A forward request's per-call loss, as keyword arguments of the model's method."""
-    return {"loss_fn": request.loss_fn or None, "loss_fn_config": struct_to_dict(request.loss_fn_config)}
 
 
 def free_port(host: str) -> int:
@@ -261,10 +176,6 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     def _check_inputs(self, model: TransformersModel, batch: dict[str, Any], return_logits: bool) -> None:
         validation.check_inputs(batch, model.vocab_size, return_logits, self._available_memory(model))
 
-    @staticmethod
-    def _optional(message: Any, field: str) -> Any:
-        return getattr(message, field) if message.HasField(field) else None
-
     # --------------------------------------------------------------- RPCs
 
     def Init(self, request: worker_pb2.InitRequest, context: grpc.ServicerContext) -> worker_pb2.InitResponse:
@@ -311,11 +222,11 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 model_id=request.model_id or None,
                 config=request.config_json or None,
                 device_mesh=mesh,
-                mixed_precision=PRECISION_NAMES.get(request.mixed_precision, "bf16"),
-                strategy=STRATEGY_NAMES.get(request.strategy, "accelerate"),
-                ddp_config=struct_to_dict(request.ddp_config),
-                fsdp_config=struct_to_dict(request.fsdp_config),
-                grad_scaler_config=struct_to_dict(request.grad_scaler_config),
+                mixed_precision=names.precision_name(request.mixed_precision),
+                strategy=names.strategy_name(request.strategy),
+                ddp_config=convert.struct_to_dict(request.ddp_config),
+                fsdp_config=convert.struct_to_dict(request.fsdp_config),
+                grad_scaler_config=convert.struct_to_dict(request.grad_scaler_config),
                 rank=request.rank,
                 device=validation.bounded_device(self.options.device, request.device),
                 rendezvous=rendezvous,
@@ -324,7 +235,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 confine_paths=self.options.confine_paths,
                 trust_remote_code=request.trust_remote_code,
                 allow_remote_code=self.options.allow_remote_code,
-                **struct_to_dict(request.model_kwargs),
+                **convert.struct_to_dict(request.model_kwargs),
             )
             model = self.model
             return worker_pb2.InitResponse(
@@ -367,7 +278,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             source = request.WhichOneof("source")
             if source is None:
                 raise InvalidArgument("AddAdapter needs lora_config or pretrained_path")
-            config = lora_config(request.lora_config) if source == "lora_config" else request.pretrained_path
+            config = convert.lora_config(request.lora_config) if source == "lora_config" else request.pretrained_path
             count = self._model().add_adapter_to_model(
                 request.adapter_name, config, not request.frozen, request.gradient_accumulation_steps or 1
             )
@@ -379,14 +290,14 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         self, request: worker_pb2.SetOptimizerRequest, context: grpc.ServicerContext
     ) -> worker_pb2.SetOptimizerResponse:
         def set_optimizer() -> worker_pb2.SetOptimizerResponse:
-            lr = self._optional(request, "lr")
-            weight_decay = self._optional(request, "weight_decay")
+            lr = convert.optional(request, "lr")
+            weight_decay = convert.optional(request, "weight_decay")
             count = self._model().set_optimizer(
                 request.optimizer or "AdamW",
                 lr=1e-5 if lr is None else lr,
                 weight_decay=0.01 if weight_decay is None else weight_decay,
                 adapter_name=request.adapter_name,
-                **struct_to_dict(request.kwargs),
+                **convert.struct_to_dict(request.kwargs),
             )
             return worker_pb2.SetOptimizerResponse(num_parameters=count)
 
@@ -397,7 +308,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     ) -> worker_pb2.SetLrSchedulerResponse:
         def set_scheduler() -> worker_pb2.SetLrSchedulerResponse:
             lr = self._model().set_lr_scheduler(
-                request.scheduler, request.adapter_name, **struct_to_dict(request.kwargs)
+                request.scheduler, request.adapter_name, **convert.struct_to_dict(request.kwargs)
             )
             return worker_pb2.SetLrSchedulerResponse(lr=lr)
 
@@ -406,7 +317,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     def SetLoss(self, request: worker_pb2.SetLossRequest, context: grpc.ServicerContext) -> worker_pb2.SetLossResponse:
         def set_loss() -> worker_pb2.SetLossResponse:
             self._model().set_loss(
-                request.loss or "CrossEntropyLoss", request.adapter_name, **struct_to_dict(request.kwargs)
+                request.loss or "CrossEntropyLoss", request.adapter_name, **convert.struct_to_dict(request.kwargs)
             )
             return worker_pb2.SetLossResponse()
 
@@ -444,10 +355,12 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                     request.temperature or 1.0,
                     request.return_logits,
                     request.gradient_accumulation_steps or None,
-                    **loss_choice(request),
+                    **convert.loss_choice(request),
                 )
             group = model.group(request.adapter_name)
-            response = worker_pb2.ForwardBackwardResponse(output=forward_header(result), micro_step=group.micro_step)
+            response = worker_pb2.ForwardBackwardResponse(
+                output=convert.forward_header(result), micro_step=group.micro_step
+            )
             return response, self._outputs(request, result.outputs, response.output)
 
         return self._run(context, request.context, forward_backward, request)
@@ -484,9 +397,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                     request.temperature or 1.0,
                     request.return_logits,
                     request.disable_lora,
-                    **loss_choice(request),
+                    **convert.loss_choice(request),
                 )
-            response = worker_pb2.ForwardOnlyResponse(output=forward_header(result))
+            response = worker_pb2.ForwardOnlyResponse(output=convert.forward_header(result))
             return response, self._outputs(request, result.outputs, response.output)
 
         return self._run(context, request.context, forward_only, request)
@@ -502,10 +415,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 prompts,
                 list(request.prompt_indices),
                 list(request.sample_indices),
-                sampling_params(request.sampling_params),
+                convert.sampling_params(request.sampling_params),
                 request.adapter_name,
             )
-            return worker_pb2.SampleResponse(sequences=[sampled_sequence(sequence) for sequence in sequences])
+            return worker_pb2.SampleResponse(sequences=[convert.sampled_sequence(sequence) for sequence in sequences])
 
         return self._run(context, request.context, sample, request)
 
@@ -600,7 +513,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         def step() -> worker_pb2.StepResponse:
             model = self._model()
             applied = model.step(
-                request.adapter_name, request.gradient_accumulation_steps or None, optim_params(request.optim_params)
+                request.adapter_name,
+                request.gradient_accumulation_steps or None,
+                convert.optim_params(request.optim_params),
             )
             group = model.group(request.adapter_name)
             return worker_pb2.StepResponse(
@@ -636,7 +551,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 request.norm_type or 2.0,
                 request.adapter_name,
                 request.gradient_accumulation_steps or None,
-                optim_params(request.optim_params),
+                convert.optim_params(request.optim_params),
             )
             return worker_pb2.ClipGradAndStepResponse(
                 applied=result.applied,
@@ -693,7 +608,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         def configs() -> worker_pb2.GetTrainConfigsResponse:
             values = self._model().get_train_configs(request.adapter_name)
             summary = "\n".join(f"{key}: {value}" for key, value in values.items())
-            return worker_pb2.GetTrainConfigsResponse(summary=summary, configs=dict_to_struct(values))
+            return worker_pb2.GetTrainConfigsResponse(summary=summary, configs=convert.dict_to_struct(values))
 
         return self._run(context, None, configs)
 
@@ -757,7 +672,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     def ExportWeights(
         self, request: worker_pb2.ExportWeightsRequest, context: grpc.ServicerContext
     ) -> Iterator[worker_pb2.ExportWeightsResponse]:
-        chunk = request.chunk_bytes or DEFAULT_CHUNK_BYTES
+        chunk = request.chunk_bytes or streaming.CHUNK_BYTES
 
         def export() -> dict[str, Any]:
             if chunk < 1024 or chunk > 64 << 20:  # checked in its turn: a refused export still uses its number
@@ -798,35 +713,3 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         """Lets the queued calls finish, then leaves the process group (the worker is stopping)."""
         self._executor.shutdown(wait=True)
         self._close_model()
-
-
-def sampling_params(message: worker_pb2.SamplingParams) -> SamplingParams:
-    stop = None
-    if message.HasField("stop"):
-        stop = tuple(tuple(sequence.token_ids) for sequence in message.stop.sequences)
-    return SamplingParams(
-        max_tokens=message.max_tokens,
-        temperature=message.temperature if message.HasField("temperature") else 1.0,
-        top_p=message.top_p if message.HasField("top_p") else 1.0,
-        top_k=message.top_k,
-        stop=stop,
-        seed=message.seed,
-        num_samples=message.num_samples or 1,
-    )
-
-
-def sampled_sequence(sequence: SampledSequence) -> worker_pb2.SampledSequence:
-    reason = worker_pb2.STOP_REASON_STOP if sequence.stop_reason == "stop" else worker_pb2.STOP_REASON_LENGTH
-    return worker_pb2.SampledSequence(tokens=sequence.tokens, logprobs=sequence.logprobs, stop_reason=reason)
-
-
-def optim_params(message: worker_pb2.OptimParams) -> dict[str, Any] | None:
-    values: dict[str, Any] = {}
-    for field in ("lr", "weight_decay", "eps"):
-        if message.HasField(field):
-            values[field] = getattr(message, field)
-    if message.betas:
-        if len(message.betas) != 2:
-            raise InvalidArgument(f"optim_params.betas must have 2 values, got {len(message.betas)}")
-        values["betas"] = tuple(message.betas)
-    return values or None
