@@ -21,9 +21,9 @@ import grpc
 
 from twinkle_protocol import __version__, errors, names, shared_memory, streaming, tensors
 from twinkle_protocol._proto import tensor_pb2, worker_pb2, worker_pb2_grpc
-from twinkle_protocol.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, TwinkleError, Unavailable
+from twinkle_protocol.errors import FailedPrecondition, InvalidArgument, TwinkleError, Unavailable
 from twinkle_protocol.mesh import DeviceMesh
-from twinkle_worker import convert, mesh_registry, metrics, validation
+from twinkle_worker import convert, mesh_registry, metrics, out_of_memory, validation
 from twinkle_worker.model import TransformersModel
 from twinkle_worker.options import WorkerOptions
 from twinkle_worker.session import SEQUENCE_WAIT_SECONDS, Ledger
@@ -123,14 +123,11 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             return fn()
         except TwinkleError as error:
             return error
-        except MemoryError as error:
-            return ResourceExhausted(f"out of memory: {error}", reason="OUT_OF_MEMORY")
-        except Exception as error:  # a bug: keep serving, say so
-            text = str(error)
-            out_of_memory = ("can't allocate memory", "not enough memory")
-            if type(error).__name__ == "OutOfMemoryError" or any(marker in text for marker in out_of_memory):
-                return ResourceExhausted(f"out of memory: {text}".splitlines()[0], reason="OUT_OF_MEMORY")
-            log.exception("internal error")
+        except Exception as error:
+            exhausted = out_of_memory.as_resource_exhausted(error)
+            if exhausted is not None:
+                return exhausted
+            log.exception("internal error")  # a bug: keep serving, say so
             return error
 
     def _abort(self, context: grpc.ServicerContext, error: BaseException) -> None:
@@ -162,19 +159,6 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             )
         self.model.check_not_broken()
         return self.model
-
-    def _available_memory(self, model: TransformersModel) -> int | None:
-        """Free bytes where the model computes: device memory on a GPU, MemAvailable on a host."""
-        if model.device.type == "cuda":
-            import torch
-
-            return int(torch.cuda.mem_get_info(model.device)[0])
-        from twinkle_worker.model import _available_memory
-
-        return _available_memory()
-
-    def _check_inputs(self, model: TransformersModel, batch: dict[str, Any], return_logits: bool) -> None:
-        validation.check_inputs(batch, model.vocab_size, return_logits, self._available_memory(model))
 
     # --------------------------------------------------------------- RPCs
 
@@ -348,7 +332,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 model = self._model()
                 if not batch:
                     raise InvalidArgument("inputs is empty: send input_ids, attention_mask and labels")
-                self._check_inputs(model, batch, request.return_logits)
+                out_of_memory.check_inputs(model, batch, request.return_logits)
                 result = model.forward_backward(
                     batch,
                     request.adapter_name,
@@ -390,7 +374,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 model = self._model()
                 if not batch:
                     raise InvalidArgument("inputs is empty: send at least input_ids")
-                self._check_inputs(model, batch, request.return_logits)
+                out_of_memory.check_inputs(model, batch, request.return_logits)
                 result = model.forward_only(
                     batch,
                     request.adapter_name,
@@ -410,7 +394,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             prompts = tensors.map_to_numpy(request.prompts)
             if "input_ids" not in prompts:
                 raise InvalidArgument("prompts: send input_ids (and attention_mask) of this rank's rows")
-            self._check_inputs(model, prompts, False)
+            out_of_memory.check_inputs(model, prompts, False)
             sequences = model.sample(
                 prompts,
                 list(request.prompt_indices),
