@@ -19,11 +19,11 @@ from typing import Any
 
 import grpc
 
-from twinkle_protocol import __version__, errors, names, shared_memory, streaming, tensors
-from twinkle_protocol._proto import tensor_pb2, worker_pb2, worker_pb2_grpc
+from twinkle_protocol import __version__, errors, names, streaming, tensors
+from twinkle_protocol._proto import worker_pb2, worker_pb2_grpc
 from twinkle_protocol.errors import FailedPrecondition, InvalidArgument, TwinkleError, Unavailable
 from twinkle_protocol.mesh import DeviceMesh
-from twinkle_worker import convert, mesh_registry, metrics, out_of_memory, validation
+from twinkle_worker import convert, mesh_registry, metrics, out_of_memory, shared_memory_routing, validation
 from twinkle_worker.model import TransformersModel
 from twinkle_worker.options import WorkerOptions
 from twinkle_worker.session import SEQUENCE_WAIT_SECONDS, Ledger
@@ -328,7 +328,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         def forward_backward() -> tuple[worker_pb2.ForwardBackwardResponse, dict[str, Any]]:
             # this rank's own slice, decoded first (as a stream's is): a bad one fails every rank before any collective
             with self.model.agreement() if self.model is not None else contextlib.nullcontext():
-                batch = self._inputs(self.model, request, inputs)
+                batch = shared_memory_routing.read_inputs(self.options, self.model, request, inputs)
                 model = self._model()
                 if not batch:
                     raise InvalidArgument("inputs is empty: send input_ids, attention_mask and labels")
@@ -345,7 +345,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             response = worker_pb2.ForwardBackwardResponse(
                 output=convert.forward_header(result), micro_step=group.micro_step
             )
-            return response, self._outputs(request, result.outputs, response.output)
+            return response, shared_memory_routing.write_outputs(
+                self.options, self.rank, request, result.outputs, response.output
+            )
 
         return self._run(context, request.context, forward_backward, request)
 
@@ -370,7 +372,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         def forward_only() -> tuple[worker_pb2.ForwardOnlyResponse, dict[str, Any]]:
             # this rank's own slice, decoded first (as a stream's is): a bad one fails every rank before any collective
             with self.model.agreement() if self.model is not None else contextlib.nullcontext():
-                batch = self._inputs(self.model, request, inputs)
+                batch = shared_memory_routing.read_inputs(self.options, self.model, request, inputs)
                 model = self._model()
                 if not batch:
                     raise InvalidArgument("inputs is empty: send at least input_ids")
@@ -384,7 +386,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                     **convert.loss_choice(request),
                 )
             response = worker_pb2.ForwardOnlyResponse(output=convert.forward_header(result))
-            return response, self._outputs(request, result.outputs, response.output)
+            return response, shared_memory_routing.write_outputs(
+                self.options, self.rank, request, result.outputs, response.output
+            )
 
         return self._run(context, request.context, forward_only, request)
 
@@ -405,58 +409,6 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             return worker_pb2.SampleResponse(sequences=[convert.sampled_sequence(sequence) for sequence in sequences])
 
         return self._run(context, request.context, sample, request)
-
-    def _export_to_segment(self, segment: str, state: dict[str, Any]) -> list[worker_pb2.ExportWeightsResponse] | None:
-        """The weights written into the client's segment, one message per tensor; None (stream them) when
-        they do not fit or the segment cannot be used."""
-        headers = [tensor_pb2.Tensor() for _ in state]
-        arrays = [tensors.encode_header(value, header) for value, header in zip(state.values(), headers, strict=True)]
-        try:
-            offsets = shared_memory.write_arrays(segment, arrays)
-        except TwinkleError as error:
-            log.warning("rank %d: output_segment not used for ExportWeights: %s", self.rank, error)
-            return None
-        if offsets is None:
-            return None
-        return [
-            worker_pb2.ExportWeightsResponse(
-                name=name,
-                dtype=header.dtype,
-                shape=header.shape,
-                total_bytes=array.nbytes,
-                in_segment=True,
-                segment_offset=offset,
-            )
-            for name, header, array, offset in zip(state, headers, arrays, offsets, strict=True)
-        ]
-
-    def _inputs(self, model: TransformersModel | None, request: Any, streamed: dict[str, Any] | None) -> dict[str, Any]:
-        """The batch: streamed, in a client's shared-memory segment, or inline in the request."""
-        if streamed is not None:
-            return streamed
-        if not request.HasField("shared_inputs"):
-            return tensors.map_to_numpy(request.inputs)
-        if not self.options.shared_memory:
-            raise FailedPrecondition(
-                "shared_inputs: this worker was started with --no-shared-memory; send the tensors in the messages"
-            )
-        # On an accelerator the bytes are copied once anyway: snapshot them first, so checks and use see the same bytes.
-        copy = model is not None and model.device.type != "cpu"
-        return shared_memory.read_tensors(request.shared_inputs, request.inputs, self.options.max_stream_bytes, copy)
-
-    def _outputs(self, request: Any, arrays: dict[str, Any], output: worker_pb2.ForwardOutput) -> dict[str, Any]:
-        """Writes the outputs into the client's output segment if offered and they fit; returns what is left to send."""
-        if not request.output_segment or not self.options.shared_memory or not arrays:
-            return arrays
-        try:
-            shared = shared_memory.write_tensors(request.output_segment, arrays, output.outputs)
-        except TwinkleError as error:  # the step has happened: send the outputs in the messages instead of failing it
-            log.warning("rank %d: output_segment not used: %s", self.rank, error)
-            return arrays
-        if shared is None:
-            return arrays
-        output.shared_outputs.CopyFrom(shared)
-        return {}
 
     def _receive(
         self, messages: Iterator[Any], context: grpc.ServicerContext, tensor_map_of: Callable[[Any], Any]
@@ -615,7 +567,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             lease_seconds_left=self._ledger.lease_seconds_left(),
             free_port=free_port(self.options.host),
             vocab_size=model.vocab_size if model else 0,
-            shared_memory_probe_data=self._probe(request.shared_memory_probe),
+            shared_memory_probe_data=shared_memory_routing.probe(self.options, request.shared_memory_probe),
             incarnation=mesh_registry.INCARNATION,
             metrics_port=self.metrics_port,
         )
@@ -645,44 +597,21 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             raise mesh_registry.not_rank0(self.rank, self.rank0_address)
         return self.registry
 
-    def _probe(self, name: str) -> bytes:
-        if not name or not self.options.shared_memory:
-            return b""
-        try:
-            return shared_memory.probe(name)
-        except TwinkleError:
-            return b""
-
     def ExportWeights(
         self, request: worker_pb2.ExportWeightsRequest, context: grpc.ServicerContext
     ) -> Iterator[worker_pb2.ExportWeightsResponse]:
         chunk = request.chunk_bytes or streaming.CHUNK_BYTES
 
         def export() -> dict[str, Any]:
-            if chunk < 1024 or chunk > 64 << 20:  # checked in its turn: a refused export still uses its number
+            # checked in its turn: a refused export still uses its number
+            if chunk < streaming.MIN_WEIGHT_CHUNK_BYTES or chunk > streaming.MAX_WEIGHT_CHUNK_BYTES:
                 raise InvalidArgument(f"chunk_bytes must be in [1024, 64 MiB], got {chunk}")
             return self._model().export_weights(request.adapter_name, trainable_only=request.trainable_only)
 
         # Numbered like every call that runs collectives, so it runs after the calls sent before it.
         state = self._run(context, request.context, export)
-        if request.output_segment and self.options.shared_memory and state:
-            placed = self._export_to_segment(request.output_segment, state)
-            if placed is not None:
-                yield from placed
-                return
-        for name, value in state.items():
-            encoded = tensor_pb2.Tensor()
-            array = tensors.encode_header(value, encoded)  # dtype and shape; the bytes go straight into the chunks
-            data = memoryview(array.reshape(-1)).cast("B")
-            total = len(data)
-            for offset in range(0, max(total, 1), chunk):
-                piece = worker_pb2.ExportWeightsResponse(
-                    total_bytes=total, offset=offset, data=data[offset : offset + chunk].tobytes()
-                )
-                if offset == 0:
-                    piece.name, piece.dtype = name, encoded.dtype
-                    piece.shape.extend(encoded.shape)
-                yield piece
+        placed = shared_memory_routing.export_to_segment(self.options, self.rank, request, state)
+        yield from placed if placed is not None else streaming.weight_chunks(state, chunk)
 
     def RemoveAdapter(
         self, request: worker_pb2.RemoveAdapterRequest, context: grpc.ServicerContext
