@@ -1,4 +1,4 @@
-"""Proto <-> Python conversion on the worker: Struct fields as keyword arguments, LoraConfig, optimizer
+"""Proto <-> Python conversion on the worker: Init's model arguments, Struct fields, LoraConfig, optimizer
 overrides, sampling parameters and results, a forward's scalars. Used by twinkle_worker.servicer."""
 
 from __future__ import annotations
@@ -7,11 +7,15 @@ from typing import TYPE_CHECKING, Any
 
 from google.protobuf import json_format, struct_pb2
 
+from twinkle_protocol import names
 from twinkle_protocol._proto import worker_pb2
 from twinkle_protocol.errors import InvalidArgument
+from twinkle_protocol.mesh import DeviceMesh
 from twinkle_protocol.sampling import SampledSequence
 from twinkle_worker import validation
+from twinkle_worker.options import WorkerOptions
 from twinkle_worker.sampling import SamplingParams
+from twinkle_worker.strategies import Rendezvous
 
 if TYPE_CHECKING:
     from twinkle_worker.model import ForwardResult
@@ -36,6 +40,41 @@ def dict_to_struct(values: dict[str, Any]) -> struct_pb2.Struct:
     struct = struct_pb2.Struct()
     struct.update(values)
     return struct
+
+
+def device_mesh(message: worker_pb2.DeviceMesh) -> DeviceMesh:
+    """An InitRequest's mesh; none given: a single rank."""
+    if not message.dim_names:
+        return DeviceMesh.single()
+    return DeviceMesh(tuple(message.dim_names), tuple(message.dim_sizes))
+
+
+def model_arguments(request: worker_pb2.InitRequest, options: WorkerOptions, mesh: DeviceMesh) -> dict[str, Any]:
+    """TransformersModel's keyword arguments for an Init on a worker started with `options` (its
+    `model_kwargs` aside: the caller adds them)."""
+    return {
+        "model_cls": request.model_class or None,
+        "model_id": request.model_id or None,
+        "config": request.config_json or None,
+        "device_mesh": mesh,
+        "mixed_precision": names.precision_name(request.mixed_precision),
+        "strategy": names.strategy_name(request.strategy),
+        "ddp_config": struct_to_dict(request.ddp_config),
+        "fsdp_config": struct_to_dict(request.fsdp_config),
+        "grad_scaler_config": struct_to_dict(request.grad_scaler_config),
+        "rank": request.rank,
+        "device": validation.bounded_device(options.device, request.device),
+        "rendezvous": Rendezvous(
+            request.rendezvous.master_addr or Rendezvous.master_addr,
+            request.rendezvous.master_port,
+            request.rendezvous.timeout_seconds,
+        ),
+        "seed": request.seed,
+        "output_root": options.output_root,
+        "confine_paths": options.confine_paths,
+        "trust_remote_code": request.trust_remote_code,
+        "allow_remote_code": options.allow_remote_code,
+    }
 
 
 def lora_config(message: worker_pb2.LoraConfig) -> Any:

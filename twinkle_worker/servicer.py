@@ -19,15 +19,22 @@ from typing import Any
 
 import grpc
 
-from twinkle_protocol import __version__, errors, names, streaming, tensors
+from twinkle_protocol import __version__, errors, streaming, tensors
 from twinkle_protocol._proto import worker_pb2, worker_pb2_grpc
 from twinkle_protocol.errors import FailedPrecondition, InvalidArgument, TwinkleError, Unavailable
 from twinkle_protocol.mesh import DeviceMesh
-from twinkle_worker import convert, mesh_registry, metrics, out_of_memory, shared_memory_routing, validation
+from twinkle_worker import (
+    convert,
+    forward_calls,
+    mesh_registry,
+    metrics,
+    out_of_memory,
+    shared_memory_routing,
+    validation,
+)
 from twinkle_worker.model import TransformersModel
 from twinkle_worker.options import WorkerOptions
 from twinkle_worker.session import SEQUENCE_WAIT_SECONDS, Ledger
-from twinkle_worker.strategies import Rendezvous
 
 log = logging.getLogger(__name__)
 
@@ -190,36 +197,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 raise InvalidArgument(
                     f"rank: this worker was placed as rank {self.placed_rank}, Init asks for rank {request.rank}"
                 )
-            mesh = (
-                DeviceMesh(tuple(request.mesh.dim_names), tuple(request.mesh.dim_sizes))
-                if request.mesh.dim_names
-                else DeviceMesh.single()
-            )
-            rendezvous = Rendezvous(
-                request.rendezvous.master_addr or "127.0.0.1",
-                request.rendezvous.master_port,
-                request.rendezvous.timeout_seconds,
-            )
+            mesh = convert.device_mesh(request.mesh)
             self.rank, self.world_size, self.mesh = request.rank, mesh.world_size, mesh
             self.model = TransformersModel(
-                model_cls=request.model_class or None,
-                model_id=request.model_id or None,
-                config=request.config_json or None,
-                device_mesh=mesh,
-                mixed_precision=names.precision_name(request.mixed_precision),
-                strategy=names.strategy_name(request.strategy),
-                ddp_config=convert.struct_to_dict(request.ddp_config),
-                fsdp_config=convert.struct_to_dict(request.fsdp_config),
-                grad_scaler_config=convert.struct_to_dict(request.grad_scaler_config),
-                rank=request.rank,
-                device=validation.bounded_device(self.options.device, request.device),
-                rendezvous=rendezvous,
-                seed=request.seed,
-                output_root=self.options.output_root,
-                confine_paths=self.options.confine_paths,
-                trust_remote_code=request.trust_remote_code,
-                allow_remote_code=self.options.allow_remote_code,
-                **convert.struct_to_dict(request.model_kwargs),
+                **convert.model_arguments(request, self.options, mesh), **convert.struct_to_dict(request.model_kwargs)
             )
             model = self.model
             return worker_pb2.InitResponse(
@@ -310,87 +291,62 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     def ForwardBackward(
         self, request: worker_pb2.ForwardBackwardRequest, context: grpc.ServicerContext
     ) -> worker_pb2.ForwardBackwardResponse:
-        response, arrays = self._forward_backward(request, context, None)
-        tensors.map_to_proto(arrays, response.output.outputs)
-        return response
+        return self._forward_inline(request, context, forward_calls.FORWARD_BACKWARD)
 
     def ForwardBackwardStream(
         self, request_iterator: Iterator[worker_pb2.ForwardBackwardStreamRequest], context: grpc.ServicerContext
     ) -> Iterator[worker_pb2.ForwardBackwardStreamResponse]:
-        request, inputs = self._receive(request_iterator, context, lambda header: header.inputs)
-        response, arrays = self._forward_backward(request, context, inputs)
-        outgoing = streaming.prepare(response, response.output.outputs, arrays)
-        yield from streaming.frames(outgoing, worker_pb2.ForwardBackwardStreamResponse)
-
-    def _forward_backward(
-        self, request: worker_pb2.ForwardBackwardRequest, context: grpc.ServicerContext, inputs: dict[str, Any] | None
-    ) -> tuple[worker_pb2.ForwardBackwardResponse, dict[str, Any]]:
-        def forward_backward() -> tuple[worker_pb2.ForwardBackwardResponse, dict[str, Any]]:
-            # this rank's own slice, decoded first (as a stream's is): a bad one fails every rank before any collective
-            with self.model.agreement() if self.model is not None else contextlib.nullcontext():
-                batch = shared_memory_routing.read_inputs(self.options, self.model, request, inputs)
-                model = self._model()
-                if not batch:
-                    raise InvalidArgument("inputs is empty: send input_ids, attention_mask and labels")
-                out_of_memory.check_inputs(model, batch, request.return_logits)
-                result = model.forward_backward(
-                    batch,
-                    request.adapter_name,
-                    request.temperature or 1.0,
-                    request.return_logits,
-                    request.gradient_accumulation_steps or None,
-                    **convert.loss_choice(request),
-                )
-            group = model.group(request.adapter_name)
-            response = worker_pb2.ForwardBackwardResponse(
-                output=convert.forward_header(result), micro_step=group.micro_step
-            )
-            return response, shared_memory_routing.write_outputs(
-                self.options, self.rank, request, result.outputs, response.output
-            )
-
-        return self._run(context, request.context, forward_backward, request)
+        yield from self._forward_stream(request_iterator, context, forward_calls.FORWARD_BACKWARD)
 
     def ForwardOnly(
         self, request: worker_pb2.ForwardOnlyRequest, context: grpc.ServicerContext
     ) -> worker_pb2.ForwardOnlyResponse:
-        response, arrays = self._forward_only(request, context, None)
-        tensors.map_to_proto(arrays, response.output.outputs)
-        return response
+        return self._forward_inline(request, context, forward_calls.FORWARD_ONLY)
 
     def ForwardOnlyStream(
         self, request_iterator: Iterator[worker_pb2.ForwardOnlyStreamRequest], context: grpc.ServicerContext
     ) -> Iterator[worker_pb2.ForwardOnlyStreamResponse]:
-        request, inputs = self._receive(request_iterator, context, lambda header: header.inputs)
-        response, arrays = self._forward_only(request, context, inputs)
-        outgoing = streaming.prepare(response, response.output.outputs, arrays)
-        yield from streaming.frames(outgoing, worker_pb2.ForwardOnlyStreamResponse)
+        yield from self._forward_stream(request_iterator, context, forward_calls.FORWARD_ONLY)
 
-    def _forward_only(
-        self, request: worker_pb2.ForwardOnlyRequest, context: grpc.ServicerContext, inputs: dict[str, Any] | None
-    ) -> tuple[worker_pb2.ForwardOnlyResponse, dict[str, Any]]:
-        def forward_only() -> tuple[worker_pb2.ForwardOnlyResponse, dict[str, Any]]:
+    def _forward_inline(self, request: Any, context: grpc.ServicerContext, kind: forward_calls.ForwardKind) -> Any:
+        """A forward whose batch and outputs travel in its one request and response message (or a segment)."""
+        response, arrays = self._forward(request, context, None, kind)
+        tensors.map_to_proto(arrays, response.output.outputs)
+        return response
+
+    def _forward_stream(
+        self, messages: Iterator[Any], context: grpc.ServicerContext, kind: forward_calls.ForwardKind
+    ) -> Iterator[Any]:
+        """A forward whose batch and outputs travel as a header and raw-bytes frames (twinkle_protocol.streaming)."""
+        request, inputs = self._receive(messages, context, lambda header: header.inputs)
+        response, arrays = self._forward(request, context, inputs, kind)
+        outgoing = streaming.prepare(response, response.output.outputs, arrays)
+        yield from streaming.frames(outgoing, kind.stream_response)
+
+    def _forward(
+        self,
+        request: Any,
+        context: grpc.ServicerContext,
+        inputs: dict[str, Any] | None,
+        kind: forward_calls.ForwardKind,
+    ) -> tuple[Any, dict[str, Any]]:
+        """Runs the forward in its turn; returns its response and the outputs left to send."""
+
+        def forward() -> tuple[Any, dict[str, Any]]:
             # this rank's own slice, decoded first (as a stream's is): a bad one fails every rank before any collective
             with self.model.agreement() if self.model is not None else contextlib.nullcontext():
                 batch = shared_memory_routing.read_inputs(self.options, self.model, request, inputs)
                 model = self._model()
                 if not batch:
-                    raise InvalidArgument("inputs is empty: send at least input_ids")
+                    raise InvalidArgument(kind.empty_batch)
                 out_of_memory.check_inputs(model, batch, request.return_logits)
-                result = model.forward_only(
-                    batch,
-                    request.adapter_name,
-                    request.temperature or 1.0,
-                    request.return_logits,
-                    request.disable_lora,
-                    **convert.loss_choice(request),
-                )
-            response = worker_pb2.ForwardOnlyResponse(output=convert.forward_header(result))
+                result = kind.call(model, batch, request)
+            response = kind.respond(model, request, convert.forward_header(result))
             return response, shared_memory_routing.write_outputs(
                 self.options, self.rank, request, result.outputs, response.output
             )
 
-        return self._run(context, request.context, forward_only, request)
+        return self._run(context, request.context, forward, request)
 
     def Sample(self, request: worker_pb2.SampleRequest, context: grpc.ServicerContext) -> worker_pb2.SampleResponse:
         def sample() -> worker_pb2.SampleResponse:
