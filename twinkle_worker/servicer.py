@@ -3,7 +3,9 @@
 Model calls run on one executor thread in sequence-number order; gRPC threads only decode and
 wait. Sessions and sequence numbers are kept by twinkle_worker.session (a retried call returns
 the stored outcome instead of running twice: an optimizer step is never applied twice), field
-checks live in twinkle_worker.validation.
+checks live in twinkle_worker.validation, proto <-> Python conversion in twinkle_worker.convert,
+the same-host segments' use in twinkle_worker.shared_memory_routing, out-of-memory detection in
+twinkle_worker.out_of_memory.
 """
 
 from __future__ import annotations
