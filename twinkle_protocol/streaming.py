@@ -1,4 +1,4 @@
-"""Chunked tensor streams: ExportWeights reassembly, and the header + raw-bytes framing of
+"""Chunked tensor streams: ExportWeights chunks and their reassembly, and the header + raw-bytes framing of
 ForwardBackwardStream / ForwardOnlyStream (both directions).
 
 Used by the client (twinkle_client.model) and the worker servicer; the rules are in docs/protocol.md.
@@ -55,9 +55,33 @@ def assemble_weights(chunks: Iterable[Any], segment: Any = None) -> dict[str, np
     return weights
 
 
+def weight_chunks(state: Mapping[str, Any], chunk_bytes: int) -> Iterator[Any]:
+    """ExportWeightsResponse pieces of each tensor of state, in order, the first named: what
+    assemble_weights joins. Each piece holds chunk_bytes of the tensor's bytes (the last one the rest)."""
+    from twinkle_protocol._proto import worker_pb2
+
+    for name, value in state.items():
+        encoded = tensor_pb2.Tensor()
+        array = tensors.encode_header(value, encoded)  # dtype and shape; the bytes go straight into the chunks
+        data = memoryview(array.reshape(-1)).cast("B")  # type: ignore[arg-type]
+        total = len(data)
+        for offset in range(0, max(total, 1), chunk_bytes):
+            piece = worker_pb2.ExportWeightsResponse(
+                total_bytes=total, offset=offset, data=data[offset : offset + chunk_bytes].tobytes()
+            )
+            if offset == 0:
+                piece.name, piece.dtype = name, encoded.dtype
+                piece.shape.extend(encoded.shape)
+            yield piece
+
+
 # --- header + raw-bytes framing (ForwardBackwardStream, ForwardOnlyStream) -------------------
 
+# The chunk size of streamed messages, and of ExportWeights pieces when the request leaves chunk_bytes 0.
 CHUNK_BYTES = 1 << 20
+# The chunk_bytes an ExportWeights request may ask for (a piece must fit a response message).
+MIN_WEIGHT_CHUNK_BYTES = 1 << 10
+MAX_WEIGHT_CHUNK_BYTES = 64 << 20
 
 
 @dataclass

@@ -29,17 +29,14 @@ from typing import TYPE_CHECKING
 
 from twinkle_protocol.errors import TwinkleError
 from twinkle_worker import parent, placement
-from twinkle_worker.receive_deadline import DEFAULT_RECEIVE_TIMEOUT_SECONDS
-from twinkle_worker.server import DEFAULT_MAX_MESSAGE_MB
-from twinkle_worker.servicer import WorkerOptions
+from twinkle_worker.options import TOKEN_ENV, WILDCARD_HOSTS, WorkerOptions
 
 if TYPE_CHECKING:
     from twinkle_worker.mesh_registry import Registrar
     from twinkle_worker.server import WorkerServer
 
-TOKEN_ENV = "TWINKLE_WORKER_TOKEN"
 PLACEMENT_FLAGS = ("rank", "local_rank", "world_size", "master_addr", "master_port")
-WILDCARD_HOSTS = ("0.0.0.0", "::", "")
+DEFAULTS = WorkerOptions()
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -47,10 +44,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         prog="twinkle-worker", description="Serve one rank of a Twinkle TransformersModel over gRPC."
     )
     add = parser.add_argument
-    add("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
+    add("--host", default=DEFAULTS.host, help=f"address to listen on (default {DEFAULTS.host}; 0.0.0.0 for all)")
     add("--port", type=int, help="port to listen on; 0 picks a free one (default 50051)")
     add("--port-base", type=int, help="listen on PORT_BASE + local rank (one worker per GPU on a host)")
-    add("--device", default="cpu", help="default device: cpu, cuda (the local rank's GPU) or cuda:N (default cpu)")
+    add(
+        "--device",
+        default=DEFAULTS.device,
+        help=f"default device: cpu, cuda (the local rank's GPU) or cuda:N (default {DEFAULTS.device})",
+    )
     add(
         "--placement",
         choices=("auto", "none"),
@@ -69,7 +70,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--tls-root-cert",
         help="PEM CA that signed rank 0's certificate, to register over TLS (default --tls-client-ca)",
     )
-    add("--output-root", default="outputs", help="checkpoints are confined under this directory")
+    add("--output-root", default=DEFAULTS.output_root, help="checkpoints are confined under this directory")
     add(
         "--allow-any-path",
         action="store_true",
@@ -80,11 +81,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add(
         "--max-message-mb",
         type=int,
-        default=DEFAULT_MAX_MESSAGE_MB,
-        help=f"largest request message accepted, MiB (default {DEFAULT_MAX_MESSAGE_MB}; the Python client streams "
+        default=DEFAULTS.max_message_mb,
+        help=f"largest request message accepted, MiB (default {DEFAULTS.max_message_mb}; the Python client streams "
         "batches above 1 MiB in 1 MiB frames)",
     )
-    add("--max-stream-mb", type=int, default=8192, help="largest batch a streamed request may declare, MiB")
+    add(
+        "--max-stream-mb",
+        type=int,
+        default=DEFAULTS.max_stream_bytes >> 20,
+        help="largest batch a streamed request may declare, MiB",
+    )
     add(
         "--no-shared-memory",
         action="store_true",
@@ -93,9 +99,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add(
         "--receive-timeout-seconds",
         type=float,
-        default=DEFAULT_RECEIVE_TIMEOUT_SECONDS,
+        default=DEFAULTS.receive_timeout_seconds,
         help="a call whose next request message takes longer than this to arrive is cancelled with "
-        f"DEADLINE_EXCEEDED, freeing its handler thread (default {DEFAULT_RECEIVE_TIMEOUT_SECONDS:g}; 0: never)",
+        f"DEADLINE_EXCEEDED, freeing its handler thread (default {DEFAULTS.receive_timeout_seconds:g}; 0: never)",
     )
     add("--allow-remote-code", action="store_true", help="let Init ask for trust_remote_code")
     add(
@@ -111,7 +117,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="serve Prometheus metrics at http://HOST:PORT/metrics (0: a free port, in GetStatus); off by default",
     )
     add("--trace-file", help="write OpenTelemetry spans of every call here, a JSON object a line (extra [otel])")
-    add("--lease-seconds", type=float, default=900.0, help="an owner silent this long may be replaced (0: never)")
+    add(
+        "--lease-seconds",
+        type=float,
+        default=DEFAULTS.lease_seconds,
+        help="an owner silent this long may be replaced (0: never)",
+    )
     add("--shutdown-grace", type=float, default=60.0, help="seconds the call in progress may take after SIGTERM")
     add(
         "--exit-with-parent",
@@ -215,13 +226,13 @@ def main(argv: list[str] | None = None) -> None:
         receive_timeout_seconds=args.receive_timeout_seconds,
         shared_memory=not args.no_shared_memory,
         confine_paths=not args.allow_any_path,
+        max_message_mb=args.max_message_mb,
     )
     tls = TlsFiles(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
     token = read_token(args)
     server = WorkerServer(
         options,
         port,
-        args.max_message_mb,
         token=token,
         tls=tls,
         metrics_port=args.metrics_port,

@@ -29,9 +29,9 @@ from typing import Any
 
 from twinkle_client.local import LocalWorkers
 from twinkle_protocol.errors import Unavailable
+from twinkle_worker.options import TOKEN_ENV, WILDCARD_HOSTS, WorkerOptions
 
-TOKEN_ENV = "TWINKLE_WORKER_TOKEN"
-WILDCARD_HOSTS = ("0.0.0.0", "::", "")
+DEFAULTS = WorkerOptions()
 
 
 class _Interrupted(BaseException):
@@ -50,9 +50,22 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     add = parser.add_argument
     add("--nproc", type=int, required=True, help="number of workers (ranks) to start on this host")
     add("--base-port", type=int, required=True, help="rank i listens on base-port + i")
-    add("--host", default="127.0.0.1", help="address the workers listen on (default 127.0.0.1; 0.0.0.0 for all)")
-    add("--device", choices=("cpu", "cuda"), default="cpu", help="cpu, or cuda: rank i on cuda:i (default cpu)")
-    add("--output-root", default="outputs", help="checkpoints are confined under this directory (default outputs)")
+    add(
+        "--host",
+        default=DEFAULTS.host,
+        help=f"address the workers listen on (default {DEFAULTS.host}; 0.0.0.0 for all)",
+    )
+    add(
+        "--device",
+        choices=("cpu", "cuda"),
+        default=DEFAULTS.device,
+        help=f"cpu, or cuda: rank i on cuda:i (default {DEFAULTS.device})",
+    )
+    add(
+        "--output-root",
+        default=DEFAULTS.output_root,
+        help=f"checkpoints are confined under this directory (default {DEFAULTS.output_root})",
+    )
     add("--threads", type=int, default=0, help="torch threads per worker (default: CPU cores / nproc)")
     add("--group", default="default", help="remote_group name in the printed cluster config (default 'default')")
     add("--log-dir", help="each worker's log goes to LOG_DIR/worker-<rank>.log (default: a new temporary folder)")

@@ -288,7 +288,7 @@ class _Instrumented:
 
     def __init__(self, metrics: WorkerMetrics, rpc: str, handler: Any) -> None:
         self.metrics, self.rpc, self.inner = metrics, rpc, handler
-        # By the RPC, not the handler: the token gate (server.GateInterceptor) serves every method as a
+        # By the RPC, not the handler: the token gate (gate.GateInterceptor) serves every method as a
         # request stream, so that it reads a request only once the caller is admitted.
         self.request_transport = "stream" if rpc in STREAM_REQUEST_RPCS else "message"
         self.response_transport = "stream" if rpc in STREAM_RESPONSE_RPCS else "message"

@@ -46,7 +46,6 @@ from twinkle_worker import checkpoint as ckpt
 from twinkle_worker.agreement import MeshAgreement, agreed_call
 
 # servicer.py (another engineer's file) still imports it from here; the lead points it at building at the merge.
-from twinkle_worker.building import available_memory as _available_memory  # noqa: F401
 from twinkle_worker.building import build_model, parse_device
 from twinkle_worker.fault_hook import fault_for_test
 from twinkle_worker.groups import FULL_MODEL, ForwardResult, Group, StepResult, forward_result

@@ -12,7 +12,7 @@ import socket
 
 from twinkle_protocol._proto import worker_pb2
 from twinkle_worker import mesh_registry, placement
-from twinkle_worker.servicer import WorkerOptions
+from twinkle_worker.options import WorkerOptions
 
 log = logging.getLogger(__name__)
 

@@ -18,8 +18,6 @@ import grpc
 
 log = logging.getLogger(__name__)
 
-DEFAULT_RECEIVE_TIMEOUT_SECONDS = 15.0
-
 
 class ReceiveDeadlines:
     """Cancels a call when one request message takes longer than `seconds` to arrive.

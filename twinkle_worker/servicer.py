@@ -3,7 +3,9 @@
 Model calls run on one executor thread in sequence-number order; gRPC threads only decode and
 wait. Sessions and sequence numbers are kept by twinkle_worker.session (a retried call returns
 the stored outcome instead of running twice: an optimizer step is never applied twice), field
-checks live in twinkle_worker.validation.
+checks live in twinkle_worker.validation, proto <-> Python conversion in twinkle_worker.convert,
+the same-host segments' use in twinkle_worker.shared_memory_routing, out-of-memory detection in
+twinkle_worker.out_of_memory.
 """
 
 from __future__ import annotations
@@ -15,39 +17,29 @@ import os
 import socket
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
 import grpc
-from google.protobuf import json_format, struct_pb2
 
-from twinkle_protocol import __version__, errors, shared_memory, streaming, tensors
-from twinkle_protocol._proto import tensor_pb2, worker_pb2, worker_pb2_grpc
-from twinkle_protocol.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, TwinkleError, Unavailable
+from twinkle_protocol import __version__, errors, streaming, tensors
+from twinkle_protocol._proto import worker_pb2, worker_pb2_grpc
+from twinkle_protocol.errors import FailedPrecondition, InvalidArgument, TwinkleError, Unavailable
 from twinkle_protocol.mesh import DeviceMesh
-from twinkle_protocol.sampling import SampledSequence
-from twinkle_worker import mesh_registry, metrics, validation
-from twinkle_worker.model import ForwardResult, TransformersModel
-from twinkle_worker.receive_deadline import DEFAULT_RECEIVE_TIMEOUT_SECONDS
-from twinkle_worker.sampling import SamplingParams
+from twinkle_worker import (
+    convert,
+    forward_calls,
+    mesh_registry,
+    metrics,
+    out_of_memory,
+    shared_memory_routing,
+    validation,
+)
+from twinkle_worker.model import TransformersModel
+from twinkle_worker.options import WorkerOptions
 from twinkle_worker.session import SEQUENCE_WAIT_SECONDS, Ledger
-from twinkle_worker.strategies import Rendezvous
 
 log = logging.getLogger(__name__)
 
-STRATEGY_NAMES = {
-    worker_pb2.STRATEGY_UNSPECIFIED: "accelerate",
-    worker_pb2.STRATEGY_ACCELERATE: "accelerate",
-    worker_pb2.STRATEGY_NATIVE_FSDP: "native_fsdp",
-}
-PRECISION_NAMES = {
-    worker_pb2.MIXED_PRECISION_UNSPECIFIED: "bf16",
-    worker_pb2.MIXED_PRECISION_NO: "no",
-    worker_pb2.MIXED_PRECISION_BF16: "bf16",
-    worker_pb2.MIXED_PRECISION_FP16: "fp16",
-    worker_pb2.MIXED_PRECISION_FP8: "fp8",
-}
-DEFAULT_CHUNK_BYTES = 1 << 20
 # Requests whose model method runs collectives (model.agreed_call): their checks run inside the agreement.
 AGREED_REQUESTS = (
     worker_pb2.ForwardBackwardRequest,
@@ -61,97 +53,6 @@ AGREED_REQUESTS = (
     worker_pb2.SampleRequest,
 )
 MAX_ERROR_CHARS = 2000
-
-
-@dataclass
-class WorkerOptions:
-    """How the worker process was started (command-line flags)."""
-
-    host: str = "127.0.0.1"
-    device: str = "cpu"
-    output_root: str = "outputs"
-    allow_remote_code: bool = False
-    # An owner silent this long may be replaced by another session's Init (0: never).
-    lease_seconds: float = 900.0
-    # The largest batch a streamed request may declare (its bytes are allocated once the header passed
-    # the session and sequence checks).
-    max_stream_bytes: int = 8 << 30
-    # A call whose next request message takes longer than this to arrive is cancelled (0: never).
-    receive_timeout_seconds: float = DEFAULT_RECEIVE_TIMEOUT_SECONDS
-    # Accept tensors in /dev/shm segments named by a client on this host (docs/protocol.md, "Shared memory").
-    shared_memory: bool = True
-    # Checkpoint paths must lie under output_root; False (--allow-any-path, embedded workers): any path
-    # this user can write.
-    confine_paths: bool = True
-
-
-def struct_to_dict(struct: struct_pb2.Struct) -> dict[str, Any]:
-    """A Struct as keyword arguments; whole numbers become ints (JSON has only doubles)."""
-
-    def fix(value: Any) -> Any:
-        if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
-            return int(value)
-        if isinstance(value, list):
-            return [fix(v) for v in value]
-        if isinstance(value, dict):
-            return {k: fix(v) for k, v in value.items()}
-        return value
-
-    return {key: fix(value) for key, value in json_format.MessageToDict(struct).items()}
-
-
-def dict_to_struct(values: dict[str, Any]) -> struct_pb2.Struct:
-    struct = struct_pb2.Struct()
-    struct.update(values)
-    return struct
-
-
-def lora_config(message: worker_pb2.LoraConfig) -> Any:
-    from peft import LoraConfig
-
-    validation.check_lora(message)
-    extra = struct_to_dict(message.extra)
-    targets: Any = list(message.target_modules) or "all-linear"  # empty: all-linear (docs/protocol.md)
-    if targets == ["all-linear"]:
-        targets = "all-linear"
-    if "target_modules" in extra:  # null: peft's default, the architecture's own targets
-        targets = extra.pop("target_modules")
-    if message.lora_alpha:  # 0: peft's default
-        extra["lora_alpha"] = message.lora_alpha
-    try:
-        return LoraConfig(
-            r=message.r,
-            lora_dropout=message.lora_dropout,
-            target_modules=targets,
-            bias=message.bias or "none",
-            use_rslora=message.use_rslora,
-            modules_to_save=list(message.modules_to_save) or None,
-            task_type="CAUSAL_LM",
-            **extra,
-        )
-    except (TypeError, ValueError) as error:
-        raise InvalidArgument(f"lora_config: {error}") from None
-
-
-def forward_header(result: ForwardResult) -> worker_pb2.ForwardOutput:
-    """The scalars and metrics of a forward; the caller adds the tensors (inline, or streamed)."""
-    normalization = result.normalization
-    output = worker_pb2.ForwardOutput(
-        loss_sum=result.loss_sum,
-        num_tokens=result.num_tokens,
-        loss=result.loss,
-        num_sequences=result.num_sequences,
-        normalization=normalization.kind,
-        normalization_divisor=normalization.divisor,
-    )
-    for name, (total, count) in result.metrics.items():
-        output.metrics[name].CopyFrom(worker_pb2.LossMetric(sum=total, count=count))
-    return output
-
-
-def loss_choice(request: Any) -> dict[str, Any]:
-    """A forward request's per-call loss, as keyword arguments of the model's method."""
-    return {"loss_fn": request.loss_fn or None, "loss_fn_config": struct_to_dict(request.loss_fn_config)}
 
 
 def free_port(host: str) -> int:
@@ -231,14 +132,11 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             return fn()
         except TwinkleError as error:
             return error
-        except MemoryError as error:
-            return ResourceExhausted(f"out of memory: {error}", reason="OUT_OF_MEMORY")
-        except Exception as error:  # a bug: keep serving, say so
-            text = str(error)
-            out_of_memory = ("can't allocate memory", "not enough memory")
-            if type(error).__name__ == "OutOfMemoryError" or any(marker in text for marker in out_of_memory):
-                return ResourceExhausted(f"out of memory: {text}".splitlines()[0], reason="OUT_OF_MEMORY")
-            log.exception("internal error")
+        except Exception as error:
+            exhausted = out_of_memory.as_resource_exhausted(error)
+            if exhausted is not None:
+                return exhausted
+            log.exception("internal error")  # a bug: keep serving, say so
             return error
 
     def _abort(self, context: grpc.ServicerContext, error: BaseException) -> None:
@@ -271,23 +169,6 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         self.model.check_not_broken()
         return self.model
 
-    def _available_memory(self, model: TransformersModel) -> int | None:
-        """Free bytes where the model computes: device memory on a GPU, MemAvailable on a host."""
-        if model.device.type == "cuda":
-            import torch
-
-            return int(torch.cuda.mem_get_info(model.device)[0])
-        from twinkle_worker.model import _available_memory
-
-        return _available_memory()
-
-    def _check_inputs(self, model: TransformersModel, batch: dict[str, Any], return_logits: bool) -> None:
-        validation.check_inputs(batch, model.vocab_size, return_logits, self._available_memory(model))
-
-    @staticmethod
-    def _optional(message: Any, field: str) -> Any:
-        return getattr(message, field) if message.HasField(field) else None
-
     # --------------------------------------------------------------- RPCs
 
     def Init(self, request: worker_pb2.InitRequest, context: grpc.ServicerContext) -> worker_pb2.InitResponse:
@@ -318,36 +199,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 raise InvalidArgument(
                     f"rank: this worker was placed as rank {self.placed_rank}, Init asks for rank {request.rank}"
                 )
-            mesh = (
-                DeviceMesh(tuple(request.mesh.dim_names), tuple(request.mesh.dim_sizes))
-                if request.mesh.dim_names
-                else DeviceMesh.single()
-            )
-            rendezvous = Rendezvous(
-                request.rendezvous.master_addr or "127.0.0.1",
-                request.rendezvous.master_port,
-                request.rendezvous.timeout_seconds,
-            )
+            mesh = convert.device_mesh(request.mesh)
             self.rank, self.world_size, self.mesh = request.rank, mesh.world_size, mesh
             self.model = TransformersModel(
-                model_cls=request.model_class or None,
-                model_id=request.model_id or None,
-                config=request.config_json or None,
-                device_mesh=mesh,
-                mixed_precision=PRECISION_NAMES.get(request.mixed_precision, "bf16"),
-                strategy=STRATEGY_NAMES.get(request.strategy, "accelerate"),
-                ddp_config=struct_to_dict(request.ddp_config),
-                fsdp_config=struct_to_dict(request.fsdp_config),
-                grad_scaler_config=struct_to_dict(request.grad_scaler_config),
-                rank=request.rank,
-                device=validation.bounded_device(self.options.device, request.device),
-                rendezvous=rendezvous,
-                seed=request.seed,
-                output_root=self.options.output_root,
-                confine_paths=self.options.confine_paths,
-                trust_remote_code=request.trust_remote_code,
-                allow_remote_code=self.options.allow_remote_code,
-                **struct_to_dict(request.model_kwargs),
+                **convert.model_arguments(request, self.options, mesh), **convert.struct_to_dict(request.model_kwargs)
             )
             model = self.model
             return worker_pb2.InitResponse(
@@ -390,7 +245,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             source = request.WhichOneof("source")
             if source is None:
                 raise InvalidArgument("AddAdapter needs lora_config or pretrained_path")
-            config = lora_config(request.lora_config) if source == "lora_config" else request.pretrained_path
+            config = convert.lora_config(request.lora_config) if source == "lora_config" else request.pretrained_path
             count = self._model().add_adapter_to_model(
                 request.adapter_name, config, not request.frozen, request.gradient_accumulation_steps or 1
             )
@@ -402,14 +257,14 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         self, request: worker_pb2.SetOptimizerRequest, context: grpc.ServicerContext
     ) -> worker_pb2.SetOptimizerResponse:
         def set_optimizer() -> worker_pb2.SetOptimizerResponse:
-            lr = self._optional(request, "lr")
-            weight_decay = self._optional(request, "weight_decay")
+            lr = convert.optional(request, "lr")
+            weight_decay = convert.optional(request, "weight_decay")
             count = self._model().set_optimizer(
                 request.optimizer or "AdamW",
                 lr=1e-5 if lr is None else lr,
                 weight_decay=0.01 if weight_decay is None else weight_decay,
                 adapter_name=request.adapter_name,
-                **struct_to_dict(request.kwargs),
+                **convert.struct_to_dict(request.kwargs),
             )
             return worker_pb2.SetOptimizerResponse(num_parameters=count)
 
@@ -420,7 +275,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     ) -> worker_pb2.SetLrSchedulerResponse:
         def set_scheduler() -> worker_pb2.SetLrSchedulerResponse:
             lr = self._model().set_lr_scheduler(
-                request.scheduler, request.adapter_name, **struct_to_dict(request.kwargs)
+                request.scheduler, request.adapter_name, **convert.struct_to_dict(request.kwargs)
             )
             return worker_pb2.SetLrSchedulerResponse(lr=lr)
 
@@ -429,7 +284,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     def SetLoss(self, request: worker_pb2.SetLossRequest, context: grpc.ServicerContext) -> worker_pb2.SetLossResponse:
         def set_loss() -> worker_pb2.SetLossResponse:
             self._model().set_loss(
-                request.loss or "CrossEntropyLoss", request.adapter_name, **struct_to_dict(request.kwargs)
+                request.loss or "CrossEntropyLoss", request.adapter_name, **convert.struct_to_dict(request.kwargs)
             )
             return worker_pb2.SetLossResponse()
 
@@ -438,81 +293,62 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     def ForwardBackward(
         self, request: worker_pb2.ForwardBackwardRequest, context: grpc.ServicerContext
     ) -> worker_pb2.ForwardBackwardResponse:
-        response, arrays = self._forward_backward(request, context, None)
-        tensors.map_to_proto(arrays, response.output.outputs)
-        return response
+        return self._forward_inline(request, context, forward_calls.FORWARD_BACKWARD)
 
     def ForwardBackwardStream(
         self, request_iterator: Iterator[worker_pb2.ForwardBackwardStreamRequest], context: grpc.ServicerContext
     ) -> Iterator[worker_pb2.ForwardBackwardStreamResponse]:
-        request, inputs = self._receive(request_iterator, context, lambda header: header.inputs)
-        response, arrays = self._forward_backward(request, context, inputs)
-        outgoing = streaming.prepare(response, response.output.outputs, arrays)
-        yield from streaming.frames(outgoing, worker_pb2.ForwardBackwardStreamResponse)
-
-    def _forward_backward(
-        self, request: worker_pb2.ForwardBackwardRequest, context: grpc.ServicerContext, inputs: dict[str, Any] | None
-    ) -> tuple[worker_pb2.ForwardBackwardResponse, dict[str, Any]]:
-        def forward_backward() -> tuple[worker_pb2.ForwardBackwardResponse, dict[str, Any]]:
-            # this rank's own slice, decoded first (as a stream's is): a bad one fails every rank before any collective
-            with self.model.agreement() if self.model is not None else contextlib.nullcontext():
-                batch = self._inputs(self.model, request, inputs)
-                model = self._model()
-                if not batch:
-                    raise InvalidArgument("inputs is empty: send input_ids, attention_mask and labels")
-                self._check_inputs(model, batch, request.return_logits)
-                result = model.forward_backward(
-                    batch,
-                    request.adapter_name,
-                    request.temperature or 1.0,
-                    request.return_logits,
-                    request.gradient_accumulation_steps or None,
-                    **loss_choice(request),
-                )
-            group = model.group(request.adapter_name)
-            response = worker_pb2.ForwardBackwardResponse(output=forward_header(result), micro_step=group.micro_step)
-            return response, self._outputs(request, result.outputs, response.output)
-
-        return self._run(context, request.context, forward_backward, request)
+        yield from self._forward_stream(request_iterator, context, forward_calls.FORWARD_BACKWARD)
 
     def ForwardOnly(
         self, request: worker_pb2.ForwardOnlyRequest, context: grpc.ServicerContext
     ) -> worker_pb2.ForwardOnlyResponse:
-        response, arrays = self._forward_only(request, context, None)
-        tensors.map_to_proto(arrays, response.output.outputs)
-        return response
+        return self._forward_inline(request, context, forward_calls.FORWARD_ONLY)
 
     def ForwardOnlyStream(
         self, request_iterator: Iterator[worker_pb2.ForwardOnlyStreamRequest], context: grpc.ServicerContext
     ) -> Iterator[worker_pb2.ForwardOnlyStreamResponse]:
-        request, inputs = self._receive(request_iterator, context, lambda header: header.inputs)
-        response, arrays = self._forward_only(request, context, inputs)
-        outgoing = streaming.prepare(response, response.output.outputs, arrays)
-        yield from streaming.frames(outgoing, worker_pb2.ForwardOnlyStreamResponse)
+        yield from self._forward_stream(request_iterator, context, forward_calls.FORWARD_ONLY)
 
-    def _forward_only(
-        self, request: worker_pb2.ForwardOnlyRequest, context: grpc.ServicerContext, inputs: dict[str, Any] | None
-    ) -> tuple[worker_pb2.ForwardOnlyResponse, dict[str, Any]]:
-        def forward_only() -> tuple[worker_pb2.ForwardOnlyResponse, dict[str, Any]]:
+    def _forward_inline(self, request: Any, context: grpc.ServicerContext, kind: forward_calls.ForwardKind) -> Any:
+        """A forward whose batch and outputs travel in its one request and response message (or a segment)."""
+        response, arrays = self._forward(request, context, None, kind)
+        tensors.map_to_proto(arrays, response.output.outputs)
+        return response
+
+    def _forward_stream(
+        self, messages: Iterator[Any], context: grpc.ServicerContext, kind: forward_calls.ForwardKind
+    ) -> Iterator[Any]:
+        """A forward whose batch and outputs travel as a header and raw-bytes frames (twinkle_protocol.streaming)."""
+        request, inputs = self._receive(messages, context, lambda header: header.inputs)
+        response, arrays = self._forward(request, context, inputs, kind)
+        outgoing = streaming.prepare(response, response.output.outputs, arrays)
+        yield from streaming.frames(outgoing, kind.stream_response)
+
+    def _forward(
+        self,
+        request: Any,
+        context: grpc.ServicerContext,
+        inputs: dict[str, Any] | None,
+        kind: forward_calls.ForwardKind,
+    ) -> tuple[Any, dict[str, Any]]:
+        """Runs the forward in its turn; returns its response and the outputs left to send."""
+
+        def forward() -> tuple[Any, dict[str, Any]]:
             # this rank's own slice, decoded first (as a stream's is): a bad one fails every rank before any collective
             with self.model.agreement() if self.model is not None else contextlib.nullcontext():
-                batch = self._inputs(self.model, request, inputs)
+                batch = shared_memory_routing.read_inputs(self.options, self.model, request, inputs)
                 model = self._model()
                 if not batch:
-                    raise InvalidArgument("inputs is empty: send at least input_ids")
-                self._check_inputs(model, batch, request.return_logits)
-                result = model.forward_only(
-                    batch,
-                    request.adapter_name,
-                    request.temperature or 1.0,
-                    request.return_logits,
-                    request.disable_lora,
-                    **loss_choice(request),
-                )
-            response = worker_pb2.ForwardOnlyResponse(output=forward_header(result))
-            return response, self._outputs(request, result.outputs, response.output)
+                    raise InvalidArgument(kind.empty_batch)
+                out_of_memory.check_inputs(model, batch, request.return_logits)
+                result = kind.call(model, batch, request)
+            response = kind.respond(model, request, convert.forward_header(result))
+            return response, shared_memory_routing.write_outputs(
+                self.options, self.rank, request, result.outputs, response.output
+            )
 
-        return self._run(context, request.context, forward_only, request)
+        return self._run(context, request.context, forward, request)
 
     def Sample(self, request: worker_pb2.SampleRequest, context: grpc.ServicerContext) -> worker_pb2.SampleResponse:
         def sample() -> worker_pb2.SampleResponse:
@@ -520,69 +356,17 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             prompts = tensors.map_to_numpy(request.prompts)
             if "input_ids" not in prompts:
                 raise InvalidArgument("prompts: send input_ids (and attention_mask) of this rank's rows")
-            self._check_inputs(model, prompts, False)
+            out_of_memory.check_inputs(model, prompts, False)
             sequences = model.sample(
                 prompts,
                 list(request.prompt_indices),
                 list(request.sample_indices),
-                sampling_params(request.sampling_params),
+                convert.sampling_params(request.sampling_params),
                 request.adapter_name,
             )
-            return worker_pb2.SampleResponse(sequences=[sampled_sequence(sequence) for sequence in sequences])
+            return worker_pb2.SampleResponse(sequences=[convert.sampled_sequence(sequence) for sequence in sequences])
 
         return self._run(context, request.context, sample, request)
-
-    def _export_to_segment(self, segment: str, state: dict[str, Any]) -> list[worker_pb2.ExportWeightsResponse] | None:
-        """The weights written into the client's segment, one message per tensor; None (stream them) when
-        they do not fit or the segment cannot be used."""
-        headers = [tensor_pb2.Tensor() for _ in state]
-        arrays = [tensors.encode_header(value, header) for value, header in zip(state.values(), headers, strict=True)]
-        try:
-            offsets = shared_memory.write_arrays(segment, arrays)
-        except TwinkleError as error:
-            log.warning("rank %d: output_segment not used for ExportWeights: %s", self.rank, error)
-            return None
-        if offsets is None:
-            return None
-        return [
-            worker_pb2.ExportWeightsResponse(
-                name=name,
-                dtype=header.dtype,
-                shape=header.shape,
-                total_bytes=array.nbytes,
-                in_segment=True,
-                segment_offset=offset,
-            )
-            for name, header, array, offset in zip(state, headers, arrays, offsets, strict=True)
-        ]
-
-    def _inputs(self, model: TransformersModel | None, request: Any, streamed: dict[str, Any] | None) -> dict[str, Any]:
-        """The batch: streamed, in a client's shared-memory segment, or inline in the request."""
-        if streamed is not None:
-            return streamed
-        if not request.HasField("shared_inputs"):
-            return tensors.map_to_numpy(request.inputs)
-        if not self.options.shared_memory:
-            raise FailedPrecondition(
-                "shared_inputs: this worker was started with --no-shared-memory; send the tensors in the messages"
-            )
-        # On an accelerator the bytes are copied once anyway: snapshot them first, so checks and use see the same bytes.
-        copy = model is not None and model.device.type != "cpu"
-        return shared_memory.read_tensors(request.shared_inputs, request.inputs, self.options.max_stream_bytes, copy)
-
-    def _outputs(self, request: Any, arrays: dict[str, Any], output: worker_pb2.ForwardOutput) -> dict[str, Any]:
-        """Writes the outputs into the client's output segment if offered and they fit; returns what is left to send."""
-        if not request.output_segment or not self.options.shared_memory or not arrays:
-            return arrays
-        try:
-            shared = shared_memory.write_tensors(request.output_segment, arrays, output.outputs)
-        except TwinkleError as error:  # the step has happened: send the outputs in the messages instead of failing it
-            log.warning("rank %d: output_segment not used: %s", self.rank, error)
-            return arrays
-        if shared is None:
-            return arrays
-        output.shared_outputs.CopyFrom(shared)
-        return {}
 
     def _receive(
         self, messages: Iterator[Any], context: grpc.ServicerContext, tensor_map_of: Callable[[Any], Any]
@@ -623,7 +407,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         def step() -> worker_pb2.StepResponse:
             model = self._model()
             applied = model.step(
-                request.adapter_name, request.gradient_accumulation_steps or None, optim_params(request.optim_params)
+                request.adapter_name,
+                request.gradient_accumulation_steps or None,
+                convert.optim_params(request.optim_params),
             )
             group = model.group(request.adapter_name)
             return worker_pb2.StepResponse(
@@ -659,7 +445,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 request.norm_type or 2.0,
                 request.adapter_name,
                 request.gradient_accumulation_steps or None,
-                optim_params(request.optim_params),
+                convert.optim_params(request.optim_params),
             )
             return worker_pb2.ClipGradAndStepResponse(
                 applied=result.applied,
@@ -716,7 +502,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         def configs() -> worker_pb2.GetTrainConfigsResponse:
             values = self._model().get_train_configs(request.adapter_name)
             summary = "\n".join(f"{key}: {value}" for key, value in values.items())
-            return worker_pb2.GetTrainConfigsResponse(summary=summary, configs=dict_to_struct(values))
+            return worker_pb2.GetTrainConfigsResponse(summary=summary, configs=convert.dict_to_struct(values))
 
         return self._run(context, None, configs)
 
@@ -739,7 +525,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             lease_seconds_left=self._ledger.lease_seconds_left(),
             free_port=free_port(self.options.host),
             vocab_size=model.vocab_size if model else 0,
-            shared_memory_probe_data=self._probe(request.shared_memory_probe),
+            shared_memory_probe_data=shared_memory_routing.probe(self.options, request.shared_memory_probe),
             incarnation=mesh_registry.INCARNATION,
             metrics_port=self.metrics_port,
         )
@@ -769,44 +555,21 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             raise mesh_registry.not_rank0(self.rank, self.rank0_address)
         return self.registry
 
-    def _probe(self, name: str) -> bytes:
-        if not name or not self.options.shared_memory:
-            return b""
-        try:
-            return shared_memory.probe(name)
-        except TwinkleError:
-            return b""
-
     def ExportWeights(
         self, request: worker_pb2.ExportWeightsRequest, context: grpc.ServicerContext
     ) -> Iterator[worker_pb2.ExportWeightsResponse]:
-        chunk = request.chunk_bytes or DEFAULT_CHUNK_BYTES
+        chunk = request.chunk_bytes or streaming.CHUNK_BYTES
 
         def export() -> dict[str, Any]:
-            if chunk < 1024 or chunk > 64 << 20:  # checked in its turn: a refused export still uses its number
+            # checked in its turn: a refused export still uses its number
+            if chunk < streaming.MIN_WEIGHT_CHUNK_BYTES or chunk > streaming.MAX_WEIGHT_CHUNK_BYTES:
                 raise InvalidArgument(f"chunk_bytes must be in [1024, 64 MiB], got {chunk}")
             return self._model().export_weights(request.adapter_name, trainable_only=request.trainable_only)
 
         # Numbered like every call that runs collectives, so it runs after the calls sent before it.
         state = self._run(context, request.context, export)
-        if request.output_segment and self.options.shared_memory and state:
-            placed = self._export_to_segment(request.output_segment, state)
-            if placed is not None:
-                yield from placed
-                return
-        for name, value in state.items():
-            encoded = tensor_pb2.Tensor()
-            array = tensors.encode_header(value, encoded)  # dtype and shape; the bytes go straight into the chunks
-            data = memoryview(array.reshape(-1)).cast("B")
-            total = len(data)
-            for offset in range(0, max(total, 1), chunk):
-                piece = worker_pb2.ExportWeightsResponse(
-                    total_bytes=total, offset=offset, data=data[offset : offset + chunk].tobytes()
-                )
-                if offset == 0:
-                    piece.name, piece.dtype = name, encoded.dtype
-                    piece.shape.extend(encoded.shape)
-                yield piece
+        placed = shared_memory_routing.export_to_segment(self.options, self.rank, request, state)
+        yield from placed if placed is not None else streaming.weight_chunks(state, chunk)
 
     def RemoveAdapter(
         self, request: worker_pb2.RemoveAdapterRequest, context: grpc.ServicerContext
@@ -821,35 +584,3 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         """Lets the queued calls finish, then leaves the process group (the worker is stopping)."""
         self._executor.shutdown(wait=True)
         self._close_model()
-
-
-def sampling_params(message: worker_pb2.SamplingParams) -> SamplingParams:
-    stop = None
-    if message.HasField("stop"):
-        stop = tuple(tuple(sequence.token_ids) for sequence in message.stop.sequences)
-    return SamplingParams(
-        max_tokens=message.max_tokens,
-        temperature=message.temperature if message.HasField("temperature") else 1.0,
-        top_p=message.top_p if message.HasField("top_p") else 1.0,
-        top_k=message.top_k,
-        stop=stop,
-        seed=message.seed,
-        num_samples=message.num_samples or 1,
-    )
-
-
-def sampled_sequence(sequence: SampledSequence) -> worker_pb2.SampledSequence:
-    reason = worker_pb2.STOP_REASON_STOP if sequence.stop_reason == "stop" else worker_pb2.STOP_REASON_LENGTH
-    return worker_pb2.SampledSequence(tokens=sequence.tokens, logprobs=sequence.logprobs, stop_reason=reason)
-
-
-def optim_params(message: worker_pb2.OptimParams) -> dict[str, Any] | None:
-    values: dict[str, Any] = {}
-    for field in ("lr", "weight_decay", "eps"):
-        if message.HasField(field):
-            values[field] = getattr(message, field)
-    if message.betas:
-        if len(message.betas) != 2:
-            raise InvalidArgument(f"optim_params.betas must have 2 values, got {len(message.betas)}")
-        values["betas"] = tuple(message.betas)
-    return values or None

@@ -17,11 +17,10 @@ from torch import nn
 
 from twinkle_protocol.errors import FailedPrecondition, InvalidArgument, Unavailable
 from twinkle_protocol.mesh import DeviceMesh
+from twinkle_protocol.names import PRECISIONS, STRATEGIES
 
 log = logging.getLogger(__name__)
 
-STRATEGIES = ("accelerate", "native_fsdp")
-MIXED_PRECISIONS = ("no", "bf16", "fp16", "fp8")
 DEFAULT_TIMEOUT_SECONDS = 300.0
 
 
@@ -48,10 +47,8 @@ class StrategyPlan:
     def validate(self) -> None:
         if self.strategy not in STRATEGIES:
             raise InvalidArgument(f"strategy {self.strategy!r} is unknown; use one of {list(STRATEGIES)}")
-        if self.mixed_precision not in MIXED_PRECISIONS:
-            raise InvalidArgument(
-                f"mixed_precision {self.mixed_precision!r} is unknown; use one of {list(MIXED_PRECISIONS)}"
-            )
+        if self.mixed_precision not in PRECISIONS:
+            raise InvalidArgument(f"mixed_precision {self.mixed_precision!r} is unknown; use one of {list(PRECISIONS)}")
         if self.mesh.unsupported_dims:
             raise FailedPrecondition(
                 f"mesh {self.mesh} has {self.mesh.unsupported_dims} > 1: tensor, pipeline and context "

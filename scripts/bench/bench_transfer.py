@@ -46,7 +46,7 @@ from typing import Any
 
 from common import MIB, interleaved, median, now, process_cpu_seconds, save, start_ray, table, verdict
 
-UNARY_LIMIT = 64 << 20  # the worker's default --max-message-mb (twinkle_worker.server.DEFAULT_MAX_MESSAGE_MB)
+UNARY_LIMIT = 64 << 20  # the worker's default --max-message-mb (twinkle_worker.options.WorkerOptions.max_message_mb)
 
 
 def weights_config(megabytes: int) -> Any:

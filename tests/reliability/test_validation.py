@@ -813,13 +813,13 @@ def _rows_beyond_memory(width: int) -> int | None:
     """Rows of int8 ids [rows, width*64] whose float32 logits exceed twice this host's free memory, if
     that fits in a request message the worker accepts (--max-message-mb)."""
     from twinkle_worker.building import available_memory
-    from twinkle_worker.server import DEFAULT_MAX_MESSAGE_MB
+    from twinkle_worker.options import WorkerOptions
 
     available = available_memory()
     if available is None:
         return None
     rows = math.ceil(2 * available / (width * 64 * VOCAB * 4))
-    return rows if rows * width * 64 < (DEFAULT_MAX_MESSAGE_MB - 1) << 20 else None
+    return rows if rows * width * 64 < (WorkerOptions.max_message_mb - 1) << 20 else None
 
 
 def test_every_rpc_names_the_bad_field_and_changes_nothing(
