@@ -1,7 +1,7 @@
 """Finding or starting the workers of a mesh: embedded local processes, Ray actors, a cluster config's
 group, given addresses, or an engine's rank 0; and the channel security to reach them.
 
-Used by twinkle_client.model before Init.
+Used by twinkle_client.model (before Init, and at close).
 """
 
 from __future__ import annotations
@@ -10,9 +10,12 @@ import dataclasses
 import secrets
 
 from twinkle_client import cluster
+from twinkle_client.coordinator import Coordinator
 from twinkle_client.local import LocalWorkers, wait_serving
 from twinkle_client.options import ClientOptions
 from twinkle_client.ray_workers import RayWorkers
+from twinkle_protocol import shared_memory
+from twinkle_protocol._proto import worker_pb2
 from twinkle_protocol.errors import InvalidArgument
 from twinkle_protocol.mesh import DeviceMesh
 from twinkle_protocol.security import ChannelSecurity
@@ -86,3 +89,17 @@ def _find_remote(group: cluster.WorkerGroup, options: ClientOptions) -> Deployme
     for address in addresses:
         wait_serving(address, timeout=60.0, security=security)
     return Deployment(addresses, security, master_addr, master_port, None, placed=True)
+
+
+def release(coordinator: Coordinator, local: LocalWorkers | RayWorkers | None, pool: shared_memory.Pool) -> None:
+    """Releases a client's workers at close: stops embedded ones, Resets remote ones (for the next client)."""
+    pool.close()
+    if local is not None:
+        local.close()
+    else:
+        try:
+            resets = coordinator.all("Reset", worker_pb2.ResetRequest(), sequenced=False, timeout=30.0)
+            coordinator.gather("Reset", resets)
+        except Exception:  # the workers may be gone already; nothing to release then
+            pass
+    coordinator.close()

@@ -12,7 +12,6 @@ back merged, in the caller's sample order.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
 import weakref
@@ -24,7 +23,7 @@ import numpy as np
 
 from twinkle_client import batches, cluster, custom_loss, futures, sampling, timing, tracing, transport
 from twinkle_client.coordinator import Coordinator
-from twinkle_client.deployment import deploy
+from twinkle_client.deployment import deploy, release
 from twinkle_client.local import LocalWorkers
 from twinkle_client.options import ClientOptions
 from twinkle_client.outputs import merge_outputs
@@ -91,7 +90,7 @@ class TransformersModel:
         # bytes of the last export of each (group, trainable_only): its segment's size next time
         self._export_bytes: dict[tuple[str, bool], int] = {}
         self._clock = timing.StepClock()
-        self._finalizer = weakref.finalize(self, _shutdown, self.coordinator, self.local, self._pool)
+        self._finalizer = weakref.finalize(self, release, self.coordinator, self.local, self._pool)
         self.session_id = self.coordinator.session_id  # the lease: this client owns the workers until close()
         try:
             statuses, self.shared_ranks = transport.probe_statuses(
@@ -633,21 +632,10 @@ class TransformersModel:
         request = worker_pb2.ExportWeightsRequest(
             adapter_name=group[0], chunk_bytes=chunk_bytes, trainable_only=trainable_only
         )
-        segment = None
-        if shared_memory and 0 in self.shared_ranks and group in self._export_bytes:
-            # The first export of a group streams and measures; later ones (weight syncs repeat) get a segment.
-            with contextlib.suppress(OSError):  # /dev/shm has no room: stream
-                segment = self._pool.acquire(self._export_bytes[group])
-                request.output_segment = segment.name
-
-        def collect(rank: int, responses: Any) -> Any:
-            if rank == 0:
-                return streaming.assemble_weights(responses, segment)
-            for _ in responses:  # the other ranks take part in the gather and send nothing
-                pass
-            return None
-
-        calls = self.coordinator.all("ExportWeights", request, collect=collect)
+        # The first export of a group streams and measures; later ones (weight syncs repeat) get a segment.
+        size = self._export_bytes.get(group) if shared_memory and 0 in self.shared_ranks else None
+        segment = transport.export_segment(self._pool, request, size)
+        calls = self.coordinator.all("ExportWeights", request, collect=transport.collect_weights(segment))
         try:
             weights: dict[str, np.ndarray] = self.coordinator.gather("ExportWeights", calls)[0]
         except BaseException:
@@ -713,16 +701,3 @@ class TransformersModel:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _shutdown(coordinator: Coordinator, local: LocalWorkers | RayWorkers | None, pool: shared_memory.Pool) -> None:
-    pool.close()
-    if local is not None:
-        local.close()
-    else:
-        try:
-            resets = coordinator.all("Reset", worker_pb2.ResetRequest(), sequenced=False, timeout=30.0)
-            coordinator.gather("Reset", resets)
-        except Exception:  # the workers may be gone already; nothing to release then
-            pass
-    coordinator.close()

@@ -1,5 +1,5 @@
 """How a forward call's batch travels to each rank: inline in the message, as a stream of chunks,
-or through a shared-memory segment (workers on this host); and how the outputs come back.
+or through a shared-memory segment (workers on this host); how the outputs and exported weights come back.
 
 Used by twinkle_client.model; the thresholds and formats are in docs/protocol.md and docs/performance.md.
 """
@@ -182,3 +182,28 @@ class SharedCall:
 
     def _segments(self) -> list[shared_memory.Segment]:
         return ([self.inputs] if self.inputs is not None else []) + list(self.outputs.values())
+
+
+def export_segment(pool: shared_memory.Pool, request: Any, size: int | None) -> shared_memory.Segment | None:
+    """A pooled segment of `size` bytes for an export's weights, named in the request; None (no size
+    known yet, or no room in /dev/shm): the weights are streamed."""
+    if size is None:
+        return None
+    with contextlib.suppress(OSError):  # /dev/shm has no room: stream
+        segment = pool.acquire(size)
+        request.output_segment = segment.name
+        return segment
+    return None
+
+
+def collect_weights(segment: shared_memory.Segment | None) -> Callable[[int, Any], Any]:
+    """ExportWeights' collect: rank 0's weights (streamed, or in `segment`); the other ranks send nothing."""
+
+    def collect(rank: int, responses: Any) -> Any:
+        if rank == 0:
+            return streaming.assemble_weights(responses, segment)
+        for _ in responses:  # the other ranks take part in the gather and send nothing
+            pass
+        return None
+
+    return collect
