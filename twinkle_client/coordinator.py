@@ -237,10 +237,6 @@ class Coordinator:
         """submit + gather."""
         return self.gather(method, self.submit(method, requests, ranks, sequenced, timeout=timeout), ranks)
 
-    def error_of(self, method: str, rank: int, error: grpc.RpcError) -> TwinkleError:
-        """The client exception for one rank's failed call, naming the rank and its address."""
-        return self._error(method, [(rank, error)], [])
-
     def _error(self, method: str, errors: list[tuple[int, grpc.RpcError]], silent: list[int]) -> TwinkleError:
         causes = [item for item in errors if item[1].code() not in _CONSEQUENTIAL] or errors
         if not causes:  # nothing failed but some ranks never answered
