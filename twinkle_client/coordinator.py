@@ -26,7 +26,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -38,7 +38,6 @@ from twinkle_protocol.metadata import SESSION_METADATA
 from twinkle_protocol.security import ChannelSecurity
 
 MAX_MESSAGE_BYTES = 256 << 20
-T = TypeVar("T")
 SERVICE = "twinkle.worker.v1.WorkerService"
 STREAM_RESPONSES = {
     "ForwardBackwardStream": worker_pb2.ForwardBackwardStreamResponse,
@@ -112,9 +111,9 @@ class Coordinator:
         # One Health.Watch held open per channel keeps gRPC's polling thread for the channel alive:
         # with no call in flight, every .future() starts a thread of its own and ends it (about half
         # of a call's client CPU; docs/performance.md). The worker answers it without a thread.
-        # Finishes the futures of *_async calls (merging outputs) off gRPC's threads. Several threads: a
-        # done-callback runs on one and may wait for another future's result.
-        self._results = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="twinkle-results")
+        # Finishes the futures of *_async calls (twinkle_client.futures; merging outputs) off gRPC's threads.
+        # Several threads: a done-callback runs on one and may wait for another future's result.
+        self.results = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="twinkle-results")
         self._keep_warm = [
             health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(), wait_for_ready=True)
             for channel in self.channels
@@ -167,6 +166,33 @@ class Coordinator:
                 calls.append(call)
         return calls
 
+    # How a call fans out (as Monarch's endpoints do): the same request to every rank, a request to
+    # one rank, or a request of its own to each rank (a batch's slice by data rank, Init's rank).
+    # Each sends at once and returns the calls; gather (or twinkle_client.futures) waits for them.
+
+    def all(
+        self,
+        method: str,
+        request: Any,
+        *,
+        sequenced: bool = True,
+        timeout: float | None = None,
+        collect: Collect | None = None,
+    ) -> list[Any]:
+        """The same request to every rank (a copy each, since sequence numbers differ per rank)."""
+        requests = [copy_message(request) for _ in range(self.size)]
+        return self.submit(method, requests, sequenced=sequenced, timeout=timeout, collect=collect)
+
+    def one(self, rank: int, method: str, request: Any, *, sequenced: bool = True) -> list[Any]:
+        """The request to one rank only (e.g. a read of rank 0's state)."""
+        return self.submit(method, [request], ranks=[rank], sequenced=sequenced)
+
+    def each(
+        self, method: str, requests: Sequence[Any], *, frames: Callable[[Any], Iterator[Any]] | None = None
+    ) -> list[Any]:
+        """requests[rank] to each rank, all at once (with `frames`, a streaming RPC: see submit)."""
+        return self.submit(method, requests, frames=frames)
+
     def gather(self, method: str, futures: Sequence[Any], ranks: Sequence[int] | None = None) -> list[Any]:
         """Waits for every rank; raises the root-cause error, naming the rank and its address.
 
@@ -176,7 +202,7 @@ class Coordinator:
         together, and the lowest rank is named; ranks waiting on a dead peer fail fast), then
         the ranks still silent are named as hung or dead.
         """
-        ranks = list(range(self.size)) if ranks is None else list(ranks)
+        ranks = [future.rank for future in futures] if ranks is None else list(ranks)
         outcomes = {id(future.outcome): (rank, future) for rank, future in zip(ranks, futures, strict=False)}
         pending = {future.outcome for future in futures}
         deadline: float | None = None
@@ -200,39 +226,6 @@ class Coordinator:
             raise self._error(method, errors, [] if gone else silent)
         return [future.outcome.result() for future in futures]
 
-    def future(self, calls: Sequence[Any], finish: Callable[[], T]) -> Future[T]:
-        """A real concurrent.futures.Future of one call to several ranks, with finish()'s result (or
-        error): finish (which gathers `calls`) runs once every rank has answered, or once one has
-        failed (gather then waits as it does for the others), on this coordinator's result thread.
-        The future is running from the start: cancel() is False, since the call was sent."""
-        result: Future[T] = Future()
-        result.set_running_or_notify_cancel()
-        state = {"pending": len(calls), "started": False}
-        lock = threading.Lock()
-
-        def settle() -> None:
-            try:
-                result.set_result(finish())
-            except BaseException as error:  # the caller gets it from result()
-                result.set_exception(error)
-
-        def answered(outcome: Future[Any]) -> None:
-            with lock:
-                state["pending"] -= 1
-                start = not state["started"] and (state["pending"] == 0 or outcome.exception() is not None)
-                state["started"] = state["started"] or start
-            if start:
-                try:
-                    self._results.submit(settle)
-                except RuntimeError:  # the coordinator is closed: settle here
-                    settle()
-
-        if not calls:
-            settle()
-        for call in calls:
-            call.outcome.add_done_callback(answered)
-        return result
-
     def call(
         self,
         method: str,
@@ -243,17 +236,6 @@ class Coordinator:
     ) -> list[Any]:
         """submit + gather."""
         return self.gather(method, self.submit(method, requests, ranks, sequenced, timeout=timeout), ranks)
-
-    def broadcast(self, method: str, request: Any, sequenced: bool = True) -> list[Any]:
-        """The same request to every rank (a copy each, since sequence numbers differ per rank)."""
-        requests = [type(request)() for _ in range(self.size)]
-        for copy in requests:
-            copy.CopyFrom(request)
-        return self.call(method, requests, sequenced=sequenced)
-
-    def error_of(self, method: str, rank: int, error: grpc.RpcError) -> TwinkleError:
-        """The client exception for one rank's failed call, naming the rank and its address."""
-        return self._error(method, [(rank, error)], [])
 
     def _error(self, method: str, errors: list[tuple[int, grpc.RpcError]], silent: list[int]) -> TwinkleError:
         causes = [item for item in errors if item[1].code() not in _CONSEQUENTIAL] or errors
@@ -321,7 +303,7 @@ class Coordinator:
                 )
 
     def close(self) -> None:
-        self._results.shutdown(wait=False)
+        self.results.shutdown(wait=False)
         for watch in self._keep_warm:
             watch.cancel()
         for channel in self.channels:
@@ -494,6 +476,13 @@ def wait_ready(channel: grpc.Channel, timeout: float) -> bool:
         return False
     except ValueError:  # the channel was closed
         return False
+
+
+def copy_message(request: Any) -> Any:
+    """A copy of a protobuf message (each rank's request is its own: its context differs)."""
+    copy = type(request)()
+    copy.CopyFrom(request)
+    return copy
 
 
 def _now() -> float:

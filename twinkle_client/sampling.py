@@ -1,16 +1,19 @@
-"""The client's side of a
-Sample call (prompts -> rows of (prompt, sample), results grouped per prompt). The worker returns
-the same SampledSequence in-process."""
+"""The client's side of a Sample call: prompts -> rows of (prompt, sample), each rank's SampleRequest,
+results grouped per prompt. The worker returns the same SampledSequence in-process."""
 
 from __future__ import annotations
 
+import random
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from twinkle_protocol.batch import _as_numpy
+from twinkle_protocol import tensors
+from twinkle_protocol._proto import worker_pb2
+from twinkle_protocol.batch import _as_numpy, take_rows
 from twinkle_protocol.errors import InvalidArgument
+from twinkle_protocol.mesh import DeviceMesh, slice_bounds
 from twinkle_protocol.sampling import MAX_NUM_SAMPLES, SampledSequence
 
 
@@ -93,3 +96,53 @@ def expand(rows: Sequence[np.ndarray], num_samples: int) -> tuple[dict[str, np.n
 
 def group_by_prompt(sequences: Sequence[SampledSequence], num_samples: int) -> list[list[SampledSequence]]:
     return [list(sequences[start : start + num_samples]) for start in range(0, len(sequences), num_samples)]
+
+
+def requests(
+    mesh: DeviceMesh,
+    prompts: Any,
+    num_samples: Any,
+    max_tokens: int,
+    temperature: float,
+    top_p: float,
+    top_k: int,
+    stop: Any,
+    seed: int | None,
+    adapter_name: str | None,
+) -> tuple[list[worker_pb2.SampleRequest], int]:
+    """Every rank's SampleRequest (its data rank's slice of the (prompt, sample) rows), and num_samples checked."""
+    rows = prompt_rows(prompts)
+    num_samples = check_num_samples(num_samples)
+    columns, prompt_indices, sample_indices = expand(rows, num_samples)
+    data_world = mesh.data_world_size
+    if len(prompt_indices) < data_world:
+        raise InvalidArgument(
+            f"{len(rows)} prompts x num_samples {num_samples} make {len(prompt_indices)} rows, fewer than the "
+            f"data world size {data_world} of {mesh}: send at least {data_world}"
+        )
+    params = to_proto(
+        worker_pb2.SamplingParams(),
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        seed=random.randrange(2**63) if seed is None else seed,
+        num_samples=num_samples,
+    )
+    stops = stop_sequences(stop)
+    if stops is not None:
+        params.stop.SetInParent()  # present even when empty: exactly these, no EOS
+        params.stop.sequences.extend(worker_pb2.TokenSequence(token_ids=sequence) for sequence in stops)
+    bounds = slice_bounds(len(prompt_indices), data_world)
+    per_rank = []
+    for rank in range(mesh.world_size):
+        start, stop_row = bounds[mesh.data_rank(rank)]
+        request = worker_pb2.SampleRequest(
+            adapter_name=adapter_name or "",
+            prompt_indices=prompt_indices[start:stop_row].tolist(),
+            sample_indices=sample_indices[start:stop_row].tolist(),
+            sampling_params=params,
+        )
+        tensors.map_to_proto(take_rows(columns, start, stop_row), request.prompts)
+        per_rank.append(request)
+    return per_rank, num_samples

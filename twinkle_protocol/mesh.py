@@ -15,7 +15,6 @@ import numpy as np
 from twinkle_protocol.errors import InvalidArgument
 
 DIM_ORDER = ("fsdp", "pp", "dp", "cp", "tp")
-DATA_DIMS = ("dp", "fsdp")
 
 
 @dataclass(frozen=True)

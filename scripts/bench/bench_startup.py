@@ -35,17 +35,17 @@ TRIAL = r"""
 import json, sys, time
 start = time.perf_counter()
 from twinkle_client import DeviceMesh, TransformersModel
-import twinkle_client.model as client_model
+import twinkle_client.deployment as deployment
 imported = time.perf_counter()
 marks = {}
 
-class TimedWorkers(client_model.LocalWorkers):
+class TimedWorkers(deployment.LocalWorkers):
     def __init__(self, *args, **kwargs):
         begin = time.perf_counter()
         super().__init__(*args, **kwargs)
         marks["workers"] = time.perf_counter() - begin
 
-client_model.LocalWorkers = TimedWorkers
+deployment.LocalWorkers = TimedWorkers
 sys.path.insert(0, sys.argv[2])
 from common import qwen2_config
 config = qwen2_config("tiny")

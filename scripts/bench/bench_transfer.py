@@ -80,7 +80,7 @@ def serve_raw() -> None:
     def up(chunks: Iterator[bytes], context: Any) -> bytes:
         return str(sum(len(chunk) for chunk in chunks)).encode()
 
-    server = grpc.server(futures.ThreadPoolExecutor(4), options=[("grpc.max_receive_message_length", 64 * MIB)])
+    server = grpc.server(futures.ThreadPoolExecutor(4), options=[("grpc.max_receive_message_length", UNARY_LIMIT)])
     handler = grpc.stream_unary_rpc_method_handler(up)
     server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("bench.Raw", {"Up": handler})])
     port = server.add_insecure_port("127.0.0.1:0")

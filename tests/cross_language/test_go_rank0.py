@@ -27,8 +27,8 @@ from cluster_support import (  # noqa: E402
     tls_workers_placed_by_flags,
     torchrun_env,
 )  # noqa: E402
+from job_spec import ACCUMULATION  # noqa: E402
 from test_go_scheduler import (  # noqa: E402, F401 - twinkle_sched is a fixture
-    ACCUMULATION,
     STEPS,
     TOKEN,
     assert_steps_match,

@@ -34,6 +34,7 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+from job_spec import ACCUMULATION, ADAPTER, LORA, LR, MAX_GRAD_NORM, MICRO_BATCH, SEED, causal_sample, tiny_config_json
 
 from twinkle_client.local import LocalWorkers
 from twinkle_protocol._proto import worker_pb2, worker_pb2_grpc
@@ -42,14 +43,7 @@ from twinkle_protocol.security import ChannelSecurity
 REPO = pathlib.Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = REPO / "examples" / "go" / "build.sh"
 
-SEED = 1234
-ADAPTER = "default"
-LORA = {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": ["all-linear"]}
-LR = 1e-2
-MAX_GRAD_NORM = 1.0
-ACCUMULATION = 2
 STEPS = 3
-MICRO_BATCH = 5  # odd on purpose: two data ranks get 3 and 2 samples
 RTOL = 1e-6
 # The dead-rank run: shorter windows than the defaults (5 s + 10 s), as tests/reliability does.
 KILL_STEPS, KILL_EVERY, RETRY_SECONDS, GRACE_SECONDS = 6, 2, 2, 5
@@ -57,27 +51,10 @@ HUNG_TIMEOUT = 10  # the process-group timeout of the hung-worker run (rendezvou
 TOKEN = "go-sched-token-0123456789"
 
 
-def tiny_config_json() -> str:
-    from transformers import Qwen2Config
-
-    return Qwen2Config(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=256,
-    ).to_json_string()
-
-
 def make_samples(count: int) -> list[dict[str, list[int]]]:
     """Causal-LM samples of different lengths (labels shifted, the last one ignored)."""
     rng = random.Random(SEED)
-    samples = []
-    for _ in range(count):
-        ids = [rng.randrange(1, 256) for _ in range(rng.randint(4, 12))]
-        samples.append({"input_ids": ids, "labels": ids[1:] + [-100]})
-    return samples
+    return [causal_sample(rng) for _ in range(count)]
 
 
 def write_job(directory: pathlib.Path, name: str, steps: int, every: int, **overrides: Any) -> pathlib.Path:

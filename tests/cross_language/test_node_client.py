@@ -22,45 +22,18 @@ from typing import Any
 
 import numpy as np
 import pytest
+from job_spec import ACCUMULATION, ADAPTER, LORA, LR, MAX_GRAD_NORM, MICRO_BATCH, SEED, causal_sample, tiny_config_json
 
 NODE_DIR = pathlib.Path(__file__).resolve().parents[2] / "examples" / "node"
 
-SEED = 1234
-ADAPTER = "default"
-LORA = {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": ["all-linear"]}
-LR = 1e-2
-MAX_GRAD_NORM = 1.0
-GRADIENT_ACCUMULATION_STEPS = 2
 MICRO_BATCHES = 4
-BATCH = 5  # odd on purpose: two data ranks get 3 and 2 samples
 RTOL = 1e-5
-
-
-def tiny_config_json() -> str:
-    from transformers import Qwen2Config
-
-    config = Qwen2Config(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=256,
-    )
-    return config.to_json_string()
 
 
 def make_batches() -> list[list[dict[str, list[int]]]]:
     """Micro-batches of causal-LM samples of different lengths (labels shifted, last one ignored)."""
     rng = random.Random(SEED)
-    batches = []
-    for _ in range(MICRO_BATCHES):
-        samples = []
-        for _ in range(BATCH):
-            ids = [rng.randrange(1, 256) for _ in range(rng.randint(4, 12))]
-            samples.append({"input_ids": ids, "labels": ids[1:] + [-100]})
-        batches.append(samples)
-    return batches
+    return [[causal_sample(rng) for _ in range(MICRO_BATCH)] for _ in range(MICRO_BATCHES)]
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +48,7 @@ def job() -> dict[str, Any]:
         "adapter_name": ADAPTER,
         "lora": LORA,
         "optimizer": {"optimizer": "AdamW", "lr": LR, "weight_decay": 0.0},
-        "train": {"max_grad_norm": MAX_GRAD_NORM, "gradient_accumulation_steps": GRADIENT_ACCUMULATION_STEPS},
+        "train": {"max_grad_norm": MAX_GRAD_NORM, "gradient_accumulation_steps": ACCUMULATION},
         "batches": make_batches(),
         "save": {"name": "adapter"},
     }
@@ -97,7 +70,7 @@ def train_in_process(job: dict[str, Any], output_root: pathlib.Path) -> dict[str
     try:
         # peft spells "all linear layers" as a string; the protocol as a one-element list.
         lora = LoraConfig(task_type="CAUSAL_LM", bias="none", **dict(LORA, target_modules="all-linear"))
-        model.add_adapter_to_model(ADAPTER, lora, gradient_accumulation_steps=GRADIENT_ACCUMULATION_STEPS)
+        model.add_adapter_to_model(ADAPTER, lora, gradient_accumulation_steps=ACCUMULATION)
         model.set_optimizer("AdamW", lr=LR, weight_decay=0.0, adapter_name=ADAPTER)
         losses, grad_norms, applied = [], [], []
         for samples in job["batches"]:
@@ -134,7 +107,7 @@ def train_with_python_client(job: dict[str, Any], addresses: list[str]) -> dict[
         addresses=addresses,
     )
     try:
-        model.add_adapter_to_model(ADAPTER, LORA, gradient_accumulation_steps=GRADIENT_ACCUMULATION_STEPS)
+        model.add_adapter_to_model(ADAPTER, LORA, gradient_accumulation_steps=ACCUMULATION)
         model.set_optimizer("AdamW", lr=LR, weight_decay=0.0, adapter_name=ADAPTER)
         losses, grad_norms, applied = [], [], []
         for samples in job["batches"]:
@@ -263,11 +236,11 @@ def assert_matches_reference(run: dict[str, Any], reference: dict[str, Any]) -> 
     applied_norms = [s["grad_norm"] for s in steps if s["applied"]]
     reference_norms = [n for n, a in zip(reference["grad_norms"], reference["applied"], strict=True) if a]
     np.testing.assert_allclose(applied_norms, reference_norms, rtol=RTOL)
-    assert steps[-1]["optimizer_step"] == MICRO_BATCHES // GRADIENT_ACCUMULATION_STEPS
+    assert steps[-1]["optimizer_step"] == MICRO_BATCHES // ACCUMULATION
     evaluation = run["events"]["eval"][0]
     np.testing.assert_allclose(evaluation["loss"], reference["eval_loss"], rtol=RTOL)
     # Per-sample outputs come back in the original sample order, whatever rank computed them.
-    assert len(evaluation["logps"]) == BATCH
+    assert len(evaluation["logps"]) == MICRO_BATCH
     for node_row, reference_row in zip(evaluation["logps"], reference["eval_logps"], strict=True):
         assert len(node_row) == len(reference_row)
         np.testing.assert_allclose(node_row, reference_row, rtol=RTOL, atol=1e-6)

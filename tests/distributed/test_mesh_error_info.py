@@ -48,3 +48,19 @@ def test_an_unknown_adapter_on_rank_1_is_named_by_reason_and_rank(mesh_model, tw
     model.forward_backward(samples)
     step = model.clip_grad_and_step(gradient_accumulation_steps=1)
     assert step["applied"] and step["micro_step"] == 1
+
+
+def test_refused_export_and_train_configs_go_through_the_coordinators_error_mapping(mesh_model, two_workers) -> None:  # type: ignore[no-untyped-def]
+    """export_weights (every rank) and get_train_configs (rank 0 only) raise the client's NotFound,
+    naming the method, the rank and its address, with the refusing rank's ErrorInfo."""
+    model = mesh_model(config=tiny_config(), device_mesh=DeviceMesh.from_sizes(dp_size=2), seed=SEED)
+    for method, call in (
+        ("ExportWeights", lambda: model.export_weights("nope")),
+        ("GetTrainConfigs", lambda: model.get_train_configs("nope")),
+    ):
+        with pytest.raises(errors.NotFound) as caught:
+            call()
+        error = caught.value
+        assert str(error).startswith(f"{method} failed on rank 0 ({two_workers.addresses[0]})"), str(error)
+        assert (error.reason, error.rank, error.field) == ("UNKNOWN_ADAPTER", 0, "adapter_name")
+    assert "micro_step: 0" in model.get_train_configs()  # the refusals changed nothing

@@ -135,7 +135,7 @@ def test_segments_of_a_dead_client_are_swept() -> None:
     import sys
 
     child = subprocess.run(
-        [sys.executable, "-c", "from twinkle_client import shared_memory as s; print(s.Segment(1 << 20).name)"],
+        [sys.executable, "-c", "from twinkle_protocol import shared_memory as s; print(s.Segment(1 << 20).name)"],
         capture_output=True,
         text=True,
         check=True,
