@@ -29,7 +29,6 @@ from twinkle_client.options import ClientOptions
 from twinkle_client.outputs import merge_outputs
 from twinkle_client.ray_workers import RayWorkers
 from twinkle_client.requests import (
-    DEFAULT_OPTIMIZER,
     check_strategy,
     class_name,
     fill_optim_params,
@@ -40,6 +39,7 @@ from twinkle_protocol import shared_memory, streaming
 from twinkle_protocol._proto import worker_pb2
 from twinkle_protocol.lora import fill_lora_config
 from twinkle_protocol.mesh import DeviceMesh
+from twinkle_protocol.names import DEFAULT_LOSS, DEFAULT_OPTIMIZER
 from twinkle_protocol.sampling import SampledSequence, sequence_from_proto
 from twinkle_protocol.shared_memory import segment_bytes
 
@@ -174,7 +174,7 @@ class TransformersModel:
         fill_struct(request.kwargs, kwargs)
         return float(self._all("SetLrScheduler", request).lr)
 
-    def set_loss(self, loss: Any = "CrossEntropyLoss", adapter_name: str | None = None, **kwargs: Any) -> None:
+    def set_loss(self, loss: Any = DEFAULT_LOSS, adapter_name: str | None = None, **kwargs: Any) -> None:
         name = loss if isinstance(loss, str) else getattr(loss, "__name__", type(loss).__name__)
         request = worker_pb2.SetLossRequest(adapter_name=adapter_name or "", loss=name)
         fill_struct(request.kwargs, kwargs)

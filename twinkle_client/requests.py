@@ -10,18 +10,12 @@ import random
 from collections.abc import Mapping
 from typing import Any
 
+from twinkle_protocol import optim_params
 from twinkle_protocol._proto import worker_pb2
 from twinkle_protocol.errors import InvalidArgument
 from twinkle_protocol.mesh import DeviceMesh
+from twinkle_protocol.names import PRECISIONS, STRATEGIES
 
-DEFAULT_OPTIMIZER = "AdamW"
-STRATEGIES = {"accelerate": worker_pb2.STRATEGY_ACCELERATE, "native_fsdp": worker_pb2.STRATEGY_NATIVE_FSDP}
-PRECISIONS = {
-    "no": worker_pb2.MIXED_PRECISION_NO,
-    "bf16": worker_pb2.MIXED_PRECISION_BF16,
-    "fp16": worker_pb2.MIXED_PRECISION_FP16,
-    "fp8": worker_pb2.MIXED_PRECISION_FP8,
-}
 _STRUCT_FIELDS = ("ddp_config", "fsdp_config", "grad_scaler_config")
 
 
@@ -111,14 +105,5 @@ def fill_struct(struct: Any, values: Mapping[str, Any]) -> None:
 
 
 def fill_optim_params(message: worker_pb2.OptimParams, values: Mapping[str, Any] | None) -> None:
-    """Fills a step's per-step optimizer overrides; refuses keys other than lr, weight_decay, eps, betas."""
-    if not values:
-        return
-    unknown = set(values) - {"lr", "weight_decay", "eps", "betas"}
-    if unknown:
-        raise InvalidArgument(f"optim_params: unknown keys {sorted(unknown)}; allowed: lr, weight_decay, eps, betas")
-    for key in ("lr", "weight_decay", "eps"):
-        if key in values:
-            setattr(message, key, float(values[key]))
-    if "betas" in values:
-        message.betas.extend(float(b) for b in values["betas"])
+    """Fills a step's per-step optimizer overrides, checked by the protocol's one rule."""
+    optim_params.fill_message(message, values)

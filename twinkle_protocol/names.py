@@ -15,9 +15,12 @@ PRECISIONS = {
 # What an unset (UNSPECIFIED) field means.
 DEFAULT_STRATEGY = "accelerate"
 DEFAULT_PRECISION = "bf16"
+# What an empty SetOptimizerRequest.optimizer / SetLossRequest.loss means.
+DEFAULT_OPTIMIZER = "AdamW"
+DEFAULT_LOSS = "CrossEntropyLoss"
 
-_STRATEGY_NAMES = {value: name for name, value in STRATEGIES.items()}
-_PRECISION_NAMES = {value: name for name, value in PRECISIONS.items()}
+_STRATEGY_NAMES: dict[int, str] = {value: name for name, value in STRATEGIES.items()}
+_PRECISION_NAMES: dict[int, str] = {value: name for name, value in PRECISIONS.items()}
 
 
 def strategy_name(value: int) -> str:

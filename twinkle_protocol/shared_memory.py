@@ -3,7 +3,7 @@
 The client owns every segment: it creates them (mode 0600) in a pool it reuses, so their pages
 stay faulted in, names one in a request, and unlinks them all when it closes. The worker only
 maps them: inputs through a private copy-on-write mapping (no copy made), outputs written into
-a segment the client offered. Used by twinkle_client.model (client side) and by the worker's
+a segment the client offered. Used by twinkle_client.transport (client side) and by the worker's
 servicer (the `read_tensors` / `write_tensors` half); the rules are in docs/protocol.md,
 "Shared memory".
 """

@@ -1,7 +1,7 @@
 """Chunked tensor streams: ExportWeights chunks and their reassembly, and the header + raw-bytes framing of
 ForwardBackwardStream / ForwardOnlyStream (both directions).
 
-Used by the client (twinkle_client.model) and the worker servicer; the rules are in docs/protocol.md.
+Used by the client (twinkle_client.coordinator, .transport) and the worker (servicer, gate); the rules are in docs/protocol.md.
 """
 
 from __future__ import annotations

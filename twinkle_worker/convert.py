@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 from google.protobuf import json_format, struct_pb2
 
 from twinkle_protocol import names
+from twinkle_protocol import optim_params as optim_params_rule
 from twinkle_protocol._proto import worker_pb2
 from twinkle_protocol.errors import InvalidArgument
 from twinkle_protocol.mesh import DeviceMesh
@@ -151,12 +152,4 @@ def sampled_sequence(sequence: SampledSequence) -> worker_pb2.SampledSequence:
 
 
 def optim_params(message: worker_pb2.OptimParams) -> dict[str, Any] | None:
-    values: dict[str, Any] = {}
-    for field in ("lr", "weight_decay", "eps"):
-        if message.HasField(field):
-            values[field] = getattr(message, field)
-    if message.betas:
-        if len(message.betas) != 2:
-            raise InvalidArgument(f"optim_params.betas must have 2 values, got {len(message.betas)}")
-        values["betas"] = tuple(message.betas)
-    return values or None
+    return optim_params_rule.from_message(message)

@@ -9,7 +9,8 @@ from typing import Any
 import torch
 
 from twinkle_protocol.errors import FailedPrecondition
-from twinkle_worker.losses import DEFAULT_LOSS, Loss, make_loss
+from twinkle_protocol.names import DEFAULT_LOSS
+from twinkle_worker.losses import Loss, make_loss
 from twinkle_worker.normalization import Normalization
 
 # The name of the full model's group (adapters have their own names).

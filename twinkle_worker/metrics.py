@@ -24,6 +24,7 @@ from prometheus_client.core import GaugeMetricFamily
 
 from twinkle_protocol import tensors
 from twinkle_protocol.metadata import COMPUTE_KEY, HANDLER_KEY, QUEUE_KEY
+from twinkle_worker.agreement import COLLECTIVE_FAILED
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,6 @@ COLLECTIVE_RPCS = (
     "ResumeFromCheckpoint",
     "ExportWeights",
 )
-COLLECTIVE_MARKER = "a collective with the other ranks failed"
 
 
 @dataclass
@@ -192,7 +192,7 @@ class WorkerMetrics:
         self.child(self.call_seconds, rpc).observe(ended - call.started)
         for phase, seconds in (("queue", queue), ("compute", compute), ("encode", encode)):
             self.child(self.phase_seconds, rpc, phase).observe(seconds)
-        if code == grpc.StatusCode.ABORTED and COLLECTIVE_MARKER in details:
+        if code == grpc.StatusCode.ABORTED and COLLECTIVE_FAILED in details:
             self.child(self.collective_failures, rpc).inc()
         return queue, compute, encode, ended - call.started
 

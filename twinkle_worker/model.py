@@ -29,6 +29,7 @@ from torch import nn
 from twinkle_protocol import optim_params as optim_params_rule
 from twinkle_protocol.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 from twinkle_protocol.mesh import DeviceMesh
+from twinkle_protocol.names import DEFAULT_LOSS, DEFAULT_OPTIMIZER
 from twinkle_protocol.sampling import SampledSequence
 from twinkle_worker import (
     adapters,
@@ -50,7 +51,7 @@ from twinkle_worker.building import build_model, parse_device
 from twinkle_worker.fault_hook import fault_for_test
 from twinkle_worker.groups import FULL_MODEL, ForwardResult, Group, StepResult, forward_result
 from twinkle_worker.inputs import check_norm, non_negative, positive_float, positive_int, prepare_batch
-from twinkle_worker.losses import DEFAULT_LOSS, Loss, make_loss, token_logps
+from twinkle_worker.losses import Loss, make_loss, token_logps
 from twinkle_worker.normalization import check_window
 from twinkle_worker.strategies import Rendezvous, StrategyPlan
 
@@ -194,7 +195,7 @@ class TransformersModel:
 
     def set_optimizer(
         self,
-        optimizer_cls: str = optimizers.DEFAULT_OPTIMIZER,
+        optimizer_cls: str = DEFAULT_OPTIMIZER,
         lr: float = 1e-5,
         weight_decay: float = 0.01,
         adapter_name: str | None = None,

@@ -12,7 +12,6 @@ from torch import nn
 
 from twinkle_protocol.errors import InvalidArgument, NotFound
 
-DEFAULT_OPTIMIZER = "AdamW"
 OPTIMIZERS = ("AdamW", "Adam", "SGD")
 TORCH_SCHEDULERS = (
     "StepLR",

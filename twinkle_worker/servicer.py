@@ -21,7 +21,7 @@ from typing import Any
 
 import grpc
 
-from twinkle_protocol import __version__, errors, streaming, tensors
+from twinkle_protocol import __version__, errors, names, streaming, tensors
 from twinkle_protocol._proto import worker_pb2, worker_pb2_grpc
 from twinkle_protocol.errors import FailedPrecondition, InvalidArgument, TwinkleError, Unavailable
 from twinkle_protocol.mesh import DeviceMesh
@@ -34,6 +34,7 @@ from twinkle_worker import (
     shared_memory_routing,
     validation,
 )
+from twinkle_worker.agreement import agreed_rpcs
 from twinkle_worker.model import TransformersModel
 from twinkle_worker.options import WorkerOptions
 from twinkle_worker.session import SEQUENCE_WAIT_SECONDS, Ledger
@@ -41,16 +42,9 @@ from twinkle_worker.session import SEQUENCE_WAIT_SECONDS, Ledger
 log = logging.getLogger(__name__)
 
 # Requests whose model method runs collectives (model.agreed_call): their checks run inside the agreement.
-AGREED_REQUESTS = (
-    worker_pb2.ForwardBackwardRequest,
-    worker_pb2.ForwardOnlyRequest,
-    worker_pb2.ClipGradNormRequest,
-    worker_pb2.StepRequest,
-    worker_pb2.ClipGradAndStepRequest,
-    worker_pb2.SaveRequest,
-    worker_pb2.LoadRequest,
-    worker_pb2.ResumeFromCheckpointRequest,
-    worker_pb2.SampleRequest,
+# ExportWeights opens its agreement in its handler (the agreement spans the whole stream).
+AGREED_REQUESTS = tuple(
+    getattr(worker_pb2, f"{rpc}Request") for rpc in agreed_rpcs(TransformersModel) if rpc != "ExportWeights"
 )
 MAX_ERROR_CHARS = 2000
 
@@ -260,7 +254,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             lr = convert.optional(request, "lr")
             weight_decay = convert.optional(request, "weight_decay")
             count = self._model().set_optimizer(
-                request.optimizer or "AdamW",
+                request.optimizer or names.DEFAULT_OPTIMIZER,
                 lr=1e-5 if lr is None else lr,
                 weight_decay=0.01 if weight_decay is None else weight_decay,
                 adapter_name=request.adapter_name,
@@ -284,7 +278,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     def SetLoss(self, request: worker_pb2.SetLossRequest, context: grpc.ServicerContext) -> worker_pb2.SetLossResponse:
         def set_loss() -> worker_pb2.SetLossResponse:
             self._model().set_loss(
-                request.loss or "CrossEntropyLoss", request.adapter_name, **convert.struct_to_dict(request.kwargs)
+                request.loss or names.DEFAULT_LOSS, request.adapter_name, **convert.struct_to_dict(request.kwargs)
             )
             return worker_pb2.SetLossResponse()
 

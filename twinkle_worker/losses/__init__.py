@@ -24,14 +24,12 @@ from twinkle_worker.losses.inputs import ALIASES, FLOAT_INPUTS, LossInputs, chec
 from twinkle_worker.normalization import Normalization, counts
 
 # The loss of a group that was given none (SetLoss), as the seed.
-DEFAULT_LOSS = "CrossEntropyLoss"
 _SAME_AS_EPSILON = None  # epsilon_high's default: the value of epsilon
 _REQUIRED = "required"  # an option (or normalization) without a default
 
 __all__ = [
     "ALIASES",
     "CLASS_NAMES",
-    "DEFAULT_LOSS",
     "FLOAT_INPUTS",
     "LOSSES",
     "Loss",
