@@ -260,6 +260,81 @@ def test_rl_step_importance_sampling_and_ppo_like_torch(served: Any, client: Any
     assert_adapters_equal(saved_adapter(served, path), reference.adapter())
 
 
+@pytest.fixture(scope="module")
+def direct(base_model: pathlib.Path, tmp_path_factory: pytest.TempPathFactory):
+    """twinkle_client on its own embedded worker (no gateway, no SDK): the same tiny model."""
+    from twinkle_client.mesh import DeviceMesh
+    from twinkle_client.model import TransformersModel
+
+    model = TransformersModel(
+        model_id=str(base_model),
+        device_mesh=DeviceMesh.from_sizes(dp_size=1),
+        output_root=str(tmp_path_factory.mktemp("direct")),
+        mixed_precision="no",
+        seed=0,
+    )
+    yield model
+    model.close()
+
+
+def test_rl_step_through_the_sdk_equals_the_same_step_through_twinkle_client(
+    served: Any, client: Any, direct: Any
+) -> None:
+    """Sampled groups, advantages computed here, importance_sampling then ppo, optim_step after each: the
+    gateway's adapter moves exactly as the same adapter driven through twinkle_client directly.
+
+    Adam with eps far above every |gradient| is SGD with lr / eps, so the weights after a step are the
+    initial weights minus a multiple of the gradient: equal weights mean equal gradients."""
+    training = client.create_lora_training_client(base_model=str(served.base_model), rank=4).result()
+    adapter = f"direct-{served.world_size}"
+    direct.add_adapter_to_model(adapter, str(served.output_root / served.gateway.init_state))  # the same start
+    direct.set_optimizer("AdamW", lr=100.0, weight_decay=0.0, adapter_name=adapter, betas=[0.9, 0.95], eps=1e4)
+    sgd_like = types.AdamParams(learning_rate=100.0, beta1=0.9, beta2=0.95, eps=1e4)
+    sampler = training.save_weights_and_get_sampling_client().result()
+    start = direct.export_weights(adapter)
+    prompt = [7, 3, 9, 2]
+    params = types.SamplingParams(max_tokens=6, temperature=1.0, seed=11, stop=[])
+    for step, (loss_fn, config) in enumerate(
+        (("importance_sampling", None), ("ppo", {"clip_low_threshold": 0.9, "clip_high_threshold": 1.1}))
+    ):
+        groups = [sampler.sample(types.ModelInput.from_ints(prompt), 2, params).result().sequences for _ in range(2)]
+        data, samples = [], []
+        for group in groups:
+            rewards = np.array([np.mean(np.array(s.tokens) % 3 == 0) for s in group], dtype=np.float64)
+            for sequence, advantage in zip(group, rewards - rewards.mean() + 0.25 * (step + 1), strict=True):
+                full = prompt + list(sequence.tokens)
+                pad = [0.0] * (len(prompt) - 1)
+                q = pad + [lp - 0.2 * (-1) ** i for i, lp in enumerate(sequence.logprobs)]  # PPO's clip binds
+                a = pad + [float(advantage)] * len(sequence.tokens)
+                data.append(datum(full, logprobs=q, advantages=a))
+                samples.append(
+                    {
+                        "input_ids": np.array(full[:-1], dtype=np.int64),
+                        "labels": np.array(full[1:], dtype=np.int64),
+                        "logprobs": np.array(q, dtype=np.float32),
+                        "advantages": np.array(a, dtype=np.float32),
+                    }
+                )
+        out = training.forward_backward(data, loss_fn, config).result()
+        training.optim_step(sgd_like).result()
+        want = direct.forward_backward(
+            samples, adapter_name=adapter, loss_fn=loss_fn, loss_fn_config={**(config or {}), "normalization": "sum"}
+        )
+        direct.clip_grad_and_step(
+            max_grad_norm=0.0,
+            adapter_name=adapter,
+            optim_params={"lr": 100.0, "betas": [0.9, 0.95], "eps": 1e4, "weight_decay": 0.0},
+        )
+        assert out.metrics["loss:sum"] == pytest.approx(want["loss"], rel=1e-5, abs=1e-6), loss_fn
+        got = saved_adapter(served, training.save_weights_for_sampler(f"rl-parity-{step}").result().path)
+        after = direct.export_weights(adapter)
+        moved = max(float(np.abs(after[k] - start[k]).max()) for k in start)
+        assert moved > 1e-4, "the step moved nothing: the comparison would be empty"
+        for key, value in after.items():
+            np.testing.assert_allclose(got[key].numpy(), value, atol=1e-6, rtol=1e-5, err_msg=f"{loss_fn} {key}")
+    direct.remove_adapter(adapter)
+
+
 def test_losses_the_gateway_lacks_are_refused_by_name(served: Any, client: Any) -> None:
     training = client.create_lora_training_client(base_model=str(served.base_model), rank=4).result()
     sequences = batch(4)
