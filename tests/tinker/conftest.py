@@ -104,7 +104,7 @@ def served(request: pytest.FixtureRequest, base_model: pathlib.Path, tmp_path_fa
     yield from serve(base_model, tmp_path_factory.mktemp("gateway"), request.param)
 
 
-@pytest.fixture(scope="module")
-def small(base_model: pathlib.Path, tmp_path_factory: pytest.TempPathFactory):
+@pytest.fixture(scope="module", params=[1, 2], ids=["embedded", "two_ranks"])
+def small(request: pytest.FixtureRequest, base_model: pathlib.Path, tmp_path_factory: pytest.TempPathFactory):
     """A gateway with 2 adapter slots whose models never count as idle."""
-    yield from serve(base_model, tmp_path_factory.mktemp("limit"), 1, max_adapters=2, idle_seconds=3600)
+    yield from serve(base_model, tmp_path_factory.mktemp("limit"), request.param, max_adapters=2, idle_seconds=3600)

@@ -381,9 +381,21 @@ def test_two_tenants_train_concurrently_and_cannot_touch_each_other(served: Any)
             rest_b.list_checkpoints(model_a).result()
         with pytest.raises(tinker.NotFoundError):
             rest_b.delete_checkpoint_from_tinker_path(path_a).result()
+        with pytest.raises(tinker.NotFoundError):
+            rest_b.get_training_run(model_a).result()
+        with pytest.raises(tinker.NotFoundError):
+            rest_b.get_weights_info_by_tinker_path(path_a).result()
+        with pytest.raises(tinker.NotFoundError):
+            bob.create_training_client_from_state(path_a).result()
+        _, segment, name = path_a[len("tinker://") :].split("/")
+        assert (served.output_root / "tinker" / "alice" / model_a / segment / name).is_dir()  # still there
         headers_b = {"X-API-Key": KEY_B}
         info = httpx.post(f"{served.url}/api/v1/get_info", json={"model_id": model_a}, headers=headers_b)
         assert info.status_code == 404
+        step = {"model_id": model_a, "adam_params": ADAM.model_dump()}
+        assert httpx.post(f"{served.url}/api/v1/optim_step", json=step, headers=headers_b).status_code == 404
+        save = {"model_id": model_a, "path": "stolen"}
+        assert httpx.post(f"{served.url}/api/v1/save_weights", json=save, headers=headers_b).status_code == 404
         # No key, or a key the gateway does not know: 401 on every route.
         for headers in ({}, {"X-API-Key": "tml-not-a-known-key-000"}):
             answer = httpx.post(f"{served.url}/api/v1/get_info", json={"model_id": model_a}, headers=headers)
