@@ -335,6 +335,33 @@ def test_rl_step_through_the_sdk_equals_the_same_step_through_twinkle_client(
     direct.remove_adapter(adapter)
 
 
+def test_the_lora_seed_picks_the_initial_adapter(served: Any, client: Any) -> None:
+    """The same LoraConfig seed gives the same initial adapter (peft's default init drawn from that seed,
+    as the README says), another seed another one; no seed: the gateway's shared initial adapter."""
+    import math
+
+    def initial(service: Any, seed: int | None) -> dict[str, torch.Tensor]:
+        training = service.create_lora_training_client(base_model=str(served.base_model), rank=4, seed=seed).result()
+        return saved_adapter(served, training.save_weights_for_sampler(f"init-{seed}").result().path)
+
+    seeded = tinker.ServiceClient(base_url=served.url, api_key=KEY_A)
+    try:
+        first, again, other = initial(seeded, 5), initial(seeded, 5), initial(seeded, 6)
+    finally:
+        seeded.close("seeded clients done")  # frees their slots
+    generator = torch.Generator().manual_seed(5)
+    for key in sorted(first):
+        want = torch.zeros_like(first[key])
+        if ".lora_A." in key:
+            torch.nn.init.kaiming_uniform_(want, a=math.sqrt(5), generator=generator)
+        torch.testing.assert_close(first[key], want, atol=0, rtol=0, msg=key)
+        torch.testing.assert_close(again[key], want, atol=0, rtol=0, msg=key)
+    assert any(not torch.equal(first[k], other[k]) for k in first if ".lora_A." in k)
+    shared = load_file(served.output_root / served.gateway.init_state / "adapter_model.safetensors")
+    unseeded = initial(client, None)
+    assert all(torch.equal(unseeded[k], shared[k]) for k in shared)
+
+
 def test_losses_the_gateway_lacks_are_refused_by_name(served: Any, client: Any) -> None:
     training = client.create_lora_training_client(base_model=str(served.base_model), rank=4).result()
     sequences = batch(4)
