@@ -1193,10 +1193,12 @@ class TransformersModel:
 
         optimizer = group.require_optimizer()
         self._ensure_wrapped()
+        fresh = not optimizer.state  # torch's gather makes its state up by a step that never ran
         with self._collective("gather optimizer state"):
-            return get_optimizer_state_dict(
+            state = get_optimizer_state_dict(
                 self.model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
             )
+        return ckpt.forget_initial_step(optimizer, state) if fresh else state
 
     def _barrier(self, what: str) -> None:
         if self.mesh.world_size > 1:
@@ -1229,9 +1231,10 @@ class TransformersModel:
             group.require_optimizer()
             if not (path / ckpt.OPTIMIZER_FILE).is_file():
                 raise NotFound(f"checkpoint {str(path)!r} was saved without optimizer state (save_optimizer=False)")
+        optimizer_state = self._saved_optimizer_state(group, path) if load_optimizer else None
         self._load_weights(group, path)
-        if load_optimizer:
-            self._load_optimizer(group, path)
+        if optimizer_state is not None:
+            self._load_optimizer(group, path, optimizer_state)
         return str(path)
 
     def _load_weights(self, group: Group, path: pathlib.Path) -> None:
@@ -1304,16 +1307,24 @@ class TransformersModel:
             )
         return {k: saved[k] for k in model_keys if k in saved}
 
-    def _load_optimizer(self, group: Group, path: pathlib.Path) -> None:
+    def _saved_optimizer_state(self, group: Group, path: pathlib.Path) -> dict[str, Any]:
+        """The checkpoint's optimizer state for this group (from any adapter of the same config)."""
+        shapes = {name: tuple(param.shape) for name, param in self._group_parameters(group)}
+        saved = ckpt.load_object(path / ckpt.OPTIMIZER_FILE)
+        return ckpt.optimizer_state_for(saved, group.name, group.param_names, shapes, path)
+
+    def _load_optimizer(self, group: Group, path: pathlib.Path, state: dict[str, Any]) -> None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
         optimizer = group.require_optimizer()
-        state = ckpt.load_object(path / ckpt.OPTIMIZER_FILE)
         self._ensure_wrapped()
+        self._activate(group)  # torch maps the state onto the parameters that require grad
         with self._collective("load optimizer state"):
             set_optimizer_state_dict(
                 self.model, optimizer, optim_state_dict=state, options=StateDictOptions(full_state_dict=True)
             )
+        if not state["state"]:  # saved before the first step: torch's load made one up
+            ckpt.forget_initial_step(optimizer, state)
         if group.scheduler is not None and (path / ckpt.SCHEDULER_FILE).is_file():
             group.scheduler.load_state_dict(ckpt.load_object(path / ckpt.SCHEDULER_FILE))
         scaler = self._scaler(group)
@@ -1345,9 +1356,10 @@ class TransformersModel:
         rng = None if resume_only_model else ckpt.rank_rng_state(path / ckpt.RNG_FILE, self.rank)
         if rng is None and not resume_only_model:
             log.warning("rank %d: %s holds no RNG state for this rank; its RNG is not restored", self.rank, path)
+        optimizer_state = None if resume_only_model else self._saved_optimizer_state(group, path)
         self._load_weights(group, path)
-        if not resume_only_model:
-            self._load_optimizer(group, path)
+        if optimizer_state is not None:
+            self._load_optimizer(group, path, optimizer_state)
             if rng is not None:
                 ckpt.set_rng_state(rng, self.device)
             group.optimizer_step = int(state["cur_step"])
