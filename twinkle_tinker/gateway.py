@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime as dt
 import itertools
-import json
 import logging
 import math
 import pathlib
@@ -168,13 +167,7 @@ class Gateway:
             shutil.copyfile(self.root / self.init_state / ADAPTER_CONFIG, directory / ADAPTER_CONFIG)
         return relative
 
-    def saved_slot(self, state: str) -> str:
-        """The slot a saved state (with optimizer) came from."""
-        return str(json.loads((self.root / state / "trainer_state.json").read_text())["adapter_name"])
-
-    def _take_slot(self, wanted: str | None = None) -> str:
-        if wanted is not None:
-            return self._take_this_slot(wanted)
+    def _take_slot(self) -> str:
         if self._free:
             return self._free.pop(0)
         now = time.monotonic()
@@ -192,20 +185,6 @@ class Gateway:
         slot = self._park(model)
         return slot
 
-    def _take_this_slot(self, slot: str) -> str:
-        if slot in self._free:
-            self._free.remove(slot)
-            return slot
-        holder = next((m for m in self.models.values() if m.slot == slot), None)
-        idle = holder is not None and holder.pending == 0
-        if holder is not None and idle and time.monotonic() - holder.last_request >= self.options.idle_seconds:
-            return self._park(holder)
-        raise ResourceExhausted(
-            f"this optimizer state was saved from adapter slot {slot!r}, and the workers restore an optimizer state "
-            "only into the slot that saved it; another active training client holds that slot now: close it "
-            "(ServiceClient.close) or retry later, or load the weights without the optimizer state"
-        )
-
     def _park(self, model: TrainingModel) -> str:
         """Saves a model's state (weights, optimizer, counters) and frees its slot."""
         assert model.slot is not None
@@ -218,7 +197,7 @@ class Gateway:
     def _loaded(self, model: TrainingModel) -> str:
         if model.slot is None:
             assert model.parked is not None
-            slot = self._take_slot(self.saved_slot(model.parked))
+            slot = self._take_slot()  # any slot: the workers rename the optimizer state onto its adapter
             self._reset(slot, model.parked)
             model.slot = slot
             log.info("reloaded model %s into %s", model.model_id, slot)
@@ -514,19 +493,13 @@ class Gateway:
             model_id = f"{request['session_id']}:train:{int(request['model_seq_id'])}"
             if model_id in self.models:
                 raise InvalidArgument(f"model {model_id!r} exists already")
-            slot = self._take_slot(self.saved_slot(directory) if optimizer else None)
+            slot = self._take_slot()
             self.models[model_id] = model = TrainingModel(
                 model_id, tenant, request["session_id"], slot, _now(), request.get("user_metadata")
             )
         else:
             model = self.model(tenant, request["model_id"])
             slot = self._loaded(model)
-            if optimizer and self.saved_slot(directory) != slot:
-                raise ResourceExhausted(
-                    f"this optimizer state was saved from adapter slot {self.saved_slot(directory)!r}, not this "
-                    f"training client's {slot!r}: the workers restore an optimizer state only into the slot that saved "
-                    "it; create the client with ServiceClient.create_training_client_from_state_with_optimizer"
-                )
         if optimizer:
             self._reset(slot, directory)
         else:

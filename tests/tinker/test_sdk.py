@@ -199,15 +199,16 @@ def test_save_state_then_resume_gives_the_uninterrupted_next_loss(served: Any, c
     for data in steps[2:]:
         uninterrupted.append(training.forward_backward(data, "cross_entropy").result().metrics["loss:sum"])
         training.optim_step(ADAM).result()
-    # The workers restore an optimizer state only into the adapter slot that saved it: closing the
-    # first client's session unloads its model and frees that slot.
-    first.close("interrupted")
+    # The first client still holds the slot that saved the state: the resume lands in another slot, and
+    # the workers rename the optimizer state onto that slot's adapter.
     resumed = client.create_training_client_from_state_with_optimizer(state).result()
+    assert served.gateway.models[resumed.model_id].slot != served.gateway.models[training.model_id].slot
     again = []
     for data in steps[2:]:
         again.append(resumed.forward_backward(data, "cross_entropy").result().metrics["loss:sum"])
         resumed.optim_step(ADAM).result()
     assert again == pytest.approx(uninterrupted, rel=1e-5)
+    first.close("done")
     # Without the optimizer state the second step differs (Adam's moments start afresh).
     fresh = client.create_training_client_from_state(state).result()
     fresh.forward_backward(steps[2], "cross_entropy")
