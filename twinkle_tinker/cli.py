@@ -22,6 +22,11 @@ LISTENING = "twinkle-tinker listening on "
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="twinkle-tinker", description=__doc__.splitlines()[0])
     parser.add_argument("--base-model", required=True, help="hub id or local directory the workers load")
+    parser.add_argument(
+        "--tokenizer",
+        help="what TrainingClient.get_tokenizer loads, on the SDK's machine: a hub id or a local directory "
+        "(default: --base-model; SamplingClient.get_tokenizer always loads --base-model)",
+    )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000, help="0: a free port (printed)")
     parser.add_argument("--keys-file", help=f"JSON object of API key -> tenant (also ${KEYS_ENV}: tenant=key,...)")
@@ -73,6 +78,7 @@ def build(args: argparse.Namespace) -> tuple[Any, Any, Any]:
         train_unembed=not args.no_train_unembed,
         idle_seconds=args.idle_seconds,
         arch=arch,
+        tokenizer=args.tokenizer or args.base_model,
     )
     gateway = Gateway(mesh, options)
     return mesh, gateway, create_app(gateway, keys)

@@ -59,6 +59,7 @@ class Options:
     train_unembed: bool = True
     idle_seconds: float = 300.0  # a model silent this long may be saved and unloaded to free its slot
     arch: str = ""
+    tokenizer: str = ""  # get_info's model_data.tokenizer_id: the SDK loads it with AutoTokenizer; "": base_model
 
 
 @dataclass
@@ -340,7 +341,7 @@ class Gateway:
             "model_data": {
                 "arch": self.options.arch,
                 "model_name": self.options.base_model,
-                "tokenizer_id": self.options.base_model,
+                "tokenizer_id": self.options.tokenizer or self.options.base_model,
             },
             "model_id": model_id,
             "is_lora": True,

@@ -363,6 +363,15 @@ def test_the_lora_seed_picks_the_initial_adapter(served: Any, client: Any) -> No
     assert all(torch.equal(unseeded[k], shared[k]) for k in shared)
 
 
+def test_get_tokenizer_loads_local_tokenizer_directories(served: Any, client: Any) -> None:
+    """TrainingClient.get_tokenizer loads get_info's tokenizer_id (the gateway's --tokenizer, here a directory
+    of WORDS reversed); SamplingClient.get_tokenizer the base model's name (its directory holds WORDS)."""
+    training = client.create_lora_training_client(base_model=str(served.base_model), rank=4).result()
+    assert training.get_tokenizer().encode("w0 w1 w254", add_special_tokens=False) == [255, 254, 1]
+    sampler = training.save_weights_and_get_sampling_client().result()
+    assert sampler.get_tokenizer().encode("w0 w1 w254", add_special_tokens=False) == [1, 2, 255]
+
+
 def test_losses_the_gateway_lacks_are_refused_by_name(served: Any, client: Any) -> None:
     training = client.create_lora_training_client(base_model=str(served.base_model), rank=4).result()
     sequences = batch(4)
