@@ -63,20 +63,24 @@ def main() -> None:
     (root / "keys.json").write_text(json.dumps({KEY: "bench"}))
     (root / "out").mkdir()
     argv = ["--base-model", str(root / "base"), "--output-root", str(root / "out"), "--keys-file",
-            str(root / "keys.json"), "--lora-rank", "8", "--max-adapters", "2"]  # fmt: skip
+            str(root / "keys.json"), "--lora-rank", "8", "--max-adapters", "3"]  # fmt: skip
     mesh, gateway, app = cli.build(cli.parse_args(argv))
     marks: list[tuple[str, float]] = []
     if args.breakdown:
         _instrument(mesh, gateway, app, marks)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True).start()
-    while not server.started:
-        time.sleep(0.05)
-    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    service = tinker.ServiceClient(base_url=url, api_key=KEY)
-    training = service.create_lora_training_client(base_model=str(root / "base"), rank=8).result()
+    # Two HTTP servers on the one gateway: the gateway's socket (TCP_NODELAY on its connections), and the
+    # socket it used before (socket.socket(): protocol 0, so asyncio leaves Nagle's algorithm on).
+    nagle = socket.socket()
+    nagle.bind(("127.0.0.1", 0))
+    servers, trainings = [], {}
+    for name, sock in (("sdk+gateway", cli.listening_socket("127.0.0.1", 0)), ("sdk+gateway before", nagle)):
+        server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True).start()
+        while not server.started:
+            time.sleep(0.05)
+        service = tinker.ServiceClient(base_url=f"http://127.0.0.1:{sock.getsockname()[1]}", api_key=KEY)
+        servers.append((server, service))
+        trainings[name] = service.create_lora_training_client(base_model=str(root / "base"), rank=8).result()
     rng = np.random.default_rng(0)
     tokens = rng.integers(1, 250, size=(args.batch, args.length + 1))
     data = [
@@ -89,17 +93,17 @@ def main() -> None:
     samples = [
         {"input_ids": row[:-1], "labels": row[1:], "weights": np.ones(args.length, np.float32)} for row in tokens
     ]
-    direct_slot = "tinker-slot-1"  # the second slot, unused by the SDK client: same mesh, same worker
+    direct_slot = "tinker-slot-2"  # the third slot, unused by the SDK clients: same mesh, same worker
     adam = types.AdamParams(learning_rate=1e-4)
     optim = {"lr": 1e-4, "betas": [0.9, 0.95], "eps": 1e-12, "weight_decay": 0.0}
 
-    def sdk_step() -> None:
-        fb = training.forward_backward(data, "cross_entropy")
-        op = training.optim_step(adam)
+    def sdk_step(name: str) -> None:
+        fb = trainings[name].forward_backward(data, "cross_entropy")
+        op = trainings[name].optim_step(adam)
         fb.result()
         op.result()
 
-    def direct_step() -> None:
+    def direct_step(_name: str) -> None:
         def run() -> None:
             mesh.forward_backward(
                 samples, adapter_name=direct_slot, gradient_accumulation_steps=1,
@@ -113,33 +117,40 @@ def main() -> None:
         future_id = gateway.submit("bench", run)
         gateway.future("bench", future_id).result()
 
-    for step in (sdk_step, direct_step):  # warm-up
-        step()
-        step()
-    times: dict[str, list[float]] = {"sdk+gateway": [], "twinkle_client": []}
+    variants = (("sdk+gateway", sdk_step), ("sdk+gateway before", sdk_step), ("twinkle_client", direct_step))
+    for name, step in variants:  # warm-up
+        step(name)
+        step(name)
+    times: dict[str, list[float]] = {name: [] for name, _ in variants}
     phases: dict[str, list[float]] = {}
     for _ in range(args.steps):
-        for name, step in (("sdk+gateway", sdk_step), ("twinkle_client", direct_step)):
+        for name, step in variants:
             marks.clear()
+            cpu = time.process_time()
             started = time.perf_counter()
-            step()
+            step(name)
             times[name].append(time.perf_counter() - started)
             if args.breakdown:
+                # CPU of this process (SDK, uvicorn, gateway, client threads), not load-dependent like wall time
+                phases.setdefault(f"{name}: this process's CPU", []).append(time.process_time() - cpu)
                 _phases(name, started, started + times[name][-1], marks, phases)
                 spent = mesh.last_step_timing()  # this step's mesh calls, as twinkle_client clocks them
                 for part in ("compute", "queue", "wire", "client", "merge"):
                     phases.setdefault(f"{name}: mesh calls' {part}", []).append(getattr(spent, f"{part}_seconds"))
-    sdk, direct = (statistics.median(times[k]) * 1000 for k in ("sdk+gateway", "twinkle_client"))
+    medians = {name: statistics.median(values) * 1000 for name, values in times.items()}
     print(f"batch {args.batch} x {args.length} tokens, {args.steps} steps each, median ms per step")
-    print(
-        f"| path | ms/step |\n|---|---|\n| tinker SDK + gateway | {sdk:.1f} |\n| twinkle_client direct | {direct:.1f} |"
-    )
-    print(f"ratio SDK+gateway / direct: {sdk / direct:.2f} (overhead {sdk - direct:.1f} ms/step)")
+    print("| path | ms/step |\n|---|---|")
+    for name, median in medians.items():
+        print(f"| {name} | {median:.1f} |")
+    direct = medians["twinkle_client"]
+    for name in ("sdk+gateway", "sdk+gateway before"):
+        print(f"ratio {name} / direct: {medians[name] / direct:.2f} (overhead {medians[name] - direct:.1f} ms/step)")
     for phase, values in phases.items():
-        scale = 1 if phase == "sdk: HTTP requests" else 1000
+        scale = 1 if phase.endswith("HTTP requests") else 1000
         print(f"| {phase} | {statistics.median(values) * scale:.1f} |")
-    service.close("bench done")
-    server.should_exit = True
+    for server, service in servers:
+        service.close("bench done")
+        server.should_exit = True
     gateway.close()
     mesh.close()
 
@@ -184,17 +195,17 @@ def _phases(name: str, started: float, ended: float, marks, phases: dict[str, li
     starts, ends = at("operation"), at("operation end")
     mesh_fb = sum(e - s for s, e in zip(at("mesh forward_backward"), at("mesh forward_backward end"), strict=True))
     if name == "twinkle_client":
-        phases.setdefault("direct: mesh ForwardBackward call", []).append(mesh_fb)
+        phases.setdefault(f"{name}: mesh ForwardBackward call", []).append(mesh_fb)
         return
     for phase, value in (
-        ("sdk: call to first mesh operation", starts[0] - started),
-        ("sdk: mesh operations", sum(e - s for s, e in zip(starts, ends, strict=True))),
-        ("sdk: mesh ForwardBackward call", mesh_fb),
-        ("sdk: between the operations", sum(s - e for s, e in zip(starts[1:], ends[:-1], strict=True))),
-        ("sdk: last operation's end to result", ended - ends[-1]),
-        ("sdk: HTTP requests", len(at("http"))),
+        ("call to first mesh operation", starts[0] - started),
+        ("mesh operations", sum(e - s for s, e in zip(starts, ends, strict=True))),
+        ("mesh ForwardBackward call", mesh_fb),
+        ("between the operations", sum(s - e for s, e in zip(starts[1:], ends[:-1], strict=True))),
+        ("last operation's end to result", ended - ends[-1]),
+        ("HTTP requests", len(at("http"))),
     ):
-        phases.setdefault(phase, []).append(value)
+        phases.setdefault(f"{name}: {phase}", []).append(value)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ import importlib.util
 import json
 import os
 import pathlib
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -101,8 +100,7 @@ def serve(base_model: pathlib.Path, root: pathlib.Path, world_size: int, **optio
         argv += [f"--{key.replace('_', '-')}", str(value)]
     (root / "out").mkdir()
     mesh, gateway, app = cli.build(cli.parse_args(argv))
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
+    sock = cli.listening_socket("127.0.0.1", 0)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
