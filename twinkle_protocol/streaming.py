@@ -1,7 +1,8 @@
 """Chunked tensor streams: ExportWeights chunks and their reassembly, and the header + raw-bytes framing of
 ForwardBackwardStream / ForwardOnlyStream (both directions).
 
-Used by the client (twinkle_client.coordinator, .transport) and the worker (servicer, gate); the rules are in docs/protocol.md.
+Used by the client (twinkle_client.coordinator, .transport) and the worker (servicer, gate);
+the rules are in docs/protocol.md.
 """
 
 from __future__ import annotations

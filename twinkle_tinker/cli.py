@@ -11,6 +11,7 @@ import json
 import logging
 import pathlib
 import signal
+import socket
 import sys
 from typing import Any
 
@@ -22,6 +23,11 @@ LISTENING = "twinkle-tinker listening on "
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="twinkle-tinker", description=__doc__.splitlines()[0])
     parser.add_argument("--base-model", required=True, help="hub id or local directory the workers load")
+    parser.add_argument(
+        "--tokenizer",
+        help="what TrainingClient.get_tokenizer loads, on the SDK's machine: a hub id or a local directory "
+        "(default: --base-model; SamplingClient.get_tokenizer always loads --base-model)",
+    )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000, help="0: a free port (printed)")
     parser.add_argument("--keys-file", help=f"JSON object of API key -> tenant (also ${KEYS_ENV}: tenant=key,...)")
@@ -73,22 +79,30 @@ def build(args: argparse.Namespace) -> tuple[Any, Any, Any]:
         train_unembed=not args.no_train_unembed,
         idle_seconds=args.idle_seconds,
         arch=arch,
+        tokenizer=args.tokenizer or args.base_model,
     )
     gateway = Gateway(mesh, options)
     return mesh, gateway, create_app(gateway, keys)
 
 
-def main(argv: list[str] | None = None) -> int:
-    import socket
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A bound TCP socket for uvicorn. Its protocol is named IPPROTO_TCP (not 0, socket.socket()'s default)
+    because asyncio sets TCP_NODELAY only on connections of such a socket; without it Nagle's algorithm
+    holds each response's second write until the SDK's delayed ACK, about 40 ms a request."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    return sock
 
+
+def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
     mesh, gateway, app = build(args)
-    sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((args.host, args.port))
+    sock = listening_socket(args.host, args.port)
     print(f"{LISTENING}{args.host}:{sock.getsockname()[1]}", flush=True)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     # uvicorn re-raises SIGTERM/SIGINT once it has shut down; exit through Python so the workers stop too.

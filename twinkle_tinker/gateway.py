@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import datetime as dt
 import itertools
-import json
 import logging
+import math
 import pathlib
 import queue
 import random
 import re
+import shutil
 import threading
 import time
 import uuid
@@ -58,6 +59,7 @@ class Options:
     train_unembed: bool = True
     idle_seconds: float = 300.0  # a model silent this long may be saved and unloaded to free its slot
     arch: str = ""
+    tokenizer: str = ""  # get_info's model_data.tokenizer_id: the SDK loads it with AutoTokenizer; "": base_model
 
 
 @dataclass
@@ -130,24 +132,43 @@ class Gateway:
         for index in range(1, self.options.max_adapters):
             self._reset(SLOT.format(index))
 
-    def _reset(self, slot: str, state: str | None = None) -> None:
-        """A slot with the initial weights and a fresh optimizer, or a saved state's weights, optimizer
-        and counters. The workers restore an optimizer state only into the adapter that saved it (its
-        parameter names carry the adapter's name), so `state` must come from this slot."""
+    def _reset(self, slot: str, state: str | None = None, seed: int | None = None) -> None:
+        """A slot with the initial weights (the gateway's shared ones, or those of a LoRA seed) and a fresh
+        optimizer, or a saved state's weights, optimizer and counters."""
         if state is not None:  # absolute: a relative checkpoint_dir is read under the workers' output/
             self.mesh.resume_from_checkpoint(str(self.root / state), adapter_name=slot)
             return
         self.mesh.set_optimizer("AdamW", lr=1e-4, weight_decay=0.0, adapter_name=slot, betas=[0.9, 0.95], eps=1e-12)
-        name, parent = self.init_state.rsplit("/", 1)[1], self.init_state.rsplit("/", 1)[0]
+        initial = self.init_state if seed is None else self._seeded_init(seed)
+        name, parent = initial.rsplit("/", 1)[1], initial.rsplit("/", 1)[0]
         self.mesh.load(name=name, output_dir=parent, adapter_name=slot)
 
-    def saved_slot(self, state: str) -> str:
-        """The slot a saved state (with optimizer) came from."""
-        return str(json.loads((self.root / state / "trainer_state.json").read_text())["adapter_name"])
+    def _seeded_init(self, seed: int) -> str:
+        """The initial adapter of a LoRA seed (written once, under the output root): every lora_A drawn as
+        peft's default init draws it (kaiming_uniform_, a=sqrt(5)) from torch.Generator().manual_seed(seed),
+        in the sorted order of the adapter's parameter names; every lora_B zero, so the model starts as the
+        base model. The same seed gives the same adapter on any mesh."""
+        import torch
+        from safetensors.torch import load_file, save_file
 
-    def _take_slot(self, wanted: str | None = None) -> str:
-        if wanted is not None:
-            return self._take_this_slot(wanted)
+        from twinkle_worker.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AtomicDirectory
+
+        relative = f"{self.init_state.rsplit('/', 1)[0]}/seed-{seed}"  # beside this gateway's initial state
+        if (self.root / relative).is_dir():
+            return relative
+        template = load_file(self.root / self.init_state / ADAPTER_WEIGHTS)
+        generator = torch.Generator().manual_seed(seed)
+        weights = {}
+        for key in sorted(template):
+            weights[key] = torch.zeros_like(template[key])
+            if ".lora_A." in key:
+                torch.nn.init.kaiming_uniform_(weights[key], a=math.sqrt(5), generator=generator)
+        with AtomicDirectory(self.root / relative) as directory:
+            save_file(weights, str(directory / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+            shutil.copyfile(self.root / self.init_state / ADAPTER_CONFIG, directory / ADAPTER_CONFIG)
+        return relative
+
+    def _take_slot(self) -> str:
         if self._free:
             return self._free.pop(0)
         now = time.monotonic()
@@ -165,20 +186,6 @@ class Gateway:
         slot = self._park(model)
         return slot
 
-    def _take_this_slot(self, slot: str) -> str:
-        if slot in self._free:
-            self._free.remove(slot)
-            return slot
-        holder = next((m for m in self.models.values() if m.slot == slot), None)
-        idle = holder is not None and holder.pending == 0
-        if holder is not None and idle and time.monotonic() - holder.last_request >= self.options.idle_seconds:
-            return self._park(holder)
-        raise ResourceExhausted(
-            f"this optimizer state was saved from adapter slot {slot!r}, and the workers restore an optimizer state "
-            "only into the slot that saved it; another active training client holds that slot now: close it "
-            "(ServiceClient.close) or retry later, or load the weights without the optimizer state"
-        )
-
     def _park(self, model: TrainingModel) -> str:
         """Saves a model's state (weights, optimizer, counters) and frees its slot."""
         assert model.slot is not None
@@ -191,7 +198,7 @@ class Gateway:
     def _loaded(self, model: TrainingModel) -> str:
         if model.slot is None:
             assert model.parked is not None
-            slot = self._take_slot(self.saved_slot(model.parked))
+            slot = self._take_slot()  # any slot: the workers rename the optimizer state onto its adapter
             self._reset(slot, model.parked)
             model.slot = slot
             log.info("reloaded model %s into %s", model.model_id, slot)
@@ -312,8 +319,6 @@ class Gateway:
         _, _, _, directory = self.checkpoint_dir(tenant, f"tinker://{run_id}/{checkpoint_id}")
 
         def delete() -> None:  # on the mesh thread: never under a running save or load
-            import shutil
-
             shutil.rmtree(self.root / directory)
 
         self.submit(tenant, delete)
@@ -336,7 +341,7 @@ class Gateway:
             "model_data": {
                 "arch": self.options.arch,
                 "model_name": self.options.base_model,
-                "tokenizer_id": self.options.base_model,
+                "tokenizer_id": self.options.tokenizer or self.options.base_model,
             },
             "model_id": model_id,
             "is_lora": True,
@@ -374,9 +379,12 @@ class Gateway:
         model_id = f"{request['session_id']}:train:{int(request['model_seq_id'])}"
         if model_id in self.models:
             raise InvalidArgument(f"model {model_id!r} exists already")
+        seed = (request.get("lora_config") or {}).get("seed")
+        if seed is not None and (not isinstance(seed, int) or not 0 <= seed < 2**63):
+            raise InvalidArgument(f"lora_config.seed {seed!r} must be an integer in [0, 2**63)")
         slot = self._take_slot()
         try:
-            self._reset(slot)
+            self._reset(slot, seed=seed)
         except BaseException:
             self._free.append(slot)
             raise
@@ -486,19 +494,13 @@ class Gateway:
             model_id = f"{request['session_id']}:train:{int(request['model_seq_id'])}"
             if model_id in self.models:
                 raise InvalidArgument(f"model {model_id!r} exists already")
-            slot = self._take_slot(self.saved_slot(directory) if optimizer else None)
+            slot = self._take_slot()
             self.models[model_id] = model = TrainingModel(
                 model_id, tenant, request["session_id"], slot, _now(), request.get("user_metadata")
             )
         else:
             model = self.model(tenant, request["model_id"])
             slot = self._loaded(model)
-            if optimizer and self.saved_slot(directory) != slot:
-                raise ResourceExhausted(
-                    f"this optimizer state was saved from adapter slot {self.saved_slot(directory)!r}, not this "
-                    f"training client's {slot!r}: the workers restore an optimizer state only into the slot that saved "
-                    "it; create the client with ServiceClient.create_training_client_from_state_with_optimizer"
-                )
         if optimizer:
             self._reset(slot, directory)
         else:

@@ -98,6 +98,90 @@ def to_peft_key(model_key: str, adapter_name: str) -> str:
     return re.sub(r"\.lora_magnitude_vector\.weight$", ".lora_magnitude_vector", key)
 
 
+def optimizer_state_for(
+    state: dict[str, Any],
+    adapter_name: str,
+    param_groups: list[list[str]],
+    shapes: dict[str, tuple[int, ...]],
+    path: Any,
+) -> dict[str, Any]:
+    """A saved optimizer state (get_optimizer_state_dict's full form: keyed by parameter name) for the
+    group `adapter_name` whose optimizer's param groups hold `param_groups` (parameter names) of `shapes`.
+
+    An adapter's parameter names carry the adapter's name, so a state saved from another adapter is
+    renamed onto this one (`...q_proj.lora_A.<saved>.weight` -> `...q_proj.lora_A.<adapter_name>.weight`);
+    it must then hold the same parameters, grouped the same way, with the same shapes: anything else is
+    refused (nothing loaded), naming what differs.
+    """
+    if not adapter_name:  # the full model: its names are the model's own
+        return state
+    saved_groups = [list(group.get("params", [])) for group in state.get("param_groups", [])]
+    source = _adapter_in(name for group in saved_groups for name in group)
+    if source is not None and source != adapter_name:
+        pattern = adapter_param_pattern(source)
+
+        def rename(name: str) -> str:
+            return pattern.sub(lambda m: f".{m.group(1)}.{adapter_name}", name)
+
+        state = {
+            **state,
+            "state": {rename(name): value for name, value in state.get("state", {}).items()},
+            "param_groups": [
+                {**group, "params": [rename(name) for name in group.get("params", [])]}
+                for group in state.get("param_groups", [])
+            ],
+        }
+    saved_groups = [list(group["params"]) for group in state.get("param_groups", [])]
+    problems = []
+    if [sorted(group) for group in saved_groups] != [sorted(group) for group in param_groups]:
+        saved, wanted = {n for g in saved_groups for n in g}, {n for g in param_groups for n in g}
+        if saved - wanted:
+            problems.append(f"parameters this adapter lacks: {_first(saved - wanted)}")
+        if wanted - saved:
+            problems.append(f"parameters missing from the state: {_first(wanted - saved)}")
+        if saved == wanted:
+            problems.append(
+                f"{len(saved_groups)} param groups, this optimizer has {len(param_groups)} grouped otherwise"
+            )
+    for name, entry in state.get("state", {}).items():
+        for key, value in entry.items() if name in shapes else ():
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and tuple(value.shape) != tuple(shapes[name]):
+                problems.append(f"{name} {key} has shape {list(value.shape)}, the parameter {list(shapes[name])}")
+                break
+    if problems:
+        raise InvalidArgument(
+            f"the optimizer state of {str(path)!r} (saved from adapter {source!r}) does not fit adapter "
+            f"{adapter_name!r}: {'; '.join(problems[:3])}; load the weights only, or into an adapter of the same "
+            "LoRA config",
+            field="adapter_name",
+            adapter=adapter_name,
+            saved_adapter=source or "",
+        )
+    return state
+
+
+def _adapter_in(names: Any) -> str | None:
+    """The adapter name in PEFT parameter names (`....lora_A.<adapter>.weight`); None when there is none."""
+    for name in names:
+        match = re.search(r"\.(?:lora_[A-Za-z_]+|modules_to_save)\.([^.]+)(?=\.|$)", name)
+        if match:
+            return match.group(1)
+    return None
+
+
+def _first(names: set[str], count: int = 3) -> str:
+    shown = sorted(names)[:count]
+    return ", ".join(shown) + (f" (and {len(names) - count} more)" if len(names) > count else "")
+
+
+def forget_initial_step(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> dict[str, Any]:
+    """For an optimizer that has not stepped yet: torch's get/set_optimizer_state_dict create its state
+    by one step with lr 0, after which Adam counts a step that never ran (its bias correction then
+    differs). Drops that made-up state from the optimizer and from `state`."""
+    optimizer.state.clear()
+    return {**state, "state": {}}
+
+
 class AtomicDirectory:
     """Write into a hidden sibling directory; on a clean exit write the manifest and swap it into place.
 

@@ -13,8 +13,8 @@ import torch
 import torch.distributed as dist
 
 from twinkle_protocol.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, TwinkleError
+from twinkle_worker import adapters, wrapping
 from twinkle_worker import checkpoint as ckpt
-from twinkle_worker import wrapping
 from twinkle_worker.fault_hook import fault_for_test
 from twinkle_worker.groups import FULL_MODEL, Group
 from twinkle_worker.inputs import positive_int
@@ -175,10 +175,12 @@ def _gather_optimizer_state(model: TransformersModel, group: Group) -> dict[str,
 
     optimizer = group.require_optimizer()
     wrapping.ensure_wrapped(model)
+    fresh = not optimizer.state  # torch's gather makes its state up by a step that never ran
     with model.mesh_agreement.collective("gather optimizer state"):
-        return get_optimizer_state_dict(
+        state = get_optimizer_state_dict(
             model.model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
         )
+    return ckpt.forget_initial_step(optimizer, state) if fresh else state
 
 
 def _checkpoint_dir(model: TransformersModel, name: str, output_dir: str) -> pathlib.Path:
@@ -203,9 +205,10 @@ def load(
         group.require_optimizer()
         if not (path / ckpt.OPTIMIZER_FILE).is_file():
             raise NotFound(f"checkpoint {str(path)!r} was saved without optimizer state (save_optimizer=False)")
+    optimizer_state = _saved_optimizer_state(model, group, path) if load_optimizer else None
     _load_weights(model, group, path)
-    if load_optimizer:
-        _load_optimizer(model, group, path)
+    if optimizer_state is not None:
+        _load_optimizer(model, group, path, optimizer_state)
     return str(path)
 
 
@@ -284,16 +287,25 @@ def _matching_keys(
     return {k: saved[k] for k in model_keys if k in saved}
 
 
-def _load_optimizer(model: TransformersModel, group: Group, path: pathlib.Path) -> None:
+def _saved_optimizer_state(model: TransformersModel, group: Group, path: pathlib.Path) -> dict[str, Any]:
+    """The checkpoint's optimizer state for this group (from any adapter of the same config)."""
+    shapes = {name: tuple(param.shape) for name, param in model.group_parameters(group)}
+    saved = ckpt.load_object(path / ckpt.OPTIMIZER_FILE)
+    return ckpt.optimizer_state_for(saved, group.name, group.param_names, shapes, path)
+
+
+def _load_optimizer(model: TransformersModel, group: Group, path: pathlib.Path, state: dict[str, Any]) -> None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
     optimizer = group.require_optimizer()
-    state = ckpt.load_object(path / ckpt.OPTIMIZER_FILE)
     wrapping.ensure_wrapped(model)
+    adapters.activate(model, group)  # torch maps the state onto the parameters that require grad
     with model.mesh_agreement.collective("load optimizer state"):
         set_optimizer_state_dict(
             model.model, optimizer, optim_state_dict=state, options=StateDictOptions(full_state_dict=True)
         )
+    if not state["state"]:  # saved before the first step: torch's load made one up
+        ckpt.forget_initial_step(optimizer, state)
     if group.scheduler is not None and (path / ckpt.SCHEDULER_FILE).is_file():
         group.scheduler.load_state_dict(ckpt.load_object(path / ckpt.SCHEDULER_FILE))
     scaler = model.scaler(group)
@@ -323,9 +335,10 @@ def resume_from_checkpoint(
     rng = None if resume_only_model else ckpt.rank_rng_state(path / ckpt.RNG_FILE, model.rank)
     if rng is None and not resume_only_model:
         log.warning("rank %d: %s holds no RNG state for this rank; its RNG is not restored", model.rank, path)
+    optimizer_state = None if resume_only_model else _saved_optimizer_state(model, group, path)
     _load_weights(model, group, path)
-    if not resume_only_model:
-        _load_optimizer(model, group, path)
+    if optimizer_state is not None:
+        _load_optimizer(model, group, path, optimizer_state)
         if rng is not None:
             ckpt.set_rng_state(rng, model.device)
         group.optimizer_step = int(state["cur_step"])

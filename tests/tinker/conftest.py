@@ -10,7 +10,6 @@ import importlib.util
 import json
 import os
 import pathlib
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -43,14 +42,36 @@ def _threads() -> None:
     os.environ.setdefault("TINKER_TELEMETRY", "0")
 
 
+WORDS = [f"w{i}" for i in range(255)]  # the tiny tokenizers' words: one token each, besides [UNK] = 0
+
+
+def save_tokenizer(directory: pathlib.Path, words: list[str]) -> None:
+    """A word-level tokenizer built offline (no hub), save_pretrained'ed as transformers' fast tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.WordLevel({"[UNK]": 0, **{w: i + 1 for i, w in enumerate(words)}}, "[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]").save_pretrained(directory)
+
+
 @pytest.fixture(scope="session")
 def base_model(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
-    """A tiny llama-style causal LM, save_pretrained'ed (no hub)."""
+    """A tiny llama-style causal LM with a tiny tokenizer (WORDS in order), save_pretrained'ed (no hub)."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
     directory = tmp_path_factory.mktemp("tiny-llama")
     AutoModelForCausalLM.from_config(tiny_config("llama")).save_pretrained(directory)
+    save_tokenizer(directory, WORDS)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def other_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    """A tokenizer directory of its own (WORDS reversed), for --tokenizer."""
+    directory = tmp_path_factory.mktemp("tokenizer")
+    save_tokenizer(directory, WORDS[::-1])
     return directory
 
 
@@ -79,8 +100,7 @@ def serve(base_model: pathlib.Path, root: pathlib.Path, world_size: int, **optio
         argv += [f"--{key.replace('_', '-')}", str(value)]
     (root / "out").mkdir()
     mesh, gateway, app = cli.build(cli.parse_args(argv))
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
+    sock = cli.listening_socket("127.0.0.1", 0)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
@@ -100,11 +120,16 @@ def serve(base_model: pathlib.Path, root: pathlib.Path, world_size: int, **optio
 
 
 @pytest.fixture(scope="module", params=[1, 2], ids=["embedded", "two_ranks"])
-def served(request: pytest.FixtureRequest, base_model: pathlib.Path, tmp_path_factory: pytest.TempPathFactory):
-    yield from serve(base_model, tmp_path_factory.mktemp("gateway"), request.param)
+def served(
+    request: pytest.FixtureRequest,
+    base_model: pathlib.Path,
+    other_tokenizer: pathlib.Path,
+    tmp_path_factory: pytest.TempPathFactory,
+):
+    yield from serve(base_model, tmp_path_factory.mktemp("gateway"), request.param, tokenizer=other_tokenizer)
 
 
-@pytest.fixture(scope="module")
-def small(base_model: pathlib.Path, tmp_path_factory: pytest.TempPathFactory):
+@pytest.fixture(scope="module", params=[1, 2], ids=["embedded", "two_ranks"])
+def small(request: pytest.FixtureRequest, base_model: pathlib.Path, tmp_path_factory: pytest.TempPathFactory):
     """A gateway with 2 adapter slots whose models never count as idle."""
-    yield from serve(base_model, tmp_path_factory.mktemp("limit"), 1, max_adapters=2, idle_seconds=3600)
+    yield from serve(base_model, tmp_path_factory.mktemp("limit"), request.param, max_adapters=2, idle_seconds=3600)

@@ -199,15 +199,16 @@ def test_save_state_then_resume_gives_the_uninterrupted_next_loss(served: Any, c
     for data in steps[2:]:
         uninterrupted.append(training.forward_backward(data, "cross_entropy").result().metrics["loss:sum"])
         training.optim_step(ADAM).result()
-    # The workers restore an optimizer state only into the adapter slot that saved it: closing the
-    # first client's session unloads its model and frees that slot.
-    first.close("interrupted")
+    # The first client still holds the slot that saved the state: the resume lands in another slot, and
+    # the workers rename the optimizer state onto that slot's adapter.
     resumed = client.create_training_client_from_state_with_optimizer(state).result()
+    assert served.gateway.models[resumed.model_id].slot != served.gateway.models[training.model_id].slot
     again = []
     for data in steps[2:]:
         again.append(resumed.forward_backward(data, "cross_entropy").result().metrics["loss:sum"])
         resumed.optim_step(ADAM).result()
     assert again == pytest.approx(uninterrupted, rel=1e-5)
+    first.close("done")
     # Without the optimizer state the second step differs (Adam's moments start afresh).
     fresh = client.create_training_client_from_state(state).result()
     fresh.forward_backward(steps[2], "cross_entropy")
@@ -260,6 +261,117 @@ def test_rl_step_importance_sampling_and_ppo_like_torch(served: Any, client: Any
     assert_adapters_equal(saved_adapter(served, path), reference.adapter())
 
 
+@pytest.fixture(scope="module")
+def direct(base_model: pathlib.Path, tmp_path_factory: pytest.TempPathFactory):
+    """twinkle_client on its own embedded worker (no gateway, no SDK): the same tiny model."""
+    from twinkle_client.model import TransformersModel
+    from twinkle_protocol.mesh import DeviceMesh
+
+    model = TransformersModel(
+        model_id=str(base_model),
+        device_mesh=DeviceMesh.from_sizes(dp_size=1),
+        output_root=str(tmp_path_factory.mktemp("direct")),
+        mixed_precision="no",
+        seed=0,
+    )
+    yield model
+    model.close()
+
+
+def test_rl_step_through_the_sdk_equals_the_same_step_through_twinkle_client(
+    served: Any, client: Any, direct: Any
+) -> None:
+    """Sampled groups, advantages computed here, importance_sampling then ppo, optim_step after each: the
+    gateway's adapter moves exactly as the same adapter driven through twinkle_client directly.
+
+    Adam with eps far above every |gradient| is SGD with lr / eps, so the weights after a step are the
+    initial weights minus a multiple of the gradient: equal weights mean equal gradients."""
+    training = client.create_lora_training_client(base_model=str(served.base_model), rank=4).result()
+    adapter = f"direct-{served.world_size}"
+    direct.add_adapter_to_model(adapter, str(served.output_root / served.gateway.init_state))  # the same start
+    direct.set_optimizer("AdamW", lr=100.0, weight_decay=0.0, adapter_name=adapter, betas=[0.9, 0.95], eps=1e4)
+    sgd_like = types.AdamParams(learning_rate=100.0, beta1=0.9, beta2=0.95, eps=1e4)
+    sampler = training.save_weights_and_get_sampling_client().result()
+    start = direct.export_weights(adapter)
+    prompt = [7, 3, 9, 2]
+    params = types.SamplingParams(max_tokens=6, temperature=1.0, seed=11, stop=[])
+    for step, (loss_fn, config) in enumerate(
+        (("importance_sampling", None), ("ppo", {"clip_low_threshold": 0.9, "clip_high_threshold": 1.1}))
+    ):
+        groups = [sampler.sample(types.ModelInput.from_ints(prompt), 2, params).result().sequences for _ in range(2)]
+        data, samples = [], []
+        for group in groups:
+            rewards = np.array([np.mean(np.array(s.tokens) % 3 == 0) for s in group], dtype=np.float64)
+            for sequence, advantage in zip(group, rewards - rewards.mean() + 0.25 * (step + 1), strict=True):
+                full = prompt + list(sequence.tokens)
+                pad = [0.0] * (len(prompt) - 1)
+                q = pad + [lp - 0.2 * (-1) ** i for i, lp in enumerate(sequence.logprobs)]  # PPO's clip binds
+                a = pad + [float(advantage)] * len(sequence.tokens)
+                data.append(datum(full, logprobs=q, advantages=a))
+                samples.append(
+                    {
+                        "input_ids": np.array(full[:-1], dtype=np.int64),
+                        "labels": np.array(full[1:], dtype=np.int64),
+                        "logprobs": np.array(q, dtype=np.float32),
+                        "advantages": np.array(a, dtype=np.float32),
+                    }
+                )
+        out = training.forward_backward(data, loss_fn, config).result()
+        training.optim_step(sgd_like).result()
+        want = direct.forward_backward(
+            samples, adapter_name=adapter, loss_fn=loss_fn, loss_fn_config={**(config or {}), "normalization": "sum"}
+        )
+        direct.clip_grad_and_step(
+            max_grad_norm=0.0,
+            adapter_name=adapter,
+            optim_params={"lr": 100.0, "betas": [0.9, 0.95], "eps": 1e4, "weight_decay": 0.0},
+        )
+        assert out.metrics["loss:sum"] == pytest.approx(want["loss"], rel=1e-5, abs=1e-6), loss_fn
+        got = saved_adapter(served, training.save_weights_for_sampler(f"rl-parity-{step}").result().path)
+        after = direct.export_weights(adapter)
+        moved = max(float(np.abs(after[k] - start[k]).max()) for k in start)
+        assert moved > 1e-4, "the step moved nothing: the comparison would be empty"
+        for key, value in after.items():
+            np.testing.assert_allclose(got[key].numpy(), value, atol=1e-6, rtol=1e-5, err_msg=f"{loss_fn} {key}")
+    direct.remove_adapter(adapter)
+
+
+def test_the_lora_seed_picks_the_initial_adapter(served: Any, client: Any) -> None:
+    """The same LoraConfig seed gives the same initial adapter (peft's default init drawn from that seed,
+    as the README says), another seed another one; no seed: the gateway's shared initial adapter."""
+    import math
+
+    def initial(service: Any, seed: int | None) -> dict[str, torch.Tensor]:
+        training = service.create_lora_training_client(base_model=str(served.base_model), rank=4, seed=seed).result()
+        return saved_adapter(served, training.save_weights_for_sampler(f"init-{seed}").result().path)
+
+    seeded = tinker.ServiceClient(base_url=served.url, api_key=KEY_A)
+    try:
+        first, again, other = initial(seeded, 5), initial(seeded, 5), initial(seeded, 6)
+    finally:
+        seeded.close("seeded clients done")  # frees their slots
+    generator = torch.Generator().manual_seed(5)
+    for key in sorted(first):
+        want = torch.zeros_like(first[key])
+        if ".lora_A." in key:
+            torch.nn.init.kaiming_uniform_(want, a=math.sqrt(5), generator=generator)
+        torch.testing.assert_close(first[key], want, atol=0, rtol=0, msg=key)
+        torch.testing.assert_close(again[key], want, atol=0, rtol=0, msg=key)
+    assert any(not torch.equal(first[k], other[k]) for k in first if ".lora_A." in k)
+    shared = load_file(served.output_root / served.gateway.init_state / "adapter_model.safetensors")
+    unseeded = initial(client, None)
+    assert all(torch.equal(unseeded[k], shared[k]) for k in shared)
+
+
+def test_get_tokenizer_loads_local_tokenizer_directories(served: Any, client: Any) -> None:
+    """TrainingClient.get_tokenizer loads get_info's tokenizer_id (the gateway's --tokenizer, here a directory
+    of WORDS reversed); SamplingClient.get_tokenizer the base model's name (its directory holds WORDS)."""
+    training = client.create_lora_training_client(base_model=str(served.base_model), rank=4).result()
+    assert training.get_tokenizer().encode("w0 w1 w254", add_special_tokens=False) == [255, 254, 1]
+    sampler = training.save_weights_and_get_sampling_client().result()
+    assert sampler.get_tokenizer().encode("w0 w1 w254", add_special_tokens=False) == [1, 2, 255]
+
+
 def test_losses_the_gateway_lacks_are_refused_by_name(served: Any, client: Any) -> None:
     training = client.create_lora_training_client(base_model=str(served.base_model), rank=4).result()
     sequences = batch(4)
@@ -306,9 +418,21 @@ def test_two_tenants_train_concurrently_and_cannot_touch_each_other(served: Any)
             rest_b.list_checkpoints(model_a).result()
         with pytest.raises(tinker.NotFoundError):
             rest_b.delete_checkpoint_from_tinker_path(path_a).result()
+        with pytest.raises(tinker.NotFoundError):
+            rest_b.get_training_run(model_a).result()
+        with pytest.raises(tinker.NotFoundError):
+            rest_b.get_weights_info_by_tinker_path(path_a).result()
+        with pytest.raises(tinker.NotFoundError):
+            bob.create_training_client_from_state(path_a).result()
+        _, segment, name = path_a[len("tinker://") :].split("/")
+        assert (served.output_root / "tinker" / "alice" / model_a / segment / name).is_dir()  # still there
         headers_b = {"X-API-Key": KEY_B}
         info = httpx.post(f"{served.url}/api/v1/get_info", json={"model_id": model_a}, headers=headers_b)
         assert info.status_code == 404
+        step = {"model_id": model_a, "adam_params": ADAM.model_dump()}
+        assert httpx.post(f"{served.url}/api/v1/optim_step", json=step, headers=headers_b).status_code == 404
+        save = {"model_id": model_a, "path": "stolen"}
+        assert httpx.post(f"{served.url}/api/v1/save_weights", json=save, headers=headers_b).status_code == 404
         # No key, or a key the gateway does not know: 401 on every route.
         for headers in ({}, {"X-API-Key": "tml-not-a-known-key-000"}):
             answer = httpx.post(f"{served.url}/api/v1/get_info", json={"model_id": model_a}, headers=headers)
