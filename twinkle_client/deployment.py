@@ -1,15 +1,17 @@
 """Finding or starting the workers of a mesh: embedded local processes, Ray actors, a cluster config's
 group, given addresses, or an engine's rank 0; and the channel security to reach them.
 
-Used by twinkle_client.model (before Init, and at close).
+Used by twinkle_client.model (before Init: the workers, the coordinator over them; and at close).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import secrets
+from collections.abc import Sequence
+from typing import Any
 
-from twinkle_client import cluster
+from twinkle_client import cluster, tracing
 from twinkle_client.coordinator import Coordinator
 from twinkle_client.local import LocalWorkers, wait_serving
 from twinkle_client.options import ClientOptions
@@ -89,6 +91,29 @@ def _find_remote(group: cluster.WorkerGroup, options: ClientOptions) -> Deployme
     for address in addresses:
         wait_serving(address, timeout=60.0, security=security)
     return Deployment(addresses, security, master_addr, master_port, None, placed=True)
+
+
+def connect(deployment: Deployment, options: ClientOptions) -> Coordinator:
+    """The coordinator over the deployment's workers: their channels (security, tracing), timeout and retries."""
+    return Coordinator(
+        deployment.addresses,
+        (),
+        options.timeout,
+        security=deployment.security,
+        retry_seconds=options.retry_seconds,
+        abort_grace_seconds=options.abort_grace_seconds,
+        wrap_channel=tracing.channel_wrapper(options.tracer_provider) if options.tracer_provider is not None else None,
+    )
+
+
+def explain_failures(coordinator: Coordinator, deployment: Deployment, statuses: Sequence[Any]) -> None:
+    """From now on a call failing on a rank whose worker restarted (or whose Ray actor died) says so;
+    `statuses`: every rank's GetStatus at connection, with its incarnation."""
+    restarts = cluster.RestartCheck(deployment.addresses, [s.incarnation for s in statuses], deployment.security)
+    local = deployment.local
+    coordinator.explain_failure = (
+        (lambda rank, error: local.explain(rank, restarts(rank, error))) if isinstance(local, RayWorkers) else restarts
+    )
 
 
 def release(coordinator: Coordinator, local: LocalWorkers | RayWorkers | None, pool: shared_memory.Pool) -> None:

@@ -21,9 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from twinkle_client import batches, cluster, custom_loss, futures, sampling, timing, tracing, transport
-from twinkle_client.coordinator import Coordinator
-from twinkle_client.deployment import deploy, release
+from twinkle_client import batches, cluster, custom_loss, futures, sampling, timing, transport
+from twinkle_client.deployment import connect, deploy, explain_failures, release
 from twinkle_client.local import LocalWorkers
 from twinkle_client.options import ClientOptions
 from twinkle_client.outputs import merge_outputs
@@ -74,18 +73,7 @@ class TransformersModel:
         options = ClientOptions.pop_from(kwargs, options)
         deployment = deploy(self.mesh, remote_group, options)
         self.local: LocalWorkers | RayWorkers | None = deployment.local
-        addresses, security = deployment.addresses, deployment.security
-        self.coordinator = Coordinator(
-            addresses,
-            (),
-            options.timeout,
-            security=security,
-            retry_seconds=options.retry_seconds,
-            abort_grace_seconds=options.abort_grace_seconds,
-            wrap_channel=tracing.channel_wrapper(options.tracer_provider)
-            if options.tracer_provider is not None
-            else None,
-        )
+        self.coordinator = connect(deployment, options)
         self._pool = shared_memory.Pool()
         # bytes of the last export of each (group, trainable_only): its segment's size next time
         self._export_bytes: dict[tuple[str, bool], int] = {}
@@ -99,14 +87,7 @@ class TransformersModel:
         except BaseException:
             self.close()
             raise
-        # From now on a call failing on a rank whose worker restarted says so.
-        restarts = cluster.RestartCheck(addresses, [s.incarnation for s in statuses], security)
-        local = self.local
-        self.coordinator.explain_failure = (
-            (lambda rank, error: local.explain(rank, restarts(rank, error)))
-            if isinstance(local, RayWorkers)
-            else restarts
-        )
+        explain_failures(self.coordinator, deployment, statuses)
         master_port = deployment.master_port
         if master_port is None and self.mesh.world_size > 1:
             master_port = statuses[0].free_port
