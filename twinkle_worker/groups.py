@@ -27,6 +27,7 @@ class ForwardResult:
     num_sequences: int = 0
     normalization: Normalization = field(default_factory=Normalization)
     metrics: dict[str, tuple[float, float]] = field(default_factory=dict)  # name: (sum, count) (losses.formulas)
+    step: StepResult | None = None  # the fused call's step (twinkle_worker.fused)
 
     @property
     def loss(self) -> float:
