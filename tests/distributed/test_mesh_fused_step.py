@@ -1,7 +1,8 @@
 """The fused call (forward_backward_and_step: ForwardBackwardRequest.step) trains exactly as
 forward_backward followed by clip_grad_and_step, on 2 ranks (DDP with LoRA inline, FSDP2 full with
 logits back, i.e. streamed and through shared memory), and a refused step refuses the whole call
-before the forward: nothing changes on any rank.
+before the forward: nothing changes on any rank, also when the step is refused on one rank only
+(its peer answers ABORTED PEER_REFUSED).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import numpy as np
 import pytest
 from dist_reference import ADAPTER, GAS, LR, MAX_GRAD_NORM, SEED, STEPS, lora_config, make_windows, tiny_config
 
+from twinkle_protocol import tensors
+from twinkle_protocol._proto import worker_pb2
 from twinkle_protocol.errors import FailedPrecondition, InvalidArgument
 from twinkle_protocol.mesh import DeviceMesh
 
@@ -87,3 +90,37 @@ def test_a_refused_step_refuses_the_whole_call(mesh_model) -> None:  # type: ign
     out, step = model.forward_backward_and_step(batch, max_grad_norm=1.0, gradient_accumulation_steps=1)
     assert step["applied"] is True and step["micro_step"] == 1 and step["optimizer_step"] == 1, step
     assert np.isfinite(out["loss"])
+
+
+def _fused_request(arrays: dict[str, np.ndarray], **step: Any) -> worker_pb2.ForwardBackwardRequest:
+    request = worker_pb2.ForwardBackwardRequest(gradient_accumulation_steps=1)
+    request.step.CopyFrom(worker_pb2.ClipGradAndStepRequest(**{"max_grad_norm": 1.0, **step}))
+    tensors.map_to_proto(arrays, request.inputs)
+    return request
+
+
+def test_a_step_refused_on_one_rank_refuses_the_call_on_both(mesh_model) -> None:  # type: ignore[no-untyped-def]
+    model = mesh_model(config=tiny_config(), device_mesh=DeviceMesh.from_sizes(dp_size=2), seed=SEED)
+    model.set_optimizer("AdamW", lr=LR)
+    rng = np.random.default_rng(5)
+    ids = rng.integers(0, 256, (2, 8)).astype(np.int64)
+    rows = {"input_ids": ids, "attention_mask": np.ones_like(ids), "labels": np.roll(ids, -1, axis=1)}
+    before = model.export_weights()
+    for bad, match in (
+        ({"max_grad_norm": float("nan")}, "step.max_grad_norm"),
+        ({"adapter_name": "x"}, "step.adapter_name"),
+    ):
+        calls = model.coordinator.each("ForwardBackward", [_fused_request(rows), _fused_request(rows, **bad)])
+        with pytest.raises(InvalidArgument, match=rf"rank 1 .*{match}"):
+            model.coordinator.gather("ForwardBackward", calls)
+        rank0: Any = calls[0].outcome.exception(timeout=120)
+        assert rank0 is not None and rank0.code() == grpc.StatusCode.ABORTED, rank0
+        assert "rank(s) [1] refused this call" in rank0.details()
+    step = model.clip_grad_and_step(gradient_accumulation_steps=1)  # nothing was counted on either rank
+    assert step["applied"] is False and step["micro_step"] == 0, step
+    after = model.export_weights()
+    for name, value in before.items():
+        np.testing.assert_array_equal(np.asarray(after[name]), np.asarray(value), err_msg=name)
+    calls = model.coordinator.each("ForwardBackward", [_fused_request(rows), _fused_request(rows)])
+    replies = model.coordinator.gather("ForwardBackward", calls)
+    assert [reply.step.applied for reply in replies] == [True, True] and replies[0].step.optimizer_step == 1
