@@ -199,12 +199,12 @@ def main(argv: list[str] | None = None) -> int:
             micro_losses = []
             for _ in range(config.grad_accum):
                 batch = random_windows(train, config.batch_size, config.seq_len, rng)
-                output = model.forward_backward(inputs=batch, adapter_name=adapter)
-                micro_losses.append(output["loss"])
-                # Steps (clip, AdamW, zero_grad, lr) only once every grad_accum micro-batches.
-                result = model.clip_grad_and_step(
-                    max_grad_norm=1.0, gradient_accumulation_steps=config.grad_accum, adapter_name=adapter
+                # forward_backward and clip_grad_and_step in one call; the step (clip, AdamW, zero_grad,
+                # lr) applies only once every grad_accum micro-batches.
+                output, result = model.forward_backward_and_step(
+                    batch, adapter_name=adapter, max_grad_norm=1.0, gradient_accumulation_steps=config.grad_accum
                 )
+                micro_losses.append(output["loss"])
             losses.append(float(np.mean(micro_losses)))  # every micro-batch has the same token count
             if step % eval_every == 0 or step == config.steps:
                 held_out_losses.append((step, model.forward_only(inputs=evaluation, adapter_name=adapter)["loss"]))

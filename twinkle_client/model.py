@@ -25,14 +25,16 @@ from twinkle_client import batches, cluster, custom_loss, futures, sampling, tim
 from twinkle_client.deployment import connect, deploy, explain_failures, release
 from twinkle_client.local import LocalWorkers
 from twinkle_client.options import ClientOptions
-from twinkle_client.outputs import merge_outputs
+from twinkle_client.outputs import merge_outputs, step_result
 from twinkle_client.ray_workers import RayWorkers
 from twinkle_client.requests import (
     check_strategy,
     class_name,
     fill_optim_params,
     fill_struct,
+    forward_backward_request,
     init_requests,
+    step_request,
 )
 from twinkle_protocol import shared_memory, streaming
 from twinkle_protocol._proto import worker_pb2
@@ -204,15 +206,59 @@ class TransformersModel:
         loss_fn_config: Mapping[str, Any] | None = None,
     ) -> Future[dict[str, Any]]:
         """Sends forward_backward and returns at once; calls still run in order on every rank."""
-        template = worker_pb2.ForwardBackwardRequest(
-            adapter_name=adapter_name or "",
-            temperature=temperature,
-            return_logits=return_logits,
-            gradient_accumulation_steps=gradient_accumulation_steps or 0,
-            loss_fn=loss_fn or "",
+        template = forward_backward_request(
+            adapter_name, temperature, return_logits, gradient_accumulation_steps, loss_fn, loss_fn_config
         )
-        fill_struct(template.loss_fn_config, loss_fn_config or {})
         return self._forward("ForwardBackward", template, inputs)
+
+    def forward_backward_and_step(
+        self,
+        inputs: Any,
+        adapter_name: str | None = None,
+        max_grad_norm: float = 1.0,
+        norm_type: float = 2.0,
+        gradient_accumulation_steps: int | None = None,
+        optim_params: Mapping[str, Any] | None = None,
+        **forward_kwargs: Any,
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """forward_backward then clip_grad_and_step, fused into one call: one round trip, one agreement.
+
+        Exactly the two calls in a row (gradient_accumulation_steps is both calls'); the step's checks
+        run before the forward, so a step the workers refuse refuses the whole call, nothing changed.
+
+        Args:
+            forward_kwargs: forward_backward's other arguments (temperature, return_logits, loss_fn,
+                loss_fn_config).
+
+        Returns:
+            (forward_backward's result, clip_grad_and_step's result).
+
+        Example:
+            out, step = model.forward_backward_and_step(batch, adapter_name="a", max_grad_norm=1.0)
+        """
+        return self.forward_backward_and_step_async(
+            inputs, adapter_name, max_grad_norm, norm_type, gradient_accumulation_steps, optim_params, **forward_kwargs
+        ).result()
+
+    def forward_backward_and_step_async(
+        self,
+        inputs: Any,
+        adapter_name: str | None = None,
+        max_grad_norm: float = 1.0,
+        norm_type: float = 2.0,
+        gradient_accumulation_steps: int | None = None,
+        optim_params: Mapping[str, Any] | None = None,
+        temperature: float = 1.0,
+        return_logits: bool = False,
+        loss_fn: str | None = None,
+        loss_fn_config: Mapping[str, Any] | None = None,
+    ) -> Future[tuple[dict[str, Any], dict[str, Any]]]:
+        """Sends forward_backward_and_step and returns at once; calls still run in order on every rank."""
+        template = forward_backward_request(
+            adapter_name, temperature, return_logits, gradient_accumulation_steps, loss_fn, loss_fn_config
+        )
+        template.step.CopyFrom(step_request(max_grad_norm, norm_type, None, gradient_accumulation_steps, optim_params))
+        return self._forward("ForwardBackward", template, inputs, fused=True)
 
     def forward_backward_custom(
         self,
@@ -397,7 +443,8 @@ class TransformersModel:
         logps = self.forward_only(samples, adapter_name=adapter_name, disable_lora=disable_lora)["logps"]
         return [[None, *(float(value) for value in row[:-1])] for row in logps]
 
-    def _forward(self, method: str, template: Any, inputs: Any) -> Future[dict[str, Any]]:
+    def _forward(self, method: str, template: Any, inputs: Any, fused: bool = False) -> Future[Any]:
+        """The forward's merged outputs; fused: (them, the fused step's result)."""
         started = time.perf_counter()
         columns, lengths, slices = batches.slice_batch(inputs, self.mesh, self.vocab_size)
         payload = sum(array.nbytes for array in columns.values())
@@ -415,7 +462,7 @@ class TransformersModel:
         width = next(iter(columns.values())).shape[1]
         collect = self.mesh.collect_ranks()
 
-        def merge() -> dict[str, Any]:
+        def merge() -> Any:
             try:
                 replies = self.coordinator.gather(method, calls)
             except BaseException:
@@ -428,9 +475,11 @@ class TransformersModel:
             finally:
                 if shared:
                     shared.release()
-            merged = merge_outputs(outputs, lengths, width, as_list)
-            self._clock.add(timing.call_timing(calls, client_seconds, time.perf_counter() - merging))
-            return merged
+            merged = merge_outputs([(reply.output, arrays) for reply, arrays in outputs], lengths, width, as_list)
+            step = outputs[0][0].step if fused else None
+            call = timing.call_timing(calls, client_seconds, time.perf_counter() - merging)
+            self._clock.add(call, step_done=step is not None and step.applied)
+            return merged if step is None else (merged, step_result(step))
 
         return futures.mesh_future(calls, merge, self.coordinator.results)
 
@@ -501,27 +550,14 @@ class TransformersModel:
         optim_params: Mapping[str, Any] | None = None,
     ) -> Future[dict[str, Any]]:
         started = time.perf_counter()
-        request = worker_pb2.ClipGradAndStepRequest(
-            adapter_name=adapter_name or "",
-            max_grad_norm=max_grad_norm,
-            norm_type=norm_type,
-            gradient_accumulation_steps=gradient_accumulation_steps or 0,
-        )
-        fill_optim_params(request.optim_params, optim_params)
+        request = step_request(max_grad_norm, norm_type, adapter_name, gradient_accumulation_steps, optim_params)
         calls = self.coordinator.all("ClipGradAndStep", request)
         client_seconds = time.perf_counter() - started
 
         def result() -> dict[str, Any]:
             reply = self.coordinator.gather("ClipGradAndStep", calls)[0]
             self._clock.add(timing.call_timing(calls, client_seconds), step_done=reply.applied)
-            return {
-                "applied": reply.applied,
-                "grad_norm": reply.grad_norm if reply.applied else None,
-                "lr": reply.lr,
-                "optimizer_step": reply.optimizer_step,
-                "micro_step": reply.micro_step,
-                "skipped_nonfinite": reply.skipped_nonfinite,
-            }
+            return step_result(reply)
 
         return futures.mesh_future(calls, result, self.coordinator.results)
 

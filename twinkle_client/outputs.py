@@ -50,3 +50,15 @@ def merge_outputs(
             padded = [np.pad(part, [(0, 0), (0, width - part.shape[1])] + [(0, 0)] * (part.ndim - 2)) for part in parts]
             merged[key] = np.concatenate(padded, axis=0)
     return merged
+
+
+def step_result(reply: worker_pb2.ClipGradAndStepResponse) -> dict[str, Any]:
+    """A ClipGradAndStep's answer (on its own, or a fused ForwardBackward's `step`) as the client returns it."""
+    return {
+        "applied": reply.applied,
+        "grad_norm": reply.grad_norm if reply.applied else None,
+        "lr": reply.lr,
+        "optimizer_step": reply.optimizer_step,
+        "micro_step": reply.micro_step,
+        "skipped_nonfinite": reply.skipped_nonfinite,
+    }

@@ -107,3 +107,41 @@ def fill_struct(struct: Any, values: Mapping[str, Any]) -> None:
 def fill_optim_params(message: worker_pb2.OptimParams, values: Mapping[str, Any] | None) -> None:
     """Fills a step's per-step optimizer overrides, checked by the protocol's one rule."""
     optim_params.fill_message(message, values)
+
+
+def step_request(
+    max_grad_norm: float,
+    norm_type: float,
+    adapter_name: str | None,
+    gradient_accumulation_steps: int | None,
+    optim_params: Mapping[str, Any] | None,
+) -> worker_pb2.ClipGradAndStepRequest:
+    """A ClipGradAndStep request (sent alone, or fused into a ForwardBackward as its `step`)."""
+    request = worker_pb2.ClipGradAndStepRequest(
+        adapter_name=adapter_name or "",
+        max_grad_norm=max_grad_norm,
+        norm_type=norm_type,
+        gradient_accumulation_steps=gradient_accumulation_steps or 0,
+    )
+    fill_optim_params(request.optim_params, optim_params)
+    return request
+
+
+def forward_backward_request(
+    adapter_name: str | None,
+    temperature: float,
+    return_logits: bool,
+    gradient_accumulation_steps: int | None,
+    loss_fn: str | None,
+    loss_fn_config: Mapping[str, Any] | None,
+) -> worker_pb2.ForwardBackwardRequest:
+    """A ForwardBackward's fields but the batch (the template each rank's request is copied from)."""
+    request = worker_pb2.ForwardBackwardRequest(
+        adapter_name=adapter_name or "",
+        temperature=temperature,
+        return_logits=return_logits,
+        gradient_accumulation_steps=gradient_accumulation_steps or 0,
+        loss_fn=loss_fn or "",
+    )
+    fill_struct(request.loss_fn_config, loss_fn_config or {})
+    return request

@@ -71,7 +71,7 @@ def route(
 def read_outputs(
     replies: Sequence[Any], collect: Sequence[int], stream: bool, shared: SharedCall | None
 ) -> list[tuple[Any, dict[str, np.ndarray]]]:
-    """Per collecting rank, its ForwardOutput and decoded tensors (from the messages, or its segment)."""
+    """Per collecting rank, its response (a stream's header) and decoded tensors (from the messages, or its segment)."""
 
     def in_shared_memory(output: Any) -> bool:
         return output.HasField("shared_outputs")
@@ -84,15 +84,15 @@ def read_outputs(
                 lambda response: response.output.outputs,
                 shared=lambda response: in_shared_memory(response.output),
             )
-            output = header.output
         else:
-            output = replies[rank].output
-            arrays = None if in_shared_memory(output) else tensors.map_to_numpy(output.outputs)
+            header = replies[rank]
+            arrays = None if in_shared_memory(header.output) else tensors.map_to_numpy(header.output.outputs)
+        output = header.output
         if arrays is None:
             if not shared or rank not in shared.outputs:
                 raise InvalidArgument(f"rank {rank} answered with shared_outputs although none was offered")
             arrays = shared.outputs[rank].read(output.shared_outputs, output.outputs)
-        outputs.append((output, arrays))
+        outputs.append((header, arrays))
     return outputs
 
 

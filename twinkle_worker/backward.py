@@ -31,15 +31,19 @@ def ddp_forward_backward(
     whether its backward succeeded (one small vote), and only then are the gradients averaged
     (at the window's end, as DDP would: each divided by the world size, then summed). An error
     or OOM on one rank thus fails every rank at once, with the window's gradients discarded
-    everywhere, instead of leaving the peers in DDP's all-reduce until the timeout."""
+    everywhere, instead of leaving the peers in DDP's all-reduce until the timeout. The vote also
+    sums the window's token and sequence counts (group.voted_counts), for a step fused into this call."""
     failure: BaseException | None = None
+    counts = (0, 0)
     try:
         with strategies.no_gradient_sync(wrapped, False):
             logps, logits, result = model.forward_and_loss(loss, wrapped, batch, temperature)
             precision.backward(model.scaler(group), result.loss_sum)
+        counts = (group.window_tokens + result.num_tokens, group.window_sequences + result.num_sequences)
     except Exception as error:  # told to the peers below, then raised
         failure = error
-    refused, _ = model.mesh_agreement.poll("forward_backward", failure is None)
+    # The vote carries the window's counts after this micro-batch: a step in the same call needs no all_reduce.
+    refused, totals = model.mesh_agreement.poll("forward_backward", failure is None, *counts)
     if refused:
         discarded = discard_window(model, group)
         if failure is None:
@@ -48,6 +52,7 @@ def ddp_forward_backward(
     if sync:
         with model.mesh_agreement.collective("gradient all-reduce"):
             strategies.average_gradients([p for _, p in model.group_parameters(group) if p.requires_grad])
+    group.voted_counts = ((group.micro_step + 1, *counts), totals)
     return result, logps, logits
 
 
@@ -59,6 +64,7 @@ def discard_window(model: TransformersModel, group: Group) -> str:
     group.window_tokens = group.window_sequences = 0
     group.window_normalization = None
     group.normalized = False
+    group.voted_counts = None
     group.micro_step = group.applied_at.get("zero_grad", 0)  # where the gradients began to accumulate
     return (
         f"the accumulation window's gradients were discarded (micro_step back to {group.micro_step}): "

@@ -19,7 +19,7 @@ from twinkle_worker.sampling import SamplingParams
 from twinkle_worker.strategies import Rendezvous
 
 if TYPE_CHECKING:
-    from twinkle_worker.model import ForwardResult
+    from twinkle_worker.groups import ForwardResult, StepResult
 
 
 def struct_to_dict(struct: struct_pb2.Struct) -> dict[str, Any]:
@@ -119,6 +119,18 @@ def forward_header(result: ForwardResult) -> worker_pb2.ForwardOutput:
     for name, (total, count) in result.metrics.items():
         output.metrics[name].CopyFrom(worker_pb2.LossMetric(sum=total, count=count))
     return output
+
+
+def step_response(result: StepResult) -> worker_pb2.ClipGradAndStepResponse:
+    """A clip_grad_and_step's result (on its own, or fused into a ForwardBackward)."""
+    return worker_pb2.ClipGradAndStepResponse(
+        applied=result.applied,
+        grad_norm=result.grad_norm,
+        lr=result.lr,
+        optimizer_step=result.optimizer_step,
+        micro_step=result.micro_step,
+        skipped_nonfinite=result.skipped,
+    )
 
 
 def loss_choice(request: Any) -> dict[str, Any]:

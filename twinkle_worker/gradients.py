@@ -21,10 +21,15 @@ def normalize(model: TransformersModel, group: Group, global_counts: list[float]
     """Divides the accumulated gradients by the window's denominator (twinkle_worker.normalization), once.
 
     global_counts: the window's (tokens, sequences) summed over the ranks, when the call's agreement
-    vote already brought them (see _agree_on_window); otherwise one all_reduce finds them.
+    vote already brought them (see _agree_on_window), or DDP's post-backward vote of the same window
+    state did (a fused step: Group.voted_counts); otherwise one all_reduce finds them.
     """
     if group.normalized:
         return
+    if global_counts is None and group.voted_counts is not None:
+        voted_at, voted = group.voted_counts  # DDP's post-backward vote summed them, if nothing moved since
+        if voted_at == (group.micro_step, group.window_tokens, group.window_sequences):
+            global_counts = voted
     if global_counts is None:
         global_counts = [float(group.window_tokens), float(group.window_sequences)]
         if model.mesh.world_size > 1:

@@ -27,6 +27,7 @@ class ForwardResult:
     num_sequences: int = 0
     normalization: Normalization = field(default_factory=Normalization)
     metrics: dict[str, tuple[float, float]] = field(default_factory=dict)  # name: (sum, count) (losses.formulas)
+    step: StepResult | None = None  # the fused call's step (twinkle_worker.fused)
 
     @property
     def loss(self) -> float:
@@ -68,6 +69,10 @@ class Group:
     window_sequences: int = 0
     window_normalization: Normalization | None = None
     normalized: bool = False
+    # The window's (tokens, sequences) summed over the ranks by DDP's post-backward vote, with the
+    # (micro_step, local tokens, local sequences) they belong to: a normalize right after it in the
+    # same call (the fused step) uses them instead of an all_reduce of its own (gradients.normalize).
+    voted_counts: tuple[tuple[int, int, int], list[float]] | None = None
     last_grad_norm: float = 0.0
     # fp16 only: this group's loss scaler (precision.make_scaler), and whether it skipped the last step.
     scaler: torch.amp.GradScaler | None = None

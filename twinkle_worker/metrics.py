@@ -208,16 +208,26 @@ class WorkerMetrics:
             if kind == "ForwardBackward":
                 self.child(self.micro_steps, group).inc()
                 self.child(self.loss, group).set(output.loss)
+                if response.HasField("step"):  # a fused step counts as its ClipGradAndStep would
+                    self._stepped(group, response.step)
             if request.HasField("shared_inputs"):
                 self.child(self.received, "shared_memory").inc(_tensor_bytes(request.inputs))
             if output.HasField("shared_outputs"):
                 self.child(self.sent, "shared_memory").inc(_tensor_bytes(output.outputs))
-        elif rpc in ("ClipGradNorm", "ClipGradAndStep") and response.applied:
+        elif rpc == "ClipGradNorm" and response.applied:
             self.child(self.grad_norm, group).set(response.grad_norm)
-        if rpc in ("Step", "ClipGradAndStep") and response.applied:
+        elif rpc == "Step" and response.applied:
             self.child(self.optimizer_steps, group).inc()
+        elif rpc == "ClipGradAndStep":
+            self._stepped(group, response)
         if rpc == "ExportWeights" and response.in_segment:
             self.child(self.sent, "shared_memory").inc(response.total_bytes)
+
+    def _stepped(self, group: str, response: Any) -> None:
+        """A ClipGradAndStep's figures (on its own, or fused into a ForwardBackward)."""
+        if response.applied:
+            self.child(self.grad_norm, group).set(response.grad_norm)
+            self.child(self.optimizer_steps, group).inc()
 
 
 class _StateCollector:

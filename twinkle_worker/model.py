@@ -35,6 +35,7 @@ from twinkle_worker import (
     adapters,
     backward,
     checkpointing,
+    fused,
     gradients,
     hub,
     optimizers,
@@ -549,6 +550,8 @@ class TransformersModel:
         return StepResult(
             not skipped, float(grad_norm or 0.0), lr, group.optimizer_step, group.micro_step, skipped=skipped
         )
+
+    forward_backward_and_step = fused.forward_backward_and_step  # one agreement (opened there): not an RPC of its own
 
     def _remember_gas(self, group: Group, gradient_accumulation_steps: int | None) -> None:
         if gradient_accumulation_steps:

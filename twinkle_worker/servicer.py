@@ -337,7 +337,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                     raise InvalidArgument(kind.empty_batch)
                 out_of_memory.check_inputs(model, batch, request.return_logits)
                 result = kind.call(model, batch, request)
-            response = kind.respond(model, request, convert.forward_header(result))
+            response = kind.respond(model, request, convert.forward_header(result), result)
             return response, shared_memory_routing.write_outputs(
                 self.options, self.rank, request, result.outputs, response.output
             )
@@ -441,14 +441,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 request.gradient_accumulation_steps or None,
                 convert.optim_params(request.optim_params),
             )
-            return worker_pb2.ClipGradAndStepResponse(
-                applied=result.applied,
-                grad_norm=result.grad_norm,
-                lr=result.lr,
-                optimizer_step=result.optimizer_step,
-                micro_step=result.micro_step,
-                skipped_nonfinite=result.skipped,
-            )
+            return convert.step_response(result)
 
         return self._run(context, request.context, clip_and_step, request)
 

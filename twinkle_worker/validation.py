@@ -65,6 +65,11 @@ def check_fields(request: Any) -> None:
         raise InvalidArgument(f"lr must be a finite number > 0, got {request.lr}")
     if _given(request, "weight_decay") and not (math.isfinite(request.weight_decay) and request.weight_decay >= 0):
         raise InvalidArgument(f"weight_decay must be a finite number >= 0, got {request.weight_decay}")
+    if _given(request, "step"):  # a fused step (ForwardBackwardRequest.step): its fields, named step.<field>
+        try:
+            check_fields(request.step)
+        except InvalidArgument as error:
+            raise InvalidArgument(f"step.{error}") from None
 
 
 def _given(request: Any, name: str) -> bool:

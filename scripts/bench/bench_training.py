@@ -8,7 +8,8 @@ Per model and mode, each round runs, one after the other:
 - torchrun: scripts/bench/torchrun_train.py on 2 processes (one torch thread each);
 - client sync: forward_backward + clip_grad_and_step per step, each waited for;
 - client pipelined: the *_async variants, one step in flight ahead (batch k+1 is sent while
-  batch k computes).
+  batch k computes);
+- client fused: forward_backward_and_step per step (one request, one agreement), each waited for.
 
 The client drives 2 `python -m twinkle_worker` processes (one torch thread each) started
 once and reused (Init / Reset per run). Same model (Qwen2 from a config, seed 0), same
@@ -49,6 +50,15 @@ from common import (
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+# The client's variants, in the tables' column order (torchrun runs first in each round).
+CLIENT_VARIANTS = ("client sync", "client pipelined", "client fused")
+
+
+def _against(base: float, values: list[float]) -> list[float]:
+    """Per variant: its time, its ratio to torchrun's and its overhead over it."""
+    return [figure for value in values for figure in (value, value / base, value - base)]
+
+
 class Setup:
     """One model and mode: what every variant of a round runs."""
 
@@ -78,7 +88,7 @@ class Setup:
             "client_cpu_s": 0.0,
         }
 
-    def client(self, workers: Any, pipelined: bool) -> dict[str, float]:
+    def client(self, workers: Any, variant: str) -> dict[str, float]:
         """The same loop through twinkle_client, on the 2 workers of `workers`."""
         from twinkle_client import DeviceMesh, TransformersModel
 
@@ -99,7 +109,11 @@ class Setup:
             client.set_optimizer("AdamW", lr=1e-4, weight_decay=0.01, adapter_name=adapter)
 
             def run(chunk: list[dict[str, Any]]) -> None:
-                if not pipelined:
+                if variant == "fused":
+                    for batch in chunk:
+                        client.forward_backward_and_step(batch, adapter_name=adapter, max_grad_norm=1.0)
+                    return
+                if variant == "sync":
                     for batch in chunk:
                         client.forward_backward(inputs=batch, adapter_name=adapter)
                         client.clip_grad_and_step(max_grad_norm=1.0, adapter_name=adapter)
@@ -163,8 +177,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 setup = Setup(model, mode, steps, warmup, args.batch_size, args.seq_len)
                 variants = {
                     "torchrun": setup.torchrun,
-                    "client sync": lambda setup=setup: setup.client(workers, pipelined=False),
-                    "client pipelined": lambda setup=setup: setup.client(workers, pipelined=True),
+                    "client sync": lambda setup=setup: setup.client(workers, "sync"),
+                    "client pipelined": lambda setup=setup: setup.client(workers, "pipelined"),
+                    "client fused": lambda setup=setup: setup.client(workers, "fused"),
                 }
                 samples: dict[str, list[dict[str, float]]] = {name: [] for name in variants}
                 for round_index in range(rounds):
@@ -187,25 +202,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     "median_ms": ms,
                 }
                 for index in range(rounds):
-                    base_ms, sync_ms, piped_ms = (1000 * samples[name][index]["step_s"] for name in variants)
-                    round_rows.append(
-                        [
-                            model,
-                            mode,
-                            index + 1,
-                            base_ms,
-                            sync_ms,
-                            sync_ms / base_ms,
-                            sync_ms - base_ms,
-                            piped_ms,
-                            piped_ms / base_ms,
-                            piped_ms - base_ms,
-                        ]
-                    )
+                    base_ms, *client_ms = (1000 * samples[name][index]["step_s"] for name in variants)
+                    round_rows.append([model, mode, index + 1, base_ms, *_against(base_ms, client_ms)])
                 base = ms["torchrun"]["step_s"]
-                sync, piped = ms["client sync"]["step_s"], ms["client pipelined"]["step_s"]
                 label = f"{model} ({params / 1e6:.2f}M)"
-                rows.append([label, mode, base, sync, sync / base, sync - base, piped, piped / base, piped - base])
+                rows.append([label, mode, base, *_against(base, [ms[name]["step_s"] for name in CLIENT_VARIANTS])])
                 cpu_rows.append(
                     [
                         label,
@@ -216,6 +217,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         ms["client sync"]["client_cpu_s"],
                         ms["client pipelined"]["rank_cpu_s"],
                         ms["client pipelined"]["client_cpu_s"],
+                        ms["client fused"]["rank_cpu_s"],
+                        ms["client fused"]["client_cpu_s"],
                     ]
                 )
     finally:
@@ -231,6 +234,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "client pipelined ms/step",
         "pipelined / torchrun",
         "pipelined overhead ms",
+        "client fused ms/step",
+        "fused / torchrun",
+        "fused overhead ms",
     ]
     title = f"Training step, dp=2 DDP gloo, batch {args.batch_size}x{args.seq_len}, fp32 (median of {rounds} round(s))"
     text = table(headers, rows, title)
@@ -244,15 +250,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "client CPU ms/step (sync)",
             "worker CPU (pipelined)",
             "client CPU (pipelined)",
+            "worker CPU (fused)",
+            "client CPU (fused)",
         ],
         cpu_rows,
         "CPU time per step: one rank (mean of the 2), and the client process",
     )
     text += "\n\n" + table(
         ["model", "mode", "round", "torchrun ms", "sync ms", "sync / torchrun", "sync +ms", "pipelined ms",
-         "pipelined / torchrun", "pipelined +ms"],
+         "pipelined / torchrun", "pipelined +ms", "fused ms", "fused / torchrun", "fused +ms"],
         round_rows,
-        "Every round, side by side (each round runs torchrun, sync, pipelined one after the other)",
+        "Every round, side by side (each round runs torchrun, sync, pipelined, fused one after the other)",
     )  # fmt: skip
     targets = []
     for row in rows:
@@ -262,6 +270,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 f"{row[5]:+.1f} ms, {verdict(row[4] <= 1.10 and row[5] <= 4.0)}"
             )
             targets.append(f"- tiny {row[1]}: pipelined within 1.03x: {row[7]:.2f}x, {verdict(row[7] <= 1.03)}")
+            targets.append(
+                f"- tiny {row[1]}: fused (synchronous) within 1.10x of torchrun (<= 4 ms a step): {row[10]:.2f}x, "
+                f"{row[11]:+.1f} ms, {verdict(row[10] <= 1.10 and row[11] <= 4.0)}"
+            )
         if row[0].startswith("6m"):
             targets.append(
                 f"- 6m {row[1]}: sync within 5% of torchrun: {100 * (row[4] - 1):+.1f}%, {verdict(row[4] <= 1.05)}"

@@ -219,7 +219,7 @@ class SetLossResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class ForwardBackwardRequest(_message.Message):
-    __slots__ = ("context", "adapter_name", "inputs", "temperature", "return_logits", "gradient_accumulation_steps", "shared_inputs", "output_segment", "loss_fn", "loss_fn_config")
+    __slots__ = ("context", "adapter_name", "inputs", "temperature", "return_logits", "gradient_accumulation_steps", "shared_inputs", "output_segment", "loss_fn", "loss_fn_config", "step")
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_NAME_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
@@ -230,6 +230,7 @@ class ForwardBackwardRequest(_message.Message):
     OUTPUT_SEGMENT_FIELD_NUMBER: _ClassVar[int]
     LOSS_FN_FIELD_NUMBER: _ClassVar[int]
     LOSS_FN_CONFIG_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
     context: CallContext
     adapter_name: str
     inputs: _tensor_pb2.TensorMap
@@ -240,7 +241,8 @@ class ForwardBackwardRequest(_message.Message):
     output_segment: str
     loss_fn: str
     loss_fn_config: _struct_pb2.Struct
-    def __init__(self, context: _Optional[_Union[CallContext, _Mapping]] = ..., adapter_name: _Optional[str] = ..., inputs: _Optional[_Union[_tensor_pb2.TensorMap, _Mapping]] = ..., temperature: _Optional[float] = ..., return_logits: _Optional[bool] = ..., gradient_accumulation_steps: _Optional[int] = ..., shared_inputs: _Optional[_Union[_tensor_pb2.SharedTensors, _Mapping]] = ..., output_segment: _Optional[str] = ..., loss_fn: _Optional[str] = ..., loss_fn_config: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
+    step: ClipGradAndStepRequest
+    def __init__(self, context: _Optional[_Union[CallContext, _Mapping]] = ..., adapter_name: _Optional[str] = ..., inputs: _Optional[_Union[_tensor_pb2.TensorMap, _Mapping]] = ..., temperature: _Optional[float] = ..., return_logits: _Optional[bool] = ..., gradient_accumulation_steps: _Optional[int] = ..., shared_inputs: _Optional[_Union[_tensor_pb2.SharedTensors, _Mapping]] = ..., output_segment: _Optional[str] = ..., loss_fn: _Optional[str] = ..., loss_fn_config: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., step: _Optional[_Union[ClipGradAndStepRequest, _Mapping]] = ...) -> None: ...
 
 class LossMetric(_message.Message):
     __slots__ = ("sum", "count")
@@ -280,12 +282,14 @@ class ForwardOutput(_message.Message):
     def __init__(self, loss_sum: _Optional[float] = ..., num_tokens: _Optional[int] = ..., loss: _Optional[float] = ..., outputs: _Optional[_Union[_tensor_pb2.TensorMap, _Mapping]] = ..., shared_outputs: _Optional[_Union[_tensor_pb2.SharedTensors, _Mapping]] = ..., num_sequences: _Optional[int] = ..., normalization: _Optional[str] = ..., normalization_divisor: _Optional[float] = ..., metrics: _Optional[_Mapping[str, LossMetric]] = ...) -> None: ...
 
 class ForwardBackwardResponse(_message.Message):
-    __slots__ = ("output", "micro_step")
+    __slots__ = ("output", "micro_step", "step")
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
     MICRO_STEP_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
     output: ForwardOutput
     micro_step: int
-    def __init__(self, output: _Optional[_Union[ForwardOutput, _Mapping]] = ..., micro_step: _Optional[int] = ...) -> None: ...
+    step: ClipGradAndStepResponse
+    def __init__(self, output: _Optional[_Union[ForwardOutput, _Mapping]] = ..., micro_step: _Optional[int] = ..., step: _Optional[_Union[ClipGradAndStepResponse, _Mapping]] = ...) -> None: ...
 
 class ForwardOnlyRequest(_message.Message):
     __slots__ = ("context", "adapter_name", "inputs", "temperature", "return_logits", "disable_lora", "shared_inputs", "output_segment", "loss_fn", "loss_fn_config")
