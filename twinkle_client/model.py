@@ -15,13 +15,12 @@ from __future__ import annotations
 import os
 import time
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from concurrent.futures import Future
 from typing import Any
 
-import numpy as np
-
-from twinkle_client import batches, cluster, custom_loss, futures, sampling, timing, transport
+from twinkle_client import batches, cluster, custom_loss, futures, timing, transport
+from twinkle_client.checkpoints import CheckpointCalls
 from twinkle_client.deployment import connect, deploy, explain_failures, release
 from twinkle_client.local import LocalWorkers
 from twinkle_client.options import ClientOptions
@@ -36,16 +35,15 @@ from twinkle_client.requests import (
     init_requests,
     step_request,
 )
-from twinkle_protocol import shared_memory, streaming
+from twinkle_client.sampling import SamplingCalls
+from twinkle_protocol import shared_memory
 from twinkle_protocol._proto import worker_pb2
 from twinkle_protocol.lora import fill_lora_config
 from twinkle_protocol.mesh import DeviceMesh
 from twinkle_protocol.names import DEFAULT_LOSS, DEFAULT_OPTIMIZER
-from twinkle_protocol.sampling import SampledSequence, sequence_from_proto
-from twinkle_protocol.shared_memory import segment_bytes
 
 
-class TransformersModel:
+class TransformersModel(SamplingCalls, CheckpointCalls):
     """Client of a mesh of Twinkle workers with the seed's constructor and methods.
 
     Besides the seed's arguments, the client's own options (twinkle_client.options.ClientOptions:
@@ -331,118 +329,6 @@ class TransformersModel:
         fill_struct(template.loss_fn_config, loss_fn_config or {})
         return self._forward("ForwardOnly", template, inputs)
 
-    # ----------------------------------------------------------- sampling
-
-    def sample(
-        self,
-        prompts: Any,
-        num_samples: int = 1,
-        max_tokens: int = 16,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        stop: Any = None,
-        seed: int | None = None,
-        adapter_name: str | None = None,
-    ) -> list[list[SampledSequence]]:
-        """Samples completions of prompts from the model being trained (its current weights: a
-        sample after clip_grad_and_step sees the step), in eval mode, without gradients.
-
-        Rows (prompt, sample) are sliced over the data ranks like a batch; each row draws from its
-        own generator seeded from (seed, prompt index, sample index), so the same seed gives the
-        same samples whatever the mesh shape and whatever else is in the batch.
-
-        Args:
-            prompts: token-id lists, or a dict of 2-D arrays {"input_ids", "attention_mask"} (the
-                tokens where the mask is 1, left or right padded).
-            num_samples: completions per prompt, in [1, 1024].
-            max_tokens: tokens to generate at most per completion, in [1, 8192].
-            temperature: logits are divided by it; 0 is greedy.
-            top_p: draw from the most likely tokens whose probabilities sum to top_p, in (0, 1].
-            top_k: draw from the top_k most likely tokens; 0: all.
-            stop: token ids and/or token-id sequences that end a completion; None: the model's EOS
-                (its generation_config, else its config); [] : none, only max_tokens.
-            seed: the samples' seed; None: a random one.
-            adapter_name: sample from this adapter's current weights; None: the full model, or the
-                base model with every adapter switched off.
-
-        Returns:
-            Per prompt, per sample, a SampledSequence: the generated tokens (ending with the stop
-            sequence when one ended it), one log-probability per token (under softmax(logits /
-            temperature) without top_p / top_k renormalisation, as forward_only computes it; see
-            SampledSequence), and stop_reason "stop" or "length".
-
-        Example:
-            >>> groups = model.sample([[1, 2, 3]], num_samples=4, max_tokens=8, temperature=0.7, seed=0)
-            >>> [len(s.tokens) for s in groups[0]]
-            [8, 8, 3, 8]
-        """
-        return self.sample_async(
-            prompts, num_samples, max_tokens, temperature, top_p, top_k, stop, seed, adapter_name
-        ).result()
-
-    def sample_async(
-        self,
-        prompts: Any,
-        num_samples: int = 1,
-        max_tokens: int = 16,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        stop: Any = None,
-        seed: int | None = None,
-        adapter_name: str | None = None,
-    ) -> Future[list[list[SampledSequence]]]:
-        """sample(...), sent at once; the Future's result() is sample's return value. Calls still run
-        in submission order on every rank (a sample submitted after a step sees the step).
-
-        Args:
-            As sample.
-
-        Returns:
-            A Future of sample's result.
-
-        Example:
-            >>> future = model.sample_async([[1, 2, 3]], max_tokens=8, seed=0)
-            >>> model.forward_backward(batch)  # queued behind the sample on every rank
-            >>> completions = future.result()
-        """
-        requests, num_samples = sampling.requests(
-            self.mesh, prompts, num_samples, max_tokens, temperature, top_p, top_k, stop, seed, adapter_name
-        )
-        calls = self.coordinator.each("Sample", requests)
-        collect = self.mesh.collect_ranks()
-
-        def result() -> list[list[SampledSequence]]:
-            replies = self.coordinator.gather("Sample", calls)
-            sequences = [sequence_from_proto(item) for rank in collect for item in replies[rank].sequences]
-            return sampling.group_by_prompt(sequences, num_samples)
-
-        return futures.mesh_future(calls, result, self.coordinator.results)
-
-    def compute_logprobs(
-        self, sequences: Sequence[Sequence[int]], adapter_name: str | None = None, disable_lora: bool = False
-    ) -> list[list[float | None]]:
-        """Per-token log-probabilities of given token sequences (prompt and completion), e.g. the
-        reference-model pass of a KL penalty. A forward_only with labels = the next token.
-
-        Args:
-            sequences: token-id lists (each at least one token).
-            adapter_name: score with this adapter (None: as forward_only, the adapter added last).
-            disable_lora: score with the base model, every adapter switched off.
-
-        Returns:
-            Per sequence, log p(token t | tokens before t) for every t; None for the first token
-            (nothing precedes it), as in Tinker.
-
-        Example:
-            >>> model.compute_logprobs([[5, 6, 7]], disable_lora=True)
-            [[None, -5.41, -5.62]]
-        """
-        samples = batches.logprob_samples(sequences)
-        logps = self.forward_only(samples, adapter_name=adapter_name, disable_lora=disable_lora)["logps"]
-        return [[None, *(float(value) for value in row[:-1])] for row in logps]
-
     def _forward(self, method: str, template: Any, inputs: Any, fused: bool = False) -> Future[Any]:
         """The forward's merged outputs; fused: (them, the fused step's result)."""
         started = time.perf_counter()
@@ -561,68 +447,7 @@ class TransformersModel:
 
         return futures.mesh_future(calls, result, self.coordinator.results)
 
-    # --------------------------------------------------------- checkpoints
-
-    def save(
-        self,
-        name: str | None = None,
-        output_dir: str | None = None,
-        interval: int = 1,
-        save_optimizer: bool = False,
-        consumed_train_samples: int = 0,
-        adapter_name: str | None = None,
-    ) -> str | None:
-        """Writes a checkpoint under the workers' output root; returns its path (None when skipped by interval)."""
-        request = worker_pb2.SaveRequest(
-            adapter_name=adapter_name or "",
-            name=name or "",
-            output_dir=output_dir or "",
-            interval=interval,
-            save_optimizer=save_optimizer,
-            consumed_train_samples=consumed_train_samples,
-        )
-        reply = self._all("Save", request)
-        return reply.path if reply.saved else None
-
-    def load(
-        self, name: str, output_dir: str | None = None, adapter_name: str | None = None, load_optimizer: bool = False
-    ) -> str:
-        request = worker_pb2.LoadRequest(
-            adapter_name=adapter_name or "", name=name, output_dir=output_dir or "", load_optimizer=load_optimizer
-        )
-        return self._all("Load", request).path
-
-    def resume_from_checkpoint(
-        self, checkpoint_dir: str, resume_only_model: bool = False, adapter_name: str | None = None
-    ) -> dict[str, int]:
-        request = worker_pb2.ResumeFromCheckpointRequest(
-            checkpoint_dir=os.fspath(checkpoint_dir),
-            resume_only_model=resume_only_model,
-            adapter_name=adapter_name or "",
-        )
-        reply = self._all("ResumeFromCheckpoint", request)
-        return {
-            "cur_step": reply.cur_step,
-            "consumed_train_samples": reply.consumed_train_samples,
-            "gradient_accumulation_steps": reply.gradient_accumulation_steps,
-        }
-
-    def get_train_configs(self, adapter_name: str | None = None) -> str:
-        """A readable summary of the group's configuration (rank 0's)."""
-        request = worker_pb2.GetTrainConfigsRequest(adapter_name=adapter_name or "")
-        reply = self.coordinator.gather(
-            "GetTrainConfigs", self.coordinator.one(0, "GetTrainConfigs", request, sequenced=False)
-        )
-        return str(reply[0].summary)
-
-    def get_state_dict(self, adapter_name: str | None = None) -> dict[str, np.ndarray]:
-        """Twinkle's get_state_dict: the group's trainable parameters, whole, under the model's parameter
-        names (e.g. base_model.model.model.layers.0.self_attn.q_proj.lora_A.a.weight), as numpy arrays.
-
-        Example:
-            lora = model.get_state_dict("a")
-        """
-        return self.export_weights(adapter_name, trainable_only=True)
+    # ------------------------------------------------------ adapters, status
 
     def remove_adapter(self, adapter_name: str) -> None:
         """Removes a LoRA adapter and its group (optimizer, scheduler, loss, counters) on every rank.
@@ -631,38 +456,6 @@ class TransformersModel:
         """
         self._all("RemoveAdapter", worker_pb2.RemoveAdapterRequest(adapter_name=adapter_name))
         self._export_bytes = {key: size for key, size in self._export_bytes.items() if key[0] != adapter_name}
-
-    def export_weights(
-        self,
-        adapter_name: str | None = None,
-        chunk_bytes: int = streaming.CHUNK_BYTES,
-        shared_memory: bool = True,
-        trainable_only: bool = False,
-    ) -> dict[str, np.ndarray]:
-        """The group's weights as numpy arrays (names as in a saved checkpoint): through a shared-memory
-        segment when rank 0 shares this host and they fit (unless shared_memory=False), streamed in chunks otherwise.
-        trainable_only: see get_state_dict.
-
-        The export is numbered like every call that runs collectives: it sees every call sent before it
-        (a pipelined `clip_grad_and_step_async` included)."""
-        group = (adapter_name or "", trainable_only)
-        request = worker_pb2.ExportWeightsRequest(
-            adapter_name=group[0], chunk_bytes=chunk_bytes, trainable_only=trainable_only
-        )
-        # The first export of a group streams and measures; later ones (weight syncs repeat) get a segment.
-        size = self._export_bytes.get(group) if shared_memory and 0 in self.shared_ranks else None
-        segment = transport.export_segment(self._pool, request, size)
-        calls = self.coordinator.all("ExportWeights", request, collect=transport.collect_weights(segment))
-        try:
-            weights: dict[str, np.ndarray] = self.coordinator.gather("ExportWeights", calls)[0]
-        except BaseException:
-            if segment is not None:
-                self._pool.retire(segment)  # a resent export may still write into it: never reuse it
-            raise
-        if segment is not None:
-            self._pool.release(segment)
-        self._export_bytes[group] = segment_bytes([array.nbytes for array in weights.values()])
-        return weights
 
     def last_step_timing(self) -> timing.StepTiming | None:
         """Where the last optimizer step's time went: client, wire, queue, compute, worker codec, merge.

@@ -1,20 +1,26 @@
-"""The client's side of a Sample call: prompts -> rows of (prompt, sample), each rank's SampleRequest,
-results grouped per prompt. The worker returns the same SampledSequence in-process."""
+"""The client's side of a Sample call: the seed's sampling calls of TransformersModel (`SamplingCalls`:
+sample, sample_async, compute_logprobs), prompts -> rows of (prompt, sample), each rank's
+SampleRequest, results grouped per prompt. The worker returns the same SampledSequence in-process."""
 
 from __future__ import annotations
 
 import random
 from collections.abc import Mapping, Sequence
-from typing import Any
+from concurrent.futures import Future
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from twinkle_client import batches, futures
 from twinkle_protocol import tensors
 from twinkle_protocol._proto import worker_pb2
 from twinkle_protocol.batch import _as_numpy, take_rows
 from twinkle_protocol.errors import InvalidArgument
 from twinkle_protocol.mesh import DeviceMesh, slice_bounds
-from twinkle_protocol.sampling import MAX_NUM_SAMPLES, SampledSequence
+from twinkle_protocol.sampling import MAX_NUM_SAMPLES, SampledSequence, sequence_from_proto
+
+if TYPE_CHECKING:
+    from twinkle_client.coordinator import Coordinator
 
 
 def prompt_rows(prompts: Any) -> list[np.ndarray]:
@@ -146,3 +152,133 @@ def requests(
         tensors.map_to_proto(take_rows(columns, start, stop_row), request.prompts)
         per_rank.append(request)
     return per_rank, num_samples
+
+
+class SamplingCalls:
+    """The sampling calls of twinkle_client.model.TransformersModel (a base class of it): completions
+    drawn on the mesh, and log-probabilities of given sequences."""
+
+    if TYPE_CHECKING:  # provided by TransformersModel
+        coordinator: Coordinator
+        mesh: DeviceMesh
+
+        def forward_only(
+            self,
+            inputs: Any,
+            adapter_name: str | None = None,
+            temperature: float = 1.0,
+            return_logits: bool = False,
+            disable_lora: bool = False,
+            loss_fn: str | None = None,
+            loss_fn_config: Mapping[str, Any] | None = None,
+        ) -> dict[str, Any]: ...
+
+    def sample(
+        self,
+        prompts: Any,
+        num_samples: int = 1,
+        max_tokens: int = 16,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        stop: Any = None,
+        seed: int | None = None,
+        adapter_name: str | None = None,
+    ) -> list[list[SampledSequence]]:
+        """Samples completions of prompts from the model being trained (its current weights: a
+        sample after clip_grad_and_step sees the step), in eval mode, without gradients.
+
+        Rows (prompt, sample) are sliced over the data ranks like a batch; each row draws from its
+        own generator seeded from (seed, prompt index, sample index), so the same seed gives the
+        same samples whatever the mesh shape and whatever else is in the batch.
+
+        Args:
+            prompts: token-id lists, or a dict of 2-D arrays {"input_ids", "attention_mask"} (the
+                tokens where the mask is 1, left or right padded).
+            num_samples: completions per prompt, in [1, 1024].
+            max_tokens: tokens to generate at most per completion, in [1, 8192].
+            temperature: logits are divided by it; 0 is greedy.
+            top_p: draw from the most likely tokens whose probabilities sum to top_p, in (0, 1].
+            top_k: draw from the top_k most likely tokens; 0: all.
+            stop: token ids and/or token-id sequences that end a completion; None: the model's EOS
+                (its generation_config, else its config); [] : none, only max_tokens.
+            seed: the samples' seed; None: a random one.
+            adapter_name: sample from this adapter's current weights; None: the full model, or the
+                base model with every adapter switched off.
+
+        Returns:
+            Per prompt, per sample, a SampledSequence: the generated tokens (ending with the stop
+            sequence when one ended it), one log-probability per token (under softmax(logits /
+            temperature) without top_p / top_k renormalisation, as forward_only computes it; see
+            SampledSequence), and stop_reason "stop" or "length".
+
+        Example:
+            >>> groups = model.sample([[1, 2, 3]], num_samples=4, max_tokens=8, temperature=0.7, seed=0)
+            >>> [len(s.tokens) for s in groups[0]]
+            [8, 8, 3, 8]
+        """
+        return self.sample_async(
+            prompts, num_samples, max_tokens, temperature, top_p, top_k, stop, seed, adapter_name
+        ).result()
+
+    def sample_async(
+        self,
+        prompts: Any,
+        num_samples: int = 1,
+        max_tokens: int = 16,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        stop: Any = None,
+        seed: int | None = None,
+        adapter_name: str | None = None,
+    ) -> Future[list[list[SampledSequence]]]:
+        """sample(...), sent at once; the Future's result() is sample's return value. Calls still run
+        in submission order on every rank (a sample submitted after a step sees the step).
+
+        Args:
+            As sample.
+
+        Returns:
+            A Future of sample's result.
+
+        Example:
+            >>> future = model.sample_async([[1, 2, 3]], max_tokens=8, seed=0)
+            >>> model.forward_backward(batch)  # queued behind the sample on every rank
+            >>> completions = future.result()
+        """
+        per_rank, num_samples = requests(
+            self.mesh, prompts, num_samples, max_tokens, temperature, top_p, top_k, stop, seed, adapter_name
+        )
+        calls = self.coordinator.each("Sample", per_rank)
+        collect = self.mesh.collect_ranks()
+
+        def result() -> list[list[SampledSequence]]:
+            replies = self.coordinator.gather("Sample", calls)
+            sequences = [sequence_from_proto(item) for rank in collect for item in replies[rank].sequences]
+            return group_by_prompt(sequences, num_samples)
+
+        return futures.mesh_future(calls, result, self.coordinator.results)
+
+    def compute_logprobs(
+        self, sequences: Sequence[Sequence[int]], adapter_name: str | None = None, disable_lora: bool = False
+    ) -> list[list[float | None]]:
+        """Per-token log-probabilities of given token sequences (prompt and completion), e.g. the
+        reference-model pass of a KL penalty. A forward_only with labels = the next token.
+
+        Args:
+            sequences: token-id lists (each at least one token).
+            adapter_name: score with this adapter (None: as forward_only, the adapter added last).
+            disable_lora: score with the base model, every adapter switched off.
+
+        Returns:
+            Per sequence, log p(token t | tokens before t) for every t; None for the first token
+            (nothing precedes it), as in Tinker.
+
+        Example:
+            >>> model.compute_logprobs([[5, 6, 7]], disable_lora=True)
+            [[None, -5.41, -5.62]]
+        """
+        samples = batches.logprob_samples(sequences)
+        logps = self.forward_only(samples, adapter_name=adapter_name, disable_lora=disable_lora)["logps"]
+        return [[None, *(float(value) for value in row[:-1])] for row in logps]
