@@ -21,6 +21,7 @@ Failures, in short (docs/reliability.md has the whole model):
 from __future__ import annotations
 
 import concurrent.futures
+import itertools
 import threading
 import time
 import uuid
@@ -468,14 +469,28 @@ def _errors(outcomes: dict[int, tuple[int, _RankCall]], done: Sequence[_RankCall
 
 def wait_ready(channel: grpc.Channel, timeout: float) -> bool:
     """Whether the worker behind `channel` answers within timeout seconds (a health check that waits
-    for the connection; unlike grpc.channel_ready_future it leaves no polling thread behind)."""
-    try:
-        health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout, wait_for_ready=True)
-        return True
-    except grpc.RpcError:
-        return False
-    except ValueError:  # the channel was closed
-        return False
+    for the connection; unlike grpc.channel_ready_future it leaves no polling thread behind).
+
+    A check answered UNAVAILABLE is tried again until the time is up: right after a connection
+    dropped, a check can be sent on the dying connection and fail at once, before the channel
+    reconnects (the next check waits for the new connection)."""
+    stub = health_pb2_grpc.HealthStub(channel)
+    deadline = time.monotonic() + timeout
+    pause = threading.Event()
+    for attempt in itertools.count():
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return False
+        try:
+            stub.Check(health_pb2.HealthCheckRequest(), timeout=remaining, wait_for_ready=True)
+            return True
+        except grpc.RpcError as error:
+            if error.code() != grpc.StatusCode.UNAVAILABLE:
+                return False
+        except ValueError:  # the channel was closed
+            return False
+        pause.wait(min(0.01 * 2**attempt, 0.5, max(0.0, deadline - time.monotonic())))  # no hot loop on refusals
+    return False
 
 
 def copy_message(request: Any) -> Any:
