@@ -29,13 +29,13 @@ from twinkle_client.ray_workers import RayWorkers
 from twinkle_client.requests import (
     check_strategy,
     class_name,
-    fill_optim_params,
     fill_struct,
     forward_backward_request,
     init_requests,
     step_request,
 )
 from twinkle_client.sampling import SamplingCalls
+from twinkle_protocol import optim_params as optim_params_rule
 from twinkle_protocol import shared_memory
 from twinkle_protocol._proto import worker_pb2
 from twinkle_protocol.lora import fill_lora_config
@@ -399,7 +399,7 @@ class TransformersModel(SamplingCalls, CheckpointCalls):
         request = worker_pb2.StepRequest(
             adapter_name=adapter_name or "", gradient_accumulation_steps=gradient_accumulation_steps or 0
         )
-        fill_optim_params(request.optim_params, optim_params)
+        optim_params_rule.fill_message(request.optim_params, optim_params)
         return bool(self._all("Step", request).applied)
 
     def zero_grad(self, adapter_name: str | None = None, gradient_accumulation_steps: int | None = None) -> bool:

@@ -10,7 +10,7 @@ import random
 from collections.abc import Mapping
 from typing import Any
 
-from twinkle_protocol import optim_params
+from twinkle_protocol import optim_params as optim_params_rule
 from twinkle_protocol._proto import worker_pb2
 from twinkle_protocol.errors import InvalidArgument
 from twinkle_protocol.mesh import DeviceMesh
@@ -104,11 +104,6 @@ def fill_struct(struct: Any, values: Mapping[str, Any]) -> None:
         struct.update({key: list(value) if isinstance(value, tuple) else value for key, value in values.items()})
 
 
-def fill_optim_params(message: worker_pb2.OptimParams, values: Mapping[str, Any] | None) -> None:
-    """Fills a step's per-step optimizer overrides, checked by the protocol's one rule."""
-    optim_params.fill_message(message, values)
-
-
 def step_request(
     max_grad_norm: float,
     norm_type: float,
@@ -123,7 +118,7 @@ def step_request(
         norm_type=norm_type,
         gradient_accumulation_steps=gradient_accumulation_steps or 0,
     )
-    fill_optim_params(request.optim_params, optim_params)
+    optim_params_rule.fill_message(request.optim_params, optim_params)
     return request
 
 

@@ -5,7 +5,7 @@ SampleRequest, results grouped per prompt. The worker returns the same SampledSe
 from __future__ import annotations
 
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
@@ -162,16 +162,7 @@ class SamplingCalls:
         coordinator: Coordinator
         mesh: DeviceMesh
 
-        def forward_only(
-            self,
-            inputs: Any,
-            adapter_name: str | None = None,
-            temperature: float = 1.0,
-            return_logits: bool = False,
-            disable_lora: bool = False,
-            loss_fn: str | None = None,
-            loss_fn_config: Mapping[str, Any] | None = None,
-        ) -> dict[str, Any]: ...
+        forward_only: Callable[..., dict[str, Any]]
 
     def sample(
         self,

@@ -24,7 +24,8 @@ from prometheus_client.core import GaugeMetricFamily
 
 from twinkle_protocol import tensors
 from twinkle_protocol.metadata import COMPUTE_KEY, HANDLER_KEY, QUEUE_KEY
-from twinkle_worker.agreement import COLLECTIVE_FAILED
+from twinkle_worker.agreement import COLLECTIVE_FAILED, agreed_rpcs
+from twinkle_worker.model import TransformersModel
 
 log = logging.getLogger(__name__)
 
@@ -32,21 +33,9 @@ SERVICE_PREFIX = "/twinkle.worker.v1.WorkerService/"
 # Seconds: a tiny model's step on a CPU is milliseconds, a checkpoint of a big one minutes.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 FORWARD_RPCS = {"ForwardBackward", "ForwardBackwardStream", "ForwardOnly", "ForwardOnlyStream"}
-# The RPCs that may run collectives; a collective failure is answered ABORTED with the marker in its message.
-COLLECTIVE_RPCS = (
-    "Init",
-    "ForwardBackward",
-    "ForwardBackwardStream",
-    "ForwardOnly",
-    "ForwardOnlyStream",
-    "ClipGradNorm",
-    "Step",
-    "ClipGradAndStep",
-    "Save",
-    "Load",
-    "ResumeFromCheckpoint",
-    "ExportWeights",
-)
+# The RPCs that may run collectives (Init's rendezvous, the agreed calls and the forwards' stream twins);
+# a collective failure is answered ABORTED with the marker in its message.
+COLLECTIVE_RPCS = ("Init", *agreed_rpcs(TransformersModel), "ForwardBackwardStream", "ForwardOnlyStream")
 
 
 @dataclass
