@@ -115,6 +115,14 @@ class MeshAgreement:
         except (RuntimeError, dist.DistBackendError) as error:
             raise self.collective_failed(what, error) from error
 
+    def poll_as_vote(self, what: str, ok: bool, *counts: int) -> tuple[list[int], list[float]]:
+        """A poll that is also the call's vote when that is still to be cast (the call deferred it:
+        twinkle_worker.backward.vote_after_backward). A rank that refused the call casts its no in the
+        same one collective (all polls and votes are the same all_gather), so the ranks stay paired."""
+        if self.vote == "pending":
+            self.vote = "cast"
+        return self.poll(what, ok, *counts)
+
     def confirm(self, what: str, failure: BaseException | None) -> None:
         """After rank-local work (rank 0 writing files), every rank learns whether it succeeded everywhere."""
         if self.world_size > 1:

@@ -349,6 +349,8 @@ def resume_from_checkpoint(
         group.normalized = False
         # The checkpoint was taken after its window closed: nothing is due until the next micro-batch.
         group.applied_at = dict.fromkeys(("clip", "step", "zero_grad", "lr_step"), group.micro_step)
+        for _, param in model.group_parameters(group):  # as zero_grad: the next window starts from none
+            param.grad = None
     return {
         "cur_step": int(state["cur_step"]),
         "consumed_train_samples": int(state.get("consumed_train_samples", 0)),

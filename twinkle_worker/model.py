@@ -264,7 +264,9 @@ class TransformersModel:
             positive_int(gradient_accumulation_steps, "gradient_accumulation_steps")
         loss = self._loss_for(group, loss_fn, loss_fn_config, batch)
         check_window(group.window_normalization, loss.normalization)
-        self.mesh_agreement.agree()
+        undo = backward.vote_after_backward(self, group)  # DDP, a window's first micro-batch: vote after it
+        if undo is None:
+            self.mesh_agreement.agree()
         adapters.activate(self, group)
         wrapped = wrapping.ensure_wrapped(self)
         if not wrapped.training:  # train() walks every module: only when forward_only left it in eval mode
@@ -274,7 +276,9 @@ class TransformersModel:
         self._remember_gas(group, gradient_accumulation_steps)
         sync = (group.micro_step + 1) % group.gradient_accumulation_steps == 0
         if isinstance(wrapped, nn.parallel.DistributedDataParallel):
-            result, logps, logits = backward.ddp_forward_backward(self, group, loss, wrapped, batch, temperature, sync)
+            result, logps, logits = backward.ddp_forward_backward(
+                self, group, loss, wrapped, batch, temperature, sync, undo
+            )
         else:
             backward_started = False
             try:

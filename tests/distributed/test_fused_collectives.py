@@ -1,7 +1,14 @@
-"""A fused step on a DDP mesh makes one collective fewer than forward_backward + clip_grad_and_step:
-DDP's post-backward vote carries the window's token counts, so the step needs neither a vote nor an
-all_reduce of its own. Two real processes over gloo, each a twinkle_worker.TransformersModel; the
-collectives are counted by torch's profiler (gloo's ops), and both variants train to the same weights."""
+"""The collectives of a step on a DDP mesh, counted by torch's profiler (gloo's ops) on two real processes
+over gloo, each a twinkle_worker.TransformersModel:
+
+- a fused step makes two, as many as torchrun's DDP (its buffer broadcast and the gradient all-reduce): at a
+  window's first micro-batch the agreement vote waits for DDP's post-backward vote (backward.vote_after_backward),
+  which carries the window's token counts, so the step needs neither a vote nor an all_reduce of its own;
+- forward_backward + clip_grad_and_step make one more (the step's vote);
+- a window of two micro-batches keeps the vote before the forward of its second (a refusal there must not
+  lose the first one's gradients): one collective, then three.
+
+Every variant trains to the same weights."""
 
 from __future__ import annotations
 
@@ -13,9 +20,10 @@ from typing import Any
 import numpy as np
 
 WORLD = 2
+VARIANTS = (False, True, "window")  # the two calls, fused, a window of two micro-batches
 
 
-def _rank(rank: int, ports: tuple[int, int], root: str, results: Any) -> None:
+def _rank(rank: int, ports: tuple[int, ...], root: str, results: Any) -> None:
     import torch
     from dist_reference import tiny_config
 
@@ -37,21 +45,33 @@ def _rank(rank: int, ports: tuple[int, int], root: str, results: Any) -> None:
         return sum(1 for event in profile.events() if event.name.startswith("gloo:")), outcome
 
     seen: dict[str, Any] = {}
-    for fused in (False, True):
+    for fused in (False, True, "window"):
         model = TransformersModel(
             config=tiny_config(),
             device_mesh=DeviceMesh.from_sizes(dp_size=WORLD),
             mixed_precision="no",
             rank=rank,
-            rendezvous=Rendezvous(master_port=ports[fused]),
+            rendezvous=Rendezvous(master_port=ports[VARIANTS.index(fused)]),
             seed=0,
             output_root=root,
         )
         try:
             model.set_optimizer("AdamW", lr=1e-3)
-            # the first wraps the model (its own collectives); the second is counted
-            (_, first), (count, second) = (collectives(model, batch, fused) for _ in range(2))
-            steps = [first, second]
+            if fused == "window":  # the same two steps, each a window of two half batches
+                halves = [{key: value[part : part + 1] for key, value in batch.items()} for part in (0, 1)]
+                counts, steps = [], []
+                for _ in range(2):
+                    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+                        model.forward_backward(halves[0], gradient_accumulation_steps=2)
+                    counts.append(sum(1 for event in profile.events() if event.name.startswith("gloo:")))
+                    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+                        model.forward_backward(halves[1])
+                    counts.append(sum(1 for event in profile.events() if event.name.startswith("gloo:")))
+                    steps.append(model.clip_grad_and_step(max_grad_norm=1.0))
+                count = counts[2:]  # the first window's first call wraps the model (its own collectives)
+            else:  # the first wraps the model (its own collectives); the second is counted
+                (_, first), (count, second) = (collectives(model, batch, fused) for _ in range(2))
+                steps = [first, second]
             seen[fused] = {
                 "collectives": count,
                 "grad_norms": [step.grad_norm for step in steps],
@@ -76,10 +96,10 @@ def _free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def test_a_fused_step_on_ddp_makes_one_collective_fewer(tmp_path: pathlib.Path) -> None:
+def test_a_fused_step_on_ddp_makes_as_many_collectives_as_torchrun(tmp_path: pathlib.Path) -> None:
     context = multiprocessing.get_context("spawn")
     results = context.Queue()
-    ports = (_free_port(), _free_port())
+    ports = tuple(_free_port() for _ in VARIANTS)
     ranks = [context.Process(target=_rank, args=(rank, ports, str(tmp_path), results)) for rank in range(WORLD)]
     for process in ranks:
         process.start()
@@ -92,10 +112,12 @@ def test_a_fused_step_on_ddp_makes_one_collective_fewer(tmp_path: pathlib.Path) 
                 process.kill()
     assert [process.exitcode for process in ranks] == [0, 0]
     for rank in range(WORLD):
-        separate, fused = seen[rank][False], seen[rank][True]
-        # separate: the vote, the post-backward vote, the gradient all-reduce, the step's vote (with the counts)
-        assert separate["collectives"] == 4, separate["collectives"]
-        assert fused["collectives"] == separate["collectives"] - 1, fused["collectives"]
+        separate, fused, window = seen[rank][False], seen[rank][True], seen[rank]["window"]
+        # fused: the post-backward vote (the call's vote too, with the counts), the gradient all-reduce
+        assert fused["collectives"] == 2, fused["collectives"]
+        assert separate["collectives"] == 3, separate["collectives"]  # and the step's vote
+        # the first micro-batch: its post-backward vote; the second: the vote, the post-backward vote, the all-reduce
+        assert window["collectives"] == [1, 3], window["collectives"]
         assert fused["grad_norms"] == separate["grad_norms"]
         for name, value in separate["weights"].items():
             np.testing.assert_array_equal(fused["weights"][name], value, err_msg=name)
