@@ -47,9 +47,21 @@ def merge_outputs(
             rows = [row for part in parts for row in part]
             merged[key] = [row[:length] for row, length in zip(rows, lengths, strict=True)]
         else:
-            padded = [np.pad(part, [(0, 0), (0, width - part.shape[1])] + [(0, 0)] * (part.ndim - 2)) for part in parts]
-            merged[key] = np.concatenate(padded, axis=0)
+            merged[key] = _stack_padded(parts, width)
     return merged
+
+
+def _stack_padded(parts: list[np.ndarray], width: int) -> np.ndarray:
+    """The ranks' [rows, length, ...] parts one after the other, each zero-padded on the right to `width`."""
+    if all(part.shape[1] == width for part in parts):
+        return np.concatenate(parts, axis=0)
+    first = parts[0]
+    stacked = np.zeros((sum(len(part) for part in parts), width, *first.shape[2:]), dtype=first.dtype)
+    row = 0
+    for part in parts:
+        stacked[row : row + len(part), : part.shape[1]] = part
+        row += len(part)
+    return stacked
 
 
 def step_result(reply: worker_pb2.ClipGradAndStepResponse) -> dict[str, Any]:
