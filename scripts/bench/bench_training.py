@@ -310,7 +310,6 @@ def report(runs: dict[str, Any], blocks_steps: dict[str, Sequence[int]], args: A
             )  # fmt: skip
         target_lines += targets(model, mode, summary)
         idle_lines.append(f"{model} {mode} {1000 * run['torchrun_idle_cpu_s']:.0f} ms")
-    first, second = next(iter(runs.values()))["summary"]["halves"] if runs else ("-", "-")
     title = f"Training step, dp=2 DDP gloo, batch {args.batch_size}x{args.seq_len}, fp32: paired with torchrun"
     text = table(
         ["model", "mode", "blocks x steps", "variant", "ms/step (median)", "torchrun ms/step (median)",
@@ -319,8 +318,8 @@ def report(runs: dict[str, Any], blocks_steps: dict[str, Sequence[int]], args: A
         f"{title} block by block (medians over the blocks)",
     )  # fmt: skip
     text += "\n\n" + table(
-        ["model", "mode", "variant", f"x torchrun, blocks {first}", f"x torchrun, blocks {second}",
-         f"+ms, blocks {first}", f"+ms, blocks {second}"],
+        ["model", "mode", "variant", "x torchrun, 1st half of the blocks", "x torchrun, 2nd half",
+         "+ms, 1st half", "+ms, 2nd half"],
         half_rows,
         "Side by side in one run, twice: the paired medians of each half of the blocks",
     )  # fmt: skip
