@@ -249,3 +249,33 @@ def native_thread_name(pid: int, tid: int) -> str:
 def worker_threads(count: int) -> int:
     """Torch threads per local worker: the cores split evenly, as LocalWorkers does by default."""
     return max(1, (os.cpu_count() or 1) // count)
+
+
+# ------------------------------------------------------------------- paired blocks
+
+
+def rotated(names: Sequence[str], index: int) -> list[str]:
+    """The order of block `index`: `names` rotated to start at names[index % len(names)], so each variant
+    runs first (right after the machine idled or another variant loaded it) equally often."""
+    start = index % len(names)
+    return [*names[start:], *names[:start]]
+
+
+def paired(base: Sequence[float], values: Sequence[float]) -> dict[str, float]:
+    """Per block value / base and value - base (the same block's pair), as medians with their min and max.
+
+    Pairing cancels a drift of the machine's speed that is slower than a block: both members of a
+    pair ran within the same few seconds.
+    """
+    if len(base) != len(values):
+        raise ValueError(f"paired samples must match: {len(base)} base values, {len(values)} values")
+    ratios = [value / reference for value, reference in zip(values, base, strict=True)]
+    differences = [value - reference for value, reference in zip(values, base, strict=True)]
+    return {
+        "ratio": median(ratios),
+        "ratio_min": min(ratios, default=float("nan")),
+        "ratio_max": max(ratios, default=float("nan")),
+        "diff": median(differences),
+        "diff_min": min(differences, default=float("nan")),
+        "diff_max": max(differences, default=float("nan")),
+    }

@@ -9,14 +9,24 @@ decay 0.01 except biases and norms), the same global batches (each rank takes it
 data-rank order), fp32, gloo, one torch thread per process; no twinkle code. Each step is
 forward, token-mean cross-entropy, backward (DDP all-reduces the gradients), clip to norm
 1.0, optimizer step, zero_grad. Rank 0 writes the measured step times to --out.
+
+With --serve DIR instead of --out (bench_training.py's interleaved blocks), the two ranks warm
+up and then stay up, running blocks on command: rank 0 writes {"ready": ...} to the FIFO
+DIR/out, then reads a line "N" from the FIFO DIR/cmd (a blocking read: no CPU while idle),
+broadcasts N to rank 1, both run N steps between two barriers, and rank 0 writes one JSON line
+(the block's wall seconds, each rank's CPU seconds) to DIR/out. N == 0, or the bench closing
+DIR/cmd, ends the process group cleanly. The bench makes both FIFOs (os.mkfifo).
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import itertools
 import json
 import os
 import time
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -40,11 +50,16 @@ def main() -> None:
         default=0,
         help="small collectives added per step, each one twinkle agreement vote (strategies.agree): what they cost",
     )
-    parser.add_argument("--out", required=True)
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--out", help="one run: rank 0 writes the measured window's figures to this JSON file")
+    target.add_argument("--serve", metavar="DIR", help="stay up and run blocks on command (FIFOs DIR/cmd, DIR/out)")
     args = parser.parse_args()
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    dist.init_process_group("gloo")
+    if args.serve:  # idle between blocks while the bench runs the client's variants: a generous timeout
+        dist.init_process_group("gloo", timeout=datetime.timedelta(hours=2))
+    else:
+        dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
 
     config = qwen2_config(args.model)
@@ -89,6 +104,11 @@ def main() -> None:
 
     for batch in data[: args.warmup]:
         step(batch)
+    if args.serve:
+        params = sum(p.numel() for p in model.parameters())
+        serve(args.serve, step, itertools.cycle(data[args.warmup :]), params, sum(p.numel() for _, p in named))
+        dist.destroy_process_group()
+        return
     dist.barrier()
     times = []
     threads_start = thread_cpu_seconds()
@@ -127,6 +147,42 @@ def main() -> None:
                 handle,
             )
     dist.destroy_process_group()
+
+
+def serve(folder: str, step: Callable[[dict], float], data: Iterator[dict], params: int, trainable: int) -> None:
+    """Runs blocks of steps on command until told 0 (see the module's docstring); the data cycles."""
+    rank = dist.get_rank()
+    pids = [0] * dist.get_world_size()
+    dist.all_gather_object(pids, os.getpid())
+    commands = open(os.path.join(folder, "cmd")) if rank == 0 else None  # noqa: SIM115 (open for the session)
+    replies = open(os.path.join(folder, "out"), "w") if rank == 0 else None  # noqa: SIM115
+    if replies is not None:
+        replies.write(json.dumps({"ready": True, "pids": pids, "parameters": params, "trainable": trainable}) + "\n")
+        replies.flush()
+    while True:
+        count = torch.zeros(1, dtype=torch.int64)
+        if commands is not None:
+            line = commands.readline()  # blocks until the bench writes; "" once it closes the FIFO
+            count[0] = int(line) if line.strip() else 0
+        dist.broadcast(count, src=0)
+        if int(count) <= 0:
+            break
+        dist.barrier()
+        cpu_start = time.process_time()
+        start = time.perf_counter()
+        for _ in range(int(count)):
+            loss = step(next(data))
+        dist.barrier()
+        wall = time.perf_counter() - start
+        cpu = [0.0] * dist.get_world_size()
+        dist.all_gather_object(cpu, time.process_time() - cpu_start)
+        if replies is not None:
+            replies.write(json.dumps({"wall_s": wall, "steps": int(count), "cpu_s_per_rank": cpu, "last_loss": loss}))
+            replies.write("\n")
+            replies.flush()
+    for handle in (commands, replies):
+        if handle is not None:
+            handle.close()
 
 
 if __name__ == "__main__":
