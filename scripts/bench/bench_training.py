@@ -11,13 +11,17 @@ The variants:
 - client pipelined: their *_async variants, one step in flight ahead (batch k+1 is sent while
   batch k computes);
 - client fused: forward_backward_and_step per step (one request, one agreement), each waited for;
-- client fused pipelined: forward_backward_and_step_async, one step in flight ahead.
+- client fused pipelined: forward_backward_and_step_async, one step in flight ahead;
+- bare gRPC (and bare gRPC pipelined): the torchrun ranks' own step, sent to each rank over bare
+  Python gRPC (a generic unary method on each rank, raw bytes, one future per rank; torchrun_train.py's
+  docstring), no twinkle code on either side: the floor of serving this loop over Python gRPC here,
+  measured in the same blocks. What the client variants add over it is twinkle's own cost.
 
 Method: interleaved, paired blocks in one run. This VM's speed drifts by 10-25 % over tens of
 seconds, more than the differences to judge, so per model and mode the torchrun ranks and one
 client model (on 2 `python -m twinkle_worker` processes) are started once, warmed up, and stay
 up; then each of B blocks runs every variant for S steps, one after the other, the order rotated
-block to block (block b starts at variant b % 5). The torchrun ranks wait on a FIFO between
+block to block (block b starts at variant b % 7). The torchrun ranks wait on a FIFO between
 their blocks (no CPU used while idle). A block's variants ran within a few seconds of each
 other, so the drift hits them alike: each block gives a PAIRED ratio (variant ms / torchrun ms
 of the same block) and difference, and the tables give their medians over the blocks, with the
@@ -47,6 +51,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from common import (
+    GRPC_METHOD,
     ROOT,
     batches,
     busy_warning,
@@ -64,8 +69,17 @@ from common import (
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-VARIANTS = ("torchrun", "client sync", "client pipelined", "client fused", "client fused pipelined")
-CLIENT_VARIANTS = VARIANTS[1:]
+VARIANTS = (
+    "torchrun",
+    "client sync",
+    "client pipelined",
+    "client fused",
+    "client fused pipelined",
+    "bare gRPC",
+    "bare gRPC pipelined",
+)
+CLIENT_VARIANTS = VARIANTS[1:]  # every variant but the baseline (the bare gRPC ones included, for the tables)
+FLOOR = ("bare gRPC", "bare gRPC pipelined")
 SYNCHRONOUS = ("client sync", "client fused")  # the targets: tiny within 1.10x and 4 ms, 6m within 5 %
 PIPELINED = ("client pipelined", "client fused pipelined")  # tiny within 1.03x, 6m within 2 %
 
@@ -97,6 +111,7 @@ class TorchrunServer:
     def wait_ready(self, timeout: float = 900.0) -> dict[str, Any]:
         ready = self._reply(timeout)
         self.pids = ready["pids"]
+        self.grpc_ports = ready["grpc_ports"]
         self._idle_from = self._ranks_cpu()
         return ready
 
@@ -167,7 +182,8 @@ class ClientLoop:
 
     def warm_up(self) -> None:
         for variant in CLIENT_VARIANTS:
-            self._run(variant, self.warmup_data)
+            if variant not in FLOOR:
+                self._run(variant, self.warmup_data)
 
     def block(self, variant: str, steps: int) -> dict[str, float]:
         """Runs `steps` steps: wall ms/step, worker CPU ms/step (mean of the 2), client CPU ms/step."""
@@ -210,6 +226,54 @@ class ClientLoop:
             raise ValueError(f"unknown client variant {variant!r}")
 
 
+class BareGrpc:
+    """The torchrun ranks' step over bare Python gRPC: each rank's rows as raw bytes, one future per rank."""
+
+    def __init__(self, server: TorchrunServer, model: str, pool: int, batch_size: int, seq_len: int) -> None:
+        import grpc
+
+        config = qwen2_config(model)
+        data = batches(config.vocab_size, batch_size, seq_len, pool)
+        per_rank = batch_size // len(server.grpc_ports)
+        self.payloads = itertools.cycle(
+            [
+                [
+                    b"".join(batch[key][rank * per_rank : (rank + 1) * per_rank].tobytes()
+                             for key in ("input_ids", "attention_mask", "labels"))
+                    for rank in range(len(server.grpc_ports))
+                ]
+                for batch in data
+            ]
+        )  # fmt: skip
+        self.server = server
+        self.channels = [grpc.insecure_channel(f"127.0.0.1:{port}") for port in server.grpc_ports]
+        self.calls = [channel.unary_unary(GRPC_METHOD) for channel in self.channels]
+
+    def block(self, variant: str, steps: int) -> dict[str, float]:
+        chunk = [next(self.payloads) for _ in range(steps)]
+        ranks_before = self.server._ranks_cpu()
+        client_before = time.process_time()
+        start = now()
+        if variant == "bare gRPC":
+            for payloads in chunk:
+                for future in self._send(payloads):
+                    future.result()
+        else:
+            _one_ahead(chunk, self._send)
+        step_ms = 1000 * (now() - start) / steps
+        client_ms = 1000 * (time.process_time() - client_before) / steps
+        ranks = self.server._ranks_cpu() - ranks_before
+        self.server._idle_from = self.server._ranks_cpu()  # these steps are not the ranks' idle time
+        return {"step_ms": step_ms, "rank_cpu_ms": 1000 * ranks / len(self.calls) / steps, "client_cpu_ms": client_ms}
+
+    def _send(self, payloads: list[bytes]) -> list[Any]:
+        return [call.future(payload, timeout=600) for call, payload in zip(self.calls, payloads, strict=True)]
+
+    def close(self) -> None:
+        for channel in self.channels:
+            channel.close()
+
+
 def _one_ahead(chunk: list[dict[str, Any]], submit: Callable[[dict[str, Any]], list[Any]]) -> None:
     """Submits batch k+1 before waiting for batch k's futures (one step in flight ahead); waits for all."""
     in_flight: deque[list[Any]] = deque()
@@ -226,22 +290,30 @@ def _one_ahead(chunk: list[dict[str, Any]], submit: Callable[[dict[str, Any]], l
 def measure(workers: Any, model: str, mode: str, blocks: int, steps: int, warmup: int, args: Any) -> dict[str, Any]:
     """One model and mode: B interleaved blocks of every variant; every block's figures, by variant."""
     server = TorchrunServer(model, mode, warmup, steps, args.batch_size, args.seq_len)  # its imports overlap ours
-    client = None
+    client = bare = None
     try:
         client = ClientLoop(workers, model, mode, warmup, steps, args.batch_size, args.seq_len)
         client.warm_up()
         server.wait_ready()
+        bare = BareGrpc(server, model, steps, args.batch_size, args.seq_len)
+        for variant in FLOOR:  # warm up the channels and the handler path
+            bare.block(variant, warmup)
         samples: dict[str, list[dict[str, float]]] = {name: [] for name in VARIANTS}
         orders = []
         for index in range(blocks):
             order = rotated(VARIANTS, index)
             orders.append(order)
             for name in order:
-                samples[name].append(server.block(steps) if name == "torchrun" else client.block(name, steps))
+                if name == "torchrun":
+                    samples[name].append(server.block(steps))
+                else:
+                    samples[name].append((bare if name in FLOOR else client).block(name, steps))
             got = ", ".join(f"{name} {samples[name][-1]['step_ms']:.1f}" for name in VARIANTS)
             print(f"{model} {mode} block {index + 1}/{blocks} (ms/step): {got}", flush=True)
         return {"samples": samples, "orders": orders, "torchrun_idle_cpu_s": server.idle_cpu_s}
     finally:
+        if bare is not None:
+            bare.close()
         if client is not None:
             client.close()
         server.close()

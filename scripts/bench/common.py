@@ -24,6 +24,9 @@ if str(ROOT) not in sys.path:
 RESULTS_DIR = ROOT / "runs" / "bench"
 MIB = 1 << 20
 
+# torchrun_train.py --serve: the bare gRPC method each rank serves its step on (bench_training.py's floor)
+GRPC_METHOD = "/bench.Floor/Step"
+
 
 def now() -> float:
     return time.perf_counter()

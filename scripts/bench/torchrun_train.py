@@ -16,6 +16,14 @@ DIR/out, then reads a line "N" from the FIFO DIR/cmd (a blocking read: no CPU wh
 broadcasts N to rank 1, both run N steps between two barriers, and rank 0 writes one JSON line
 (the block's wall seconds, each rank's CPU seconds) to DIR/out. N == 0, or the bench closing
 DIR/cmd, ends the process group cleanly. The bench makes both FIFOs (os.mkfifo).
+
+With --serve, each rank also serves the same step over bare Python gRPC (`GRPC_METHOD`, a
+generic unary handler, one handler thread; the port in the ready line): the request is the
+rank's rows as raw int64 bytes (input_ids, attention_mask, labels, one after the other), the
+answer the loss as 8 bytes. No twinkle code on either side: bench_training.py's "bare gRPC"
+variants call it, and measure what serving this loop over Python gRPC costs on its own (the
+floor under any gRPC front end written in Python). The block commands run on a process
+group of their own, so a step arriving over gRPC never interleaves with their collectives.
 """
 
 from __future__ import annotations
@@ -27,12 +35,14 @@ import json
 import os
 import time
 from collections.abc import Callable, Iterator
+from concurrent import futures
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 import transformers
-from common import batches, native_thread_name, qwen2_config, thread_cpu_seconds
+from common import GRPC_METHOD, batches, native_thread_name, qwen2_config, thread_cpu_seconds
 
 
 def main() -> None:
@@ -89,9 +99,12 @@ def main() -> None:
 
     def step(batch: dict) -> float:
         rows = slice(rank * per_rank, (rank + 1) * per_rank)
-        ids = torch.from_numpy(batch["input_ids"][rows])
-        labels = torch.from_numpy(batch["labels"][rows])
-        mask = torch.from_numpy(batch["attention_mask"][rows])
+        return step_rows(batch["input_ids"][rows], batch["attention_mask"][rows], batch["labels"][rows])
+
+    def step_rows(input_ids: np.ndarray, attention_mask: np.ndarray, label_ids: np.ndarray) -> float:
+        ids = torch.from_numpy(input_ids)
+        labels = torch.from_numpy(label_ids)
+        mask = torch.from_numpy(attention_mask)
         logits = ddp(input_ids=ids, attention_mask=mask, use_cache=False).logits
         loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
         loss.backward()
@@ -106,7 +119,14 @@ def main() -> None:
         step(batch)
     if args.serve:
         params = sum(p.numel() for p in model.parameters())
-        serve(args.serve, step, itertools.cycle(data[args.warmup :]), params, sum(p.numel() for _, p in named))
+        shape = (per_rank, args.seq_len)
+        serve(
+            args.serve,
+            step,
+            itertools.cycle(data[args.warmup :]),
+            {"parameters": params, "trainable": sum(p.numel() for _, p in named)},
+            lambda payload: grpc_step(step_rows, payload, shape),
+        )
         dist.destroy_process_group()
         return
     dist.barrier()
@@ -149,37 +169,56 @@ def main() -> None:
     dist.destroy_process_group()
 
 
-def serve(folder: str, step: Callable[[dict], float], data: Iterator[dict], params: int, trainable: int) -> None:
+def grpc_step(step_rows: Callable[..., float], payload: bytes, shape: tuple[int, int]) -> bytes:
+    """One step on a rank's rows sent over gRPC (see the module's docstring); the loss as 8 bytes."""
+    columns = np.frombuffer(payload, dtype=np.int64).reshape(3, *shape)
+    return np.float64(step_rows(*(np.array(column) for column in columns))).tobytes()
+
+
+def serve(
+    folder: str, step: Callable[[dict], float], data: Iterator[dict], sizes: dict, on_grpc: Callable[[bytes], bytes]
+) -> None:
     """Runs blocks of steps on command until told 0 (see the module's docstring); the data cycles."""
+    import grpc
+
     rank = dist.get_rank()
-    pids = [0] * dist.get_world_size()
-    dist.all_gather_object(pids, os.getpid())
+    control = dist.new_group(backend="gloo")  # the commands' collectives: never interleaved with a gRPC step's
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=1))  # one at a time, in the order they arrive
+    handler = grpc.unary_unary_rpc_method_handler(lambda request, context: on_grpc(request))
+    service, method = GRPC_METHOD.strip("/").split("/")
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(service, {method: handler})])
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    ranks = [(0, 0)] * dist.get_world_size()
+    dist.all_gather_object(ranks, (os.getpid(), port), group=control)
     commands = open(os.path.join(folder, "cmd")) if rank == 0 else None  # noqa: SIM115 (open for the session)
     replies = open(os.path.join(folder, "out"), "w") if rank == 0 else None  # noqa: SIM115
     if replies is not None:
-        replies.write(json.dumps({"ready": True, "pids": pids, "parameters": params, "trainable": trainable}) + "\n")
+        ready = {"ready": True, "pids": [pid for pid, _ in ranks], "grpc_ports": [p for _, p in ranks], **sizes}
+        replies.write(json.dumps(ready) + "\n")
         replies.flush()
     while True:
         count = torch.zeros(1, dtype=torch.int64)
         if commands is not None:
             line = commands.readline()  # blocks until the bench writes; "" once it closes the FIFO
             count[0] = int(line) if line.strip() else 0
-        dist.broadcast(count, src=0)
+        dist.broadcast(count, src=0, group=control)
         if int(count) <= 0:
             break
-        dist.barrier()
+        dist.barrier(group=control)
         cpu_start = time.process_time()
         start = time.perf_counter()
         for _ in range(int(count)):
             loss = step(next(data))
-        dist.barrier()
+        dist.barrier(group=control)
         wall = time.perf_counter() - start
         cpu = [0.0] * dist.get_world_size()
-        dist.all_gather_object(cpu, time.process_time() - cpu_start)
+        dist.all_gather_object(cpu, time.process_time() - cpu_start, group=control)
         if replies is not None:
             replies.write(json.dumps({"wall_s": wall, "steps": int(count), "cpu_s_per_rank": cpu, "last_loss": loss}))
             replies.write("\n")
             replies.flush()
+    server.stop(grace=None)
     for handle in (commands, replies):
         if handle is not None:
             handle.close()
