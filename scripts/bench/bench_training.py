@@ -25,7 +25,9 @@ block to block (block b starts at variant b % 7). The torchrun ranks wait on a F
 their blocks (no CPU used while idle). A block's variants ran within a few seconds of each
 other, so the drift hits them alike: each block gives a PAIRED ratio (variant ms / torchrun ms
 of the same block) and difference, and the tables give their medians over the blocks, with the
-min-max spread, and the medians of each half of the blocks side by side (do they agree?).
+min-max spread, and the medians of each half of the blocks side by side (do they agree?). A second
+estimate compares each variant's fastest block with torchrun's (noise only ever adds time, so the
+least disturbed block is the closest to the undisturbed cost, as timeit's minimum).
 
 Same model (Qwen2 from a config, seed 0), same global batches (8 x 256 tokens by default, each
 rank half, cycling over the same S batches), fp32, AdamW lr 1e-4, clip 1.0, one optimizer step
@@ -329,8 +331,11 @@ def summarise(samples: dict[str, list[dict[str, float]]]) -> dict[str, Any]:
 
     out: dict[str, Any] = {"median": {name: {k: median(of(name, k)) for k in samples[name][0]} for name in VARIANTS}}
     for name in CLIENT_VARIANTS:
+        fastest, base_fastest = min(of(name, "step_ms")), min(of("torchrun", "step_ms"))
         out[name] = {
             "step": paired(of("torchrun", "step_ms"), of(name, "step_ms")),
+            # each variant's least disturbed block (noise only ever adds time): a second estimate, as timeit's min
+            "fastest": {"ratio": fastest / base_fastest, "diff": fastest - base_fastest},
             "rank_cpu": paired(of("torchrun", "rank_cpu_ms"), of(name, "rank_cpu_ms")),
             "halves": [paired(of("torchrun", "step_ms", part), of(name, "step_ms", part)) for part in halves],
         }
@@ -354,7 +359,14 @@ def targets(model: str, mode: str, summary: dict[str, Any]) -> list[str]:
         else:
             bound = 1.05 if name in SYNCHRONOUS else 1.02
             ok, goal = ratio <= bound, f"within {100 * (bound - 1):.0f}% of torchrun"
-        lines.append(f"- {model} {mode}: {name} {goal}: {ratio:.3f}x, {diff:+.1f} ms, {verdict(ok)}")
+        fastest = summary[name]["fastest"]
+        lines.append(
+            f"- {model} {mode}: {name} {goal}: {ratio:.3f}x, {diff:+.1f} ms, {verdict(ok)} "
+            f"(fastest blocks: {fastest['ratio']:.3f}x, {fastest['diff']:+.1f} ms)"
+        )
+    for name in FLOOR:  # what no Python gRPC front end can go below on this machine
+        ratio, diff = summary[name]["step"]["ratio"], summary[name]["step"]["diff"]
+        lines.append(f"- {model} {mode}: the floor, {name}: {ratio:.3f}x, {diff:+.1f} ms")
     return lines
 
 
@@ -368,10 +380,11 @@ def report(runs: dict[str, Any], blocks_steps: dict[str, Sequence[int]], args: A
         cpu_rows.append([label, mode, "torchrun", base["rank_cpu_ms"], "-", "-"])
         for name in CLIENT_VARIANTS:
             step, cpu, halves = summary[name]["step"], summary[name]["rank_cpu"], summary[name]["halves"]
+            fastest = summary[name]["fastest"]
             rows.append(
                 [label, mode, f"{blocks} x {steps}", name, summary["median"][name]["step_ms"], base["step_ms"],
                  step["ratio"], _range(step["ratio_min"], step["ratio_max"]), step["diff"],
-                 _range(step["diff_min"], step["diff_max"], signed=True)]
+                 _range(step["diff_min"], step["diff_max"], signed=True), fastest["ratio"], fastest["diff"]]
             )  # fmt: skip
             half_rows.append(
                 [label, mode, name, halves[0]["ratio"], halves[1]["ratio"], halves[0]["diff"], halves[1]["diff"]]
@@ -385,7 +398,8 @@ def report(runs: dict[str, Any], blocks_steps: dict[str, Sequence[int]], args: A
     title = f"Training step, dp=2 DDP gloo, batch {args.batch_size}x{args.seq_len}, fp32: paired with torchrun"
     text = table(
         ["model", "mode", "blocks x steps", "variant", "ms/step (median)", "torchrun ms/step (median)",
-         "x torchrun (paired median)", "x range (min-max)", "+ms (paired median)", "+ms range"],
+         "x torchrun (paired median)", "x range (min-max)", "+ms (paired median)", "+ms range",
+         "x torchrun (fastest blocks)", "+ms (fastest blocks)"],
         rows,
         f"{title} block by block (medians over the blocks)",
     )  # fmt: skip

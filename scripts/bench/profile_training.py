@@ -1,7 +1,7 @@
 """Where a training step's extra CPU goes: per-thread CPU of the worker ranks and the client, and a
 py-spy profile of rank 0 and of the client, while the client trains the tiny model (bench_training.py's loop).
 
-    python scripts/bench/profile_training.py [--model tiny] [--mode lora] [--steps 60] [--pipelined]
+    python scripts/bench/profile_training.py [--model tiny] [--mode lora] [--steps 60] [--pipelined] [--fused]
 
 Measured after warm-up, each over its own window of --steps steps:
 
@@ -149,6 +149,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--rate", type=int, default=200, help="py-spy samples per second")
     parser.add_argument("--pipelined", action="store_true", help="the *_async loop, one step ahead")
+    parser.add_argument("--fused", action="store_true", help="forward_backward_and_step: one call a step")
     parser.add_argument("--vote-rounds", type=int, default=3, help="rounds of torchrun with 0 vs 3 votes a step")
     parser.add_argument("--keep", action="store_true", help="keep the raw py-spy files in runs/bench/")
     args = parser.parse_args(argv)
@@ -175,8 +176,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         client.set_optimizer("AdamW", lr=1e-4, weight_decay=0.01, adapter_name=adapter)
 
         def run(chunk: list[dict[str, Any]]) -> None:
-            in_flight: deque[tuple[Any, Any]] = deque()
+            in_flight: deque[tuple[Any, ...]] = deque()
             for batch in chunk:
+                if args.fused and not args.pipelined:
+                    client.forward_backward_and_step(batch, adapter_name=adapter, max_grad_norm=1.0)
+                    continue
+                if args.fused:
+                    future = client.forward_backward_and_step_async(batch, adapter_name=adapter, max_grad_norm=1.0)
+                    in_flight.append((future,))
+                    if len(in_flight) > 1:
+                        in_flight.popleft()[0].result()
+                    continue
                 if not args.pipelined:
                     client.forward_backward(inputs=batch, adapter_name=adapter)
                     client.clip_grad_and_step(max_grad_norm=1.0, adapter_name=adapter)
@@ -266,7 +276,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             ]
         )
 
-    text = f"### {args.model} {args.mode}, {'pipelined' if args.pipelined else 'sync'}: {step_ms:.1f} ms/step\n\n"
+    loop = ("fused " if args.fused else "") + ("pipelined" if args.pipelined else "sync")
+    text = f"### {args.model} {args.mode}, {loop}: {step_ms:.1f} ms/step\n\n"
     text += "Process CPU ms/step: " + ", ".join(f"{k} {v:.2f}" for k, v in process_ms.items()) + "\n\n"
     rows = []
     for name, per in threads.items():
