@@ -50,6 +50,15 @@ def agreed_rpcs(cls: type) -> tuple[str, ...]:
     return tuple(sorted("".join(part.capitalize() for part in name.split("_")) for name in names))
 
 
+def peer_refused(refused: list[int], what: str) -> Aborted:
+    """The error of a rank that passed its checks when other ranks refused the call: "not run", PEER_REFUSED."""
+    return Aborted(
+        f"not run: rank(s) {refused} {what} and the mesh is intact",
+        reason="PEER_REFUSED",
+        ranks=",".join(map(str, refused)),
+    )
+
+
 class MeshAgreement:
     """One rank's side of the agreement: the vote of the call in progress, and whether the mesh is broken.
     All ranks must open the same calls in the same order."""
@@ -64,6 +73,11 @@ class MeshAgreement:
         # with Aborted until Reset and Init (the ranks can no longer be trusted to pair collectives).
         self.broken: str | None = None
 
+    @property
+    def pending(self) -> bool:
+        """A call is open and its vote not cast yet."""
+        return self.vote == "pending"
+
     @contextmanager
     def call(self) -> Iterator[None]:
         """The scope of one call that may run collectives (see agreed_call). The servicer opens it
@@ -77,7 +91,7 @@ class MeshAgreement:
             try:
                 yield
             except BaseException:
-                if self.vote == "pending":
+                if self.pending:
                     with contextlib.suppress(Aborted):  # the peers are gone too; this rank's own error says more
                         self.cast_vote(False)
                 raise
@@ -91,7 +105,7 @@ class MeshAgreement:
         The vote can carry this rank's counts; returns their sums over the ranks when this call
         cast the vote, None when there is no vote (one rank) or it was cast earlier in the call.
         """
-        if self.vote == "pending":
+        if self.pending:
             return self.cast_vote(True, *counts)
         return None
 
@@ -99,12 +113,7 @@ class MeshAgreement:
         self.vote = "cast"
         refused, total = self.poll("", ok, *counts)
         if ok and refused:
-            raise Aborted(
-                f"not run: rank(s) {refused} refused this call before any collective (see their error); "
-                "nothing changed and the mesh is intact",
-                reason="PEER_REFUSED",
-                ranks=",".join(map(str, refused)),
-            )
+            raise peer_refused(refused, "refused this call before any collective (see their error); nothing changed")
         return total
 
     def poll(self, what: str, ok: bool, *counts: int) -> tuple[list[int], list[float]]:
@@ -119,7 +128,7 @@ class MeshAgreement:
         """A poll that is also the call's vote when that is still to be cast (the call deferred it:
         twinkle_worker.backward.vote_after_backward). A rank that refused the call casts its no in the
         same one collective (all polls and votes are the same all_gather), so the ranks stay paired."""
-        if self.vote == "pending":
+        if self.pending:
             self.vote = "cast"
         return self.poll(what, ok, *counts)
 

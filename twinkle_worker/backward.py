@@ -13,6 +13,7 @@ from torch import nn
 
 from twinkle_protocol.errors import Aborted, ResourceExhausted, TwinkleError
 from twinkle_worker import adapters, precision, strategies
+from twinkle_worker.agreement import peer_refused
 from twinkle_worker.groups import Group
 from twinkle_worker.losses import Loss
 
@@ -58,7 +59,7 @@ def vote_after_backward(model: TransformersModel, group: Group) -> Undo | None:
     included) and answer PEER_REFUSED, nothing changed.
     """
     wrapped = model.wrapped
-    if model.mesh_agreement.vote != "pending" or not isinstance(wrapped, nn.parallel.DistributedDataParallel):
+    if not model.mesh_agreement.pending or not isinstance(wrapped, nn.parallel.DistributedDataParallel):
         return None
     if wrapped.will_sync_module_buffers() or group.micro_step != group.applied_at.get("zero_grad", 0):
         return None
@@ -101,11 +102,10 @@ def ddp_forward_backward(
         if undo is not None:
             undo.restore(model, group)
             if failure is None:
-                raise Aborted(
-                    f"not run: rank(s) {refused} refused this call or failed in it (see their error); this rank's "
-                    "forward and backward were undone: nothing changed and the mesh is intact",
-                    reason="PEER_REFUSED",
-                    ranks=",".join(map(str, refused)),
+                raise peer_refused(
+                    refused,
+                    "refused this call or failed in it (see their error); this rank's forward and backward "
+                    "were undone: nothing changed",
                 )
         if failure is None:
             raise Aborted(f"forward_backward failed on rank(s) {refused} (see their error); {discarded}")

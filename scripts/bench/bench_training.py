@@ -39,6 +39,7 @@ machine wall time is noise, CPU time still says who does extra work.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import os
@@ -49,7 +50,7 @@ import sys
 import tempfile
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from common import (
@@ -114,17 +115,14 @@ class TorchrunServer:
         ready = self._reply(timeout)
         self.pids = ready["pids"]
         self.grpc_ports = ready["grpc_ports"]
-        self._idle_from = self._ranks_cpu()
+        self._idle_from = self.ranks_cpu()
         return ready
 
     def block(self, steps: int) -> dict[str, float]:
         """Runs `steps` steps on both ranks: wall ms/step (rank 0, between barriers) and rank CPU ms/step."""
-        before = self._ranks_cpu()
-        if self._idle_from is not None:
-            self.idle_cpu_s += before - self._idle_from
-        os.write(self._commands, f"{steps}\n".encode())
-        result = self._reply(600.0)
-        self._idle_from = self._ranks_cpu()
+        with self.busy():
+            os.write(self._commands, f"{steps}\n".encode())
+            result = self._reply(600.0)
         cpu = result["cpu_s_per_rank"]
         return {"step_ms": 1000 * result["wall_s"] / steps, "rank_cpu_ms": 1000 * sum(cpu) / len(cpu) / steps}
 
@@ -141,8 +139,19 @@ class TorchrunServer:
             os.close(self._replies)
             shutil.rmtree(self.folder, ignore_errors=True)
 
-    def _ranks_cpu(self) -> float:
+    def ranks_cpu(self) -> float:
+        """CPU seconds of both ranks so far."""
         return sum(process_cpu_seconds(pid) for pid in self.pids)
+
+    @contextlib.contextmanager
+    def busy(self) -> Iterator[None]:
+        """The ranks work in this scope (a block, or steps sent over gRPC): not counted as their idle time."""
+        if self._idle_from is not None:
+            self.idle_cpu_s += self.ranks_cpu() - self._idle_from
+        try:
+            yield
+        finally:
+            self._idle_from = self.ranks_cpu()
 
     def _reply(self, timeout: float) -> dict[str, Any]:
         """Rank 0's next JSON line; fails at once if torchrun exited."""
@@ -253,19 +262,19 @@ class BareGrpc:
 
     def block(self, variant: str, steps: int) -> dict[str, float]:
         chunk = [next(self.payloads) for _ in range(steps)]
-        ranks_before = self.server._ranks_cpu()
-        client_before = time.process_time()
-        start = now()
-        if variant == "bare gRPC":
-            for payloads in chunk:
-                for future in self._send(payloads):
-                    future.result()
-        else:
-            _one_ahead(chunk, self._send)
-        step_ms = 1000 * (now() - start) / steps
-        client_ms = 1000 * (time.process_time() - client_before) / steps
-        ranks = self.server._ranks_cpu() - ranks_before
-        self.server._idle_from = self.server._ranks_cpu()  # these steps are not the ranks' idle time
+        with self.server.busy():
+            ranks_before = self.server.ranks_cpu()
+            client_before = time.process_time()
+            start = now()
+            if variant == "bare gRPC":
+                for payloads in chunk:
+                    for future in self._send(payloads):
+                        future.result()
+            else:
+                _one_ahead(chunk, self._send)
+            step_ms = 1000 * (now() - start) / steps
+            client_ms = 1000 * (time.process_time() - client_before) / steps
+            ranks = self.server.ranks_cpu() - ranks_before
         return {"step_ms": step_ms, "rank_cpu_ms": 1000 * ranks / len(self.calls) / steps, "client_cpu_ms": client_ms}
 
     def _send(self, payloads: list[bytes]) -> list[Any]:

@@ -13,7 +13,8 @@ Used by tests/distributed and by scripts/check_hsdp.py (which puts this folder o
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import multiprocessing
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -288,3 +289,24 @@ def check_training_parity(model: Any, config: Any, tuning: str, seed: int = SEED
         "max_weight_change": moved,
         "max_loss_rel_diff": max(abs(a - b) / abs(b) for a, b in zip(run.losses, expected.losses, strict=True)),
     }
+
+
+def run_ranks(
+    target: Callable[..., None], args: Sequence[Any], world: int = 2, timeout: float = 300.0
+) -> dict[int, Any]:
+    """Runs target(rank, *args, results) in `world` spawned processes (the in-process gloo tests) and returns
+    what each put on `results` as (rank, value), by rank; every process must exit 0."""
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    ranks = [context.Process(target=target, args=(rank, *args, results)) for rank in range(world)]
+    for process in ranks:
+        process.start()
+    try:
+        seen = dict(results.get(timeout=timeout) for _ in ranks)
+    finally:
+        for process in ranks:
+            process.join(timeout=60)
+            if process.is_alive():
+                process.kill()
+    assert [process.exitcode for process in ranks] == [0] * world
+    return seen

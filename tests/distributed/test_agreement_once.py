@@ -5,12 +5,12 @@ each with twinkle_worker.agreement.MeshAgreement as the model holds it."""
 
 from __future__ import annotations
 
-import multiprocessing
 import pathlib
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from dist_reference import run_ranks
 
 from twinkle_protocol.errors import Aborted, InvalidArgument
 from twinkle_worker.agreement import MeshAgreement
@@ -47,20 +47,7 @@ def _rank(rank: int, store: str, results: Any) -> None:
 
 
 def test_a_nested_agreed_call_joins_the_vote_and_a_refusal_fails_the_peer(tmp_path: pathlib.Path) -> None:
-    context = multiprocessing.get_context("spawn")
-    results = context.Queue()
-    store = str(tmp_path / "store")
-    ranks = [context.Process(target=_rank, args=(rank, store, results)) for rank in range(WORLD)]
-    for process in ranks:
-        process.start()
-    try:
-        seen = dict(results.get(timeout=300) for _ in ranks)
-    finally:
-        for process in ranks:
-            process.join(timeout=60)
-            if process.is_alive():
-                process.kill()
-    assert [process.exitcode for process in ranks] == [0, 0]
+    seen = run_ranks(_rank, (str(tmp_path / "store"),), WORLD)
     for rank in range(WORLD):
         assert seen[rank]["counts"] == [3.0, 20.0]  # the sums over both ranks, from the one vote
         assert seen[rank]["inner"] is None  # the inner call cast no vote of its own

@@ -12,12 +12,12 @@ Every variant trains to the same weights."""
 
 from __future__ import annotations
 
-import multiprocessing
 import pathlib
 import socket
 from typing import Any
 
 import numpy as np
+from dist_reference import run_ranks
 
 WORLD = 2
 VARIANTS = (False, True, "window")  # the two calls, fused, a window of two micro-batches
@@ -97,20 +97,7 @@ def _free_port() -> int:
 
 
 def test_a_fused_step_on_ddp_makes_as_many_collectives_as_torchrun(tmp_path: pathlib.Path) -> None:
-    context = multiprocessing.get_context("spawn")
-    results = context.Queue()
-    ports = tuple(_free_port() for _ in VARIANTS)
-    ranks = [context.Process(target=_rank, args=(rank, ports, str(tmp_path), results)) for rank in range(WORLD)]
-    for process in ranks:
-        process.start()
-    try:
-        seen = dict(results.get(timeout=300) for _ in ranks)
-    finally:
-        for process in ranks:
-            process.join(timeout=60)
-            if process.is_alive():
-                process.kill()
-    assert [process.exitcode for process in ranks] == [0, 0]
+    seen = run_ranks(_rank, (tuple(_free_port() for _ in VARIANTS), str(tmp_path)), WORLD)
     for rank in range(WORLD):
         separate, fused, window = seen[rank][False], seen[rank][True], seen[rank]["window"]
         # fused: the post-backward vote (the call's vote too, with the counts), the gradient all-reduce

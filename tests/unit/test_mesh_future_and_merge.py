@@ -24,16 +24,21 @@ class _RankCall:
 def test_a_caller_waiting_in_result_settles_it_in_its_own_thread() -> None:
     calls = [_RankCall(), _RankCall()]
     ran_in: list[str] = []
+    finishing = threading.Event()
 
     def finish() -> int:
         ran_in.append(threading.current_thread().name)
+        finishing.set()  # the ranks answer only once the caller is gathering
         return sum(call.outcome.result() for call in calls)
+
+    def answer() -> None:
+        finishing.wait(5)  # (a future settled elsewhere never starts finish: answer anyway, and fail below)
+        for index, call in enumerate(calls):
+            call.outcome.set_result(1 + index)
 
     with ThreadPoolExecutor(1, thread_name_prefix="results") as results:
         future = mesh_future(calls, finish, results)
-        answering = threading.Timer(
-            0.05, lambda: [call.outcome.set_result(1 + index) for index, call in enumerate(calls)]
-        )
+        answering = threading.Thread(target=answer)
         answering.start()
         assert future.result() == 3
         answering.join()
@@ -68,6 +73,7 @@ def test_an_error_reaches_the_caller() -> None:
 
     with ThreadPoolExecutor(1) as results:
         future = mesh_future(calls, finish, results)
+        calls[0].outcome.set_result(0)
         with pytest.raises(ValueError, match="rank 0 refused"):
             future.result()
         assert isinstance(future.exception(), ValueError)
