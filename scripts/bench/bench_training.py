@@ -15,13 +15,15 @@ The variants:
 - bare gRPC (and bare gRPC pipelined): the torchrun ranks' own step, sent to each rank over bare
   Python gRPC (a generic unary method on each rank, raw bytes, one future per rank; torchrun_train.py's
   docstring), no twinkle code on either side: the floor of serving this loop over Python gRPC here,
-  measured in the same blocks. What the client variants add over it is twinkle's own cost.
+  measured in the same blocks. What the client variants add over it is twinkle's own cost;
+- bare gRPC stream (and bare gRPC stream pipelined): the same, each step a message on one long-lived
+  bidirectional stream per rank instead of a unary call (half a unary call's cost in Python gRPC).
 
 Method: interleaved, paired blocks in one run. This VM's speed drifts by 10-25 % over tens of
 seconds, more than the differences to judge, so per model and mode the torchrun ranks and one
 client model (on 2 `python -m twinkle_worker` processes) are started once, warmed up, and stay
 up; then each of B blocks runs every variant for S steps, one after the other, the order rotated
-block to block (block b starts at variant b % 7). The torchrun ranks wait on a FIFO between
+block to block (block b starts at variant b % 9). The torchrun ranks wait on a FIFO between
 their blocks (no CPU used while idle). A block's variants ran within a few seconds of each
 other, so the drift hits them alike: each block gives a PAIRED ratio (variant ms / torchrun ms
 of the same block) and difference, and the tables give their medians over the blocks, with the
@@ -43,6 +45,7 @@ import contextlib
 import itertools
 import json
 import os
+import queue
 import select
 import shutil
 import subprocess
@@ -55,6 +58,7 @@ from typing import Any
 
 from common import (
     GRPC_METHOD,
+    GRPC_STREAM_METHOD,
     ROOT,
     batches,
     busy_warning,
@@ -80,9 +84,11 @@ VARIANTS = (
     "client fused pipelined",
     "bare gRPC",
     "bare gRPC pipelined",
+    "bare gRPC stream",
+    "bare gRPC stream pipelined",
 )
 CLIENT_VARIANTS = VARIANTS[1:]  # every variant but the baseline (the bare gRPC ones included, for the tables)
-FLOOR = ("bare gRPC", "bare gRPC pipelined")
+FLOOR = ("bare gRPC", "bare gRPC pipelined", "bare gRPC stream", "bare gRPC stream pipelined")
 SYNCHRONOUS = ("client sync", "client fused")  # the targets: tiny within 1.10x and 4 ms, 6m within 5 %
 PIPELINED = ("client pipelined", "client fused pipelined")  # tiny within 1.03x, 6m within 2 %
 
@@ -115,6 +121,7 @@ class TorchrunServer:
         ready = self._reply(timeout)
         self.pids = ready["pids"]
         self.grpc_ports = ready["grpc_ports"]
+        self.grpc_stream_ports = ready["grpc_stream_ports"]
         self._idle_from = self.ranks_cpu()
         return ready
 
@@ -259,6 +266,13 @@ class BareGrpc:
         self.server = server
         self.channels = [grpc.insecure_channel(f"127.0.0.1:{port}") for port in server.grpc_ports]
         self.calls = [channel.unary_unary(GRPC_METHOD) for channel in self.channels]
+        # one long-lived stream per rank: a request message in, its answer out, in order
+        self.stream_channels = [grpc.insecure_channel(f"127.0.0.1:{port}") for port in server.grpc_stream_ports]
+        self.outboxes: list[queue.SimpleQueue[bytes | None]] = [queue.SimpleQueue() for _ in self.stream_channels]
+        self.answers = [
+            channel.stream_stream(GRPC_STREAM_METHOD)(iter(outbox.get, None))
+            for channel, outbox in zip(self.stream_channels, self.outboxes, strict=True)
+        ]
 
     def block(self, variant: str, steps: int) -> dict[str, float]:
         chunk = [next(self.payloads) for _ in range(steps)]
@@ -266,12 +280,13 @@ class BareGrpc:
             ranks_before = self.server.ranks_cpu()
             client_before = time.process_time()
             start = now()
-            if variant == "bare gRPC":
-                for payloads in chunk:
-                    for future in self._send(payloads):
-                        future.result()
+            send = self._stream if "stream" in variant else self._send
+            if variant.endswith("pipelined"):
+                _one_ahead(chunk, send)
             else:
-                _one_ahead(chunk, self._send)
+                for payloads in chunk:
+                    for future in send(payloads):
+                        future.result()
             step_ms = 1000 * (now() - start) / steps
             client_ms = 1000 * (time.process_time() - client_before) / steps
             ranks = self.server.ranks_cpu() - ranks_before
@@ -280,9 +295,26 @@ class BareGrpc:
     def _send(self, payloads: list[bytes]) -> list[Any]:
         return [call.future(payload, timeout=600) for call, payload in zip(self.calls, payloads, strict=True)]
 
+    def _stream(self, payloads: list[bytes]) -> list[Any]:
+        for outbox, payload in zip(self.outboxes, payloads, strict=True):
+            outbox.put(payload)
+        return [_NextAnswer(answers) for answers in self.answers]
+
     def close(self) -> None:
-        for channel in self.channels:
+        for outbox in self.outboxes:
+            outbox.put(None)  # ends each stream's requests: the rank's handler returns
+        for channel in (*self.channels, *self.stream_channels):
             channel.close()
+
+
+class _NextAnswer:
+    """The answer to a message sent on a stream: the stream's next one (answers come in order)."""
+
+    def __init__(self, answers: Iterator[bytes]) -> None:
+        self.answers = answers
+
+    def result(self) -> bytes:
+        return next(self.answers)
 
 
 def _one_ahead(chunk: list[dict[str, Any]], submit: Callable[[dict[str, Any]], list[Any]]) -> None:

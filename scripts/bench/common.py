@@ -26,6 +26,8 @@ MIB = 1 << 20
 
 # torchrun_train.py --serve: the bare gRPC method each rank serves its step on (bench_training.py's floor)
 GRPC_METHOD = "/bench.Floor/Step"
+# ... and the same step as messages on one bidirectional stream per rank (one answer per request, in order)
+GRPC_STREAM_METHOD = "/bench.Floor/Steps"
 
 
 def now() -> float:

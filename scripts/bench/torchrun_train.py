@@ -22,7 +22,9 @@ generic unary handler, one handler thread; the port in the ready line): the requ
 rank's rows as raw int64 bytes (input_ids, attention_mask, labels, one after the other), the
 answer the loss as 8 bytes. No twinkle code on either side: bench_training.py's "bare gRPC"
 variants call it, and measure what serving this loop over Python gRPC costs on its own (the
-floor under any gRPC front end written in Python). The block commands run on a process
+floor under any gRPC front end written in Python). It serves the same step as messages on one
+long-lived bidirectional stream too (`GRPC_STREAM_METHOD`, a server of its own with one thread:
+one answer per request message, in order; the "bare gRPC stream" variants). The block commands run on a process
 group of their own, so a step arriving over gRPC never interleaves with their collectives.
 """
 
@@ -42,7 +44,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 import transformers
-from common import GRPC_METHOD, batches, native_thread_name, qwen2_config, thread_cpu_seconds
+from common import GRPC_METHOD, GRPC_STREAM_METHOD, batches, native_thread_name, qwen2_config, thread_cpu_seconds
 
 
 def main() -> None:
@@ -189,12 +191,25 @@ def serve(
     server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(service, {method: handler})])
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
-    ranks = [(0, 0)] * dist.get_world_size()
-    dist.all_gather_object(ranks, (os.getpid(), port), group=control)
+    # The same step as messages on one long-lived stream (a server of its own: the stream holds its one thread)
+    streams = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
+    chat = grpc.stream_stream_rpc_method_handler(lambda requests, context: (on_grpc(payload) for payload in requests))
+    service, method = GRPC_STREAM_METHOD.strip("/").split("/")
+    streams.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(service, {method: chat})])
+    stream_port = streams.add_insecure_port("127.0.0.1:0")
+    streams.start()
+    ranks = [(0, 0, 0)] * dist.get_world_size()
+    dist.all_gather_object(ranks, (os.getpid(), port, stream_port), group=control)
     commands = open(os.path.join(folder, "cmd")) if rank == 0 else None  # noqa: SIM115 (open for the session)
     replies = open(os.path.join(folder, "out"), "w") if rank == 0 else None  # noqa: SIM115
     if replies is not None:
-        ready = {"ready": True, "pids": [pid for pid, _ in ranks], "grpc_ports": [p for _, p in ranks], **sizes}
+        ready = {
+            "ready": True,
+            "pids": [pid for pid, _, _ in ranks],
+            "grpc_ports": [p for _, p, _ in ranks],
+            "grpc_stream_ports": [p for _, _, p in ranks],
+            **sizes,
+        }
         replies.write(json.dumps(ready) + "\n")
         replies.flush()
     while True:
@@ -219,6 +234,7 @@ def serve(
             replies.write("\n")
             replies.flush()
     server.stop(grace=None)
+    streams.stop(grace=None)
     for handle in (commands, replies):
         if handle is not None:
             handle.close()
