@@ -32,6 +32,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from twinkle_client import call_stream as call_stream_module
 from twinkle_protocol import streaming
 from twinkle_protocol._proto import worker_pb2, worker_pb2_grpc
 from twinkle_protocol.errors import TwinkleError, from_status
@@ -73,8 +74,11 @@ class Coordinator:
         retry_seconds: float = 5.0,
         abort_grace_seconds: float = 10.0,
         wrap_channel: Callable[[grpc.Channel], grpc.Channel] | None = None,
+        call_stream: bool = False,
     ) -> None:
-        """`wrap_channel` (e.g. twinkle_client.tracing's) wraps the channels of the unary WorkerService calls."""
+        """`wrap_channel` (e.g. twinkle_client.tracing's) wraps the channels of the unary WorkerService calls.
+        With `call_stream`, sequenced calls of call_stream.STREAMED go as messages on one Calls stream per
+        rank instead of unary calls (twinkle_client.call_stream); the others stay unary."""
         options = [
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -119,6 +123,12 @@ class Coordinator:
             health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(), wait_for_ready=True)
             for channel in self.channels
         ]
+        # The call streams, opened at a rank's first streamed call and again after one ends; a rank whose
+        # worker has no Calls RPC gets unary calls.
+        self._streams: list[call_stream_module.CallStream | None] = [None] * len(self.addresses)
+        self._streamed = [call_stream] * len(self.addresses)
+        self._stream_lock = threading.Lock()
+        self._deadlines = call_stream_module.Deadlines()
 
     @property
     def size(self) -> int:
@@ -303,10 +313,43 @@ class Coordinator:
                     error,
                 )
 
+    @property
+    def call_streams(self) -> list[call_stream_module.CallStream | None]:
+        """Each rank's call stream (None: not opened yet), e.g. to count the calls it carried (`sent`)."""
+        with self._stream_lock:
+            return list(self._streams)
+
+    def use_call_stream(self, enabled: bool) -> None:
+        """Sends the next STREAMED calls on the call streams (True) or as unary calls (False); the calls
+        already sent finish where they are."""
+        with self._stream_lock:
+            self._streamed = [enabled] * len(self.addresses)
+
+    def stream_for(self, rank: int, method: str) -> call_stream_module.CallStream | None:
+        """The open call stream to `rank` for a sequenced call of `method`, or None: send it as a unary call."""
+        if not self._streamed[rank] or method not in call_stream_module.STREAMED:
+            return None
+        with self._stream_lock:
+            stream = self._streams[rank]
+            if stream is not None and stream.unimplemented:
+                self._streamed[rank] = False
+                return None
+            if stream is None or stream.ended is not None:
+                stream = self._streams[rank] = call_stream_module.CallStream(
+                    self.channels[rank], self.metadata, rank, self._deadlines
+                )
+            return stream
+
     def close(self) -> None:
         self.results.shutdown(wait=False)
         for watch in self._keep_warm:
             watch.cancel()
+        with self._stream_lock:
+            self._streamed = [False] * len(self.addresses)
+            for stream in self._streams:
+                if stream is not None:
+                    stream.close()
+        self._deadlines.close()
         for channel in self.channels:
             channel.close()
 
@@ -344,6 +387,8 @@ class _RankCall:
         self.sent_at = 0.0
         self.finished_at: float | None = None
         self.trailing: Any = ()
+        self._stream: call_stream_module.CallStream | None = None  # the call stream it went on, if it did
+        self._stream_id = 0
 
     @property
     def idempotent(self) -> bool:
@@ -351,6 +396,16 @@ class _RankCall:
 
     def start(self, wait_for_ready: bool = False) -> None:
         self._attempts += 1
+        if self.frames is None and self.number > 0 and not wait_for_ready:
+            stream = self.owner.stream_for(self.rank, self.method)
+            if stream is not None:
+                self.sent_at = time.perf_counter()
+                self._stream = stream
+                call_id = stream.send(self.method, self.request, self.timeout, self._stream_answered)
+                if call_id is not None:
+                    self._stream_id = call_id
+                    return
+                self._stream = None  # the stream ended just now: a unary call
         stub = self.owner.stream_calls[self.rank].get(self.method) or getattr(self.owner.stubs[self.rank], self.method)
         options = {"timeout": self.timeout, "metadata": self.owner.metadata, "wait_for_ready": wait_for_ready}
         streamed = self.frames is not None or self.method in UNARY_STREAM
@@ -369,6 +424,17 @@ class _RankCall:
             threading.Thread(target=self._drain, args=(self._call,), daemon=True, name="twinkle-stream").start()
         else:
             self._call.add_done_callback(self._unary_done)
+
+    def _stream_answered(self, value: Any, error: grpc.RpcError | None, trailing: tuple[tuple[str, Any], ...]) -> None:
+        stream = self._stream
+        if error is not None and stream is not None and stream.unimplemented:  # an older worker: unary from now on
+            self._stream = None
+            self._attempts -= 1
+            self.start()
+            return
+        self.finished_at = time.perf_counter()
+        self.trailing = trailing
+        self._settle(value, error)
 
     def _unary_done(self, call: Any) -> None:
         self._answered(call)
@@ -429,6 +495,13 @@ class _RankCall:
     def cancel(self) -> bool:
         """Stops waiting; a sequenced call stays unconfirmed and is resent before the next one."""
         self._cancelled = True
+        if self._stream is not None:  # on the call stream: stop waiting for its answer
+            if not self._stream.forget(self._stream_id):
+                return False
+            error = _LocalError(grpc.StatusCode.CANCELLED, "cancelled by the client")
+            self.owner._record(self, error)
+            self.outcome.set_exception(error)
+            return True
         cancelled = bool(self._call.cancel()) if self._call is not None else False
         if cancelled:  # recorded now, not in gRPC's callback thread: the next submit must see it
             self.owner._record(self, _LocalError(grpc.StatusCode.CANCELLED, "cancelled by the client"))

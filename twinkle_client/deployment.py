@@ -103,6 +103,7 @@ def connect(deployment: Deployment, options: ClientOptions) -> Coordinator:
         retry_seconds=options.retry_seconds,
         abort_grace_seconds=options.abort_grace_seconds,
         wrap_channel=tracing.channel_wrapper(options.tracer_provider) if options.tracer_provider is not None else None,
+        call_stream=options.call_stream and options.tracer_provider is None,
     )
 
 

@@ -47,6 +47,9 @@ class ClientOptions:
         metrics: whether embedded workers serve Prometheus metrics on free ports (metrics_urls()).
         tracer_provider: an OpenTelemetry TracerProvider: every call gets a span and carries its
             trace context to the workers (the `[otel]` extra); None: no tracing.
+        call_stream: whether the per-step calls go as messages on one stream per worker (about half
+            a unary call's cost; twinkle_client.call_stream) instead of unary calls. Off with a
+            tracer_provider, so that every call keeps its client span.
     """
 
     seed: int | None = None
@@ -70,6 +73,7 @@ class ClientOptions:
     shared_memory: bool = True
     metrics: bool = False
     tracer_provider: Any = None
+    call_stream: bool = True
 
     def __post_init__(self) -> None:
         if self.launcher not in LAUNCHERS:
@@ -78,7 +82,7 @@ class ClientOptions:
             )
         for name in ("rendezvous_timeout", "discover_timeout", "retry_seconds", "abort_grace_seconds", "lease_seconds"):
             object.__setattr__(self, name, float(getattr(self, name)))
-        for name in ("trust_remote_code", "shared_memory", "metrics"):
+        for name in ("trust_remote_code", "shared_memory", "metrics", "call_stream"):
             object.__setattr__(self, name, bool(getattr(self, name)))
 
     @classmethod

@@ -28,6 +28,10 @@ STREAM_REQUESTS = {
 }
 # Methods that only the owner's session may call (the others are read-only, or Reset, which may be forced).
 OPEN_TO_ANY_SESSION = frozenset(f"/{SERVICE_NAME}/{name}" for name in ("GetStatus", "GetTrainConfigs", "Reset"))
+# The call stream (twinkle_worker.call_stream): a carrier of calls, each of which passes this gate on its own.
+# Decided on at its start like a call, then neither counted as a call in progress nor read under the
+# receive deadline (its idle time between calls is the client's, not a stalled request).
+CALL_STREAM = f"/{SERVICE_NAME}/Calls"
 
 
 class GateInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
@@ -70,16 +74,20 @@ class GateInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
             if not hmac.compare_digest(given_bytes, self._expected):  # constant time: no timing oracle
                 return self._guarded(handler, self._refusal, frames_of)
         session = metadata.get(SESSION_METADATA)
+        carrier = details.method == CALL_STREAM
         if isinstance(session, str) and details.method not in OPEN_TO_ANY_SESSION:
-            return self._guarded(handler, functools.partial(self._admitted, session=session), frames_of)
-        return self._guarded(handler, self._admitted, frames_of)
+            guard = functools.partial(self._admitted, session=session, counted=not carrier)
+            return self._guarded(handler, guard, frames_of, carrier)
+        return self._guarded(handler, functools.partial(self._admitted, counted=not carrier), frames_of, carrier)
 
     @contextlib.contextmanager
-    def _admitted(self, context: grpc.ServicerContext, session: str | None = None) -> Iterator[None]:
+    def _admitted(
+        self, context: grpc.ServicerContext, session: str | None = None, counted: bool = True
+    ) -> Iterator[None]:
         with self._state:
             if self.draining:
                 _abort(context, errors.Unavailable("the worker is shutting down", reason="SHUTTING_DOWN"), self._rank())
-            self._in_progress += 1
+            self._in_progress += counted
         try:
             refusal = self._session_refusal(session) if session is not None else None
             if refusal is not None:
@@ -87,7 +95,7 @@ class GateInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
             yield
         finally:
             with self._state:
-                self._in_progress -= 1
+                self._in_progress -= counted
                 self._state.notify_all()
 
     def refuse_new_calls(self) -> None:
@@ -100,13 +108,16 @@ class GateInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
             self.draining = True
             return self._state.wait_for(lambda: self._in_progress == 0, grace)
 
-    def _guarded(self, handler: Any, guard: Callable[[grpc.ServicerContext], Any], frames_of: Any = None) -> Any:
+    def _guarded(
+        self, handler: Any, guard: Callable[[grpc.ServicerContext], Any], frames_of: Any = None, carrier: bool = False
+    ) -> Any:
         """`handler` whose behaviour runs inside guard(context), to the end of its response stream.
 
         Every method becomes one with a request stream on this side (the wire is the same), so the
         request is read by the behaviour, inside the guard and under the receive deadline, not by
         gRPC before it: a refused call is never read. Undecodable requests are INVALID_ARGUMENT;
-        `frames_of`: the request type of a stream RPC whose messages go through streaming's frame codec.
+        `frames_of`: the request type of a stream RPC whose messages go through streaming's frame codec;
+        `carrier`: the call stream, whose messages are read without the receive deadline.
         """
         deserializer = _lenient(frame_parser(frames_of) if frames_of is not None else handler.request_deserializer)
         serializer = serialize_frame if frames_of is not None else handler.response_serializer
@@ -114,7 +125,7 @@ class GateInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
         deadlines = self._deadlines
 
         def requests(request_iterator: Iterator[Any], context: grpc.ServicerContext) -> Any:
-            messages = deadlines.messages(request_iterator, context, "request")
+            messages = request_iterator if carrier else deadlines.messages(request_iterator, context, "request")
             if handler.request_streaming:
                 return (_checked(message, context, self._rank()) for message in messages)
             first = next(messages, None)

@@ -1,6 +1,7 @@
 """gRPC server of one worker: WorkerService plus the standard health and reflection services,
 behind the gate (twinkle_worker.gate: bearer token, the caller's session, the drain, the receive
-deadline), with the metrics and tracing interceptors.
+deadline), with the metrics and tracing interceptors; the call stream (twinkle_worker.call_stream)
+runs each call it carries through the same interceptors.
 
 Used by the `twinkle-worker` command and by tests that start a server in-process.
 """
@@ -17,6 +18,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from twinkle_protocol._proto import worker_pb2_grpc
+from twinkle_worker.call_stream import CallStream, HandlerCapture
 from twinkle_worker.gate import SERVICE_NAME, GateInterceptor
 from twinkle_worker.metrics import MetricsEndpoint, MetricsInterceptor, WorkerMetrics
 from twinkle_worker.options import WorkerOptions
@@ -86,10 +88,11 @@ class WorkerServer:
         self.metrics = WorkerMetrics(self.servicer.lease_state)
         self.metrics_port = metrics_port
         self._metrics_endpoint: MetricsEndpoint | None = None
+        # metrics outermost: refused calls are counted too; tracing (optional) sees the gate's refusals
+        interceptors = [MetricsInterceptor(self.metrics), *_tracing(trace_file), self.gate]
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=HANDLER_THREADS, thread_name_prefix="grpc"),
-            # metrics outermost: refused calls are counted too; tracing (optional) sees the gate's refusals
-            interceptors=[MetricsInterceptor(self.metrics), *_tracing(trace_file), self.gate],
+            interceptors=interceptors,
             options=[
                 ("grpc.max_receive_message_length", options.max_message_mb << 20),
                 ("grpc.max_send_message_length", max(MAX_SEND_MB, options.max_message_mb) << 20),
@@ -102,6 +105,10 @@ class WorkerServer:
             ],
         )
         worker_pb2_grpc.add_WorkerServiceServicer_to_server(self.servicer, self.server)
+        # The call stream runs each of its calls through the same interceptors and handlers as the server.
+        capture = HandlerCapture()
+        worker_pb2_grpc.add_WorkerServiceServicer_to_server(self.servicer, capture)
+        self.servicer.call_stream = CallStream(interceptors, capture.handlers, rank=lambda: self.servicer.rank)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)

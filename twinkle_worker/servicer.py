@@ -35,6 +35,7 @@ from twinkle_worker import (
     validation,
 )
 from twinkle_worker.agreement import agreed_rpcs
+from twinkle_worker.call_stream import CallStream
 from twinkle_worker.model import TransformersModel
 from twinkle_worker.options import WorkerOptions
 from twinkle_worker.session import SEQUENCE_WAIT_SECONDS, Ledger
@@ -72,6 +73,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         self.registry: mesh_registry.MeshRegistry | None = None
         self.rank0_address: str | None = None
         self.metrics_port = 0  # the Prometheus endpoint's, once WorkerServer serves one
+        self.call_stream: CallStream | None = None  # set by WorkerServer: Calls runs each call through its interceptors
         os.makedirs(options.output_root, exist_ok=True)
 
     # ------------------------------------------------------------ plumbing
@@ -566,6 +568,15 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             return worker_pb2.RemoveAdapterResponse()
 
         return self._run(context, request.context, remove, request)
+
+    def Calls(
+        self, request_iterator: Iterator[worker_pb2.CallsRequest], context: grpc.ServicerContext
+    ) -> Iterator[worker_pb2.CallsResponse]:
+        """The call stream (twinkle_worker.call_stream): each message one unary call, answered in order."""
+        if self.call_stream is None:  # a servicer outside WorkerServer has no interceptors to run calls through
+            context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{self._name()}: this worker serves no call stream")
+        assert self.call_stream is not None
+        yield from self.call_stream.serve(request_iterator, context)
 
     def close(self) -> None:
         """Lets the queued calls finish, then leaves the process group (the worker is stopping)."""

@@ -12,6 +12,8 @@ The variants:
   batch k computes);
 - client fused: forward_backward_and_step per step (one request, one agreement), each waited for;
 - client fused pipelined: forward_backward_and_step_async, one step in flight ahead;
+- client fused unary: client fused with the call stream off (`Coordinator.use_call_stream(False)`):
+  each call a unary gRPC call, as every client variant was before the call stream;
 - bare gRPC (and bare gRPC pipelined): the torchrun ranks' own step, sent to each rank over bare
   Python gRPC (a generic unary method on each rank, raw bytes, one future per rank; torchrun_train.py's
   docstring), no twinkle code on either side: the floor of serving this loop over Python gRPC here,
@@ -23,7 +25,7 @@ Method: interleaved, paired blocks in one run. This VM's speed drifts by 10-25 %
 seconds, more than the differences to judge, so per model and mode the torchrun ranks and one
 client model (on 2 `python -m twinkle_worker` processes) are started once, warmed up, and stay
 up; then each of B blocks runs every variant for S steps, one after the other, the order rotated
-block to block (block b starts at variant b % 9). The torchrun ranks wait on a FIFO between
+block to block (block b starts at variant b % 10). The torchrun ranks wait on a FIFO between
 their blocks (no CPU used while idle). A block's variants ran within a few seconds of each
 other, so the drift hits them alike: each block gives a PAIRED ratio (variant ms / torchrun ms
 of the same block) and difference, and the tables give their medians over the blocks, with the
@@ -82,6 +84,7 @@ VARIANTS = (
     "client pipelined",
     "client fused",
     "client fused pipelined",
+    "client fused unary",
     "bare gRPC",
     "bare gRPC pipelined",
     "bare gRPC stream",
@@ -224,9 +227,13 @@ class ClientLoop:
             for batch in chunk:
                 client.forward_backward(inputs=batch, adapter_name=adapter)
                 client.clip_grad_and_step(max_grad_norm=1.0, adapter_name=adapter)
-        elif variant == "client fused":
-            for batch in chunk:
-                client.forward_backward_and_step(batch, adapter_name=adapter, max_grad_norm=1.0)
+        elif variant in ("client fused", "client fused unary"):
+            client.coordinator.use_call_stream(variant == "client fused")
+            try:
+                for batch in chunk:
+                    client.forward_backward_and_step(batch, adapter_name=adapter, max_grad_norm=1.0)
+            finally:
+                client.coordinator.use_call_stream(True)
         elif variant == "client pipelined":
             _one_ahead(
                 chunk,

@@ -69,6 +69,22 @@ def test_calls_need_the_token_but_health_checks_do_not(locked: LocalWorkers, pki
 
     good = (("authorization", f"Bearer {TOKEN}"),)
     assert worker.GetStatus(worker_pb2.GetStatusRequest(), metadata=good, timeout=30).pid == locked.processes[0].pid
+    # The call stream is a call like the others: refused without the token, before any message is read.
+    calls = channel.stream_stream(
+        "/twinkle.worker.v1.WorkerService/Calls",
+        request_serializer=worker_pb2.CallsRequest.SerializeToString,
+        response_deserializer=worker_pb2.CallsResponse.FromString,
+    )
+    status = worker_pb2.CallsRequest(
+        id=1,
+        method="/twinkle.worker.v1.WorkerService/GetStatus",
+        request=worker_pb2.GetStatusRequest().SerializeToString(),
+    )
+    for metadata in ((), (("authorization", "Bearer wrong"),)):
+        code, details = code_of(lambda m=metadata: list(calls(iter([status]), metadata=m, timeout=30)))
+        assert code == grpc.StatusCode.UNAUTHENTICATED and "authorization: Bearer" in details
+    (answer,) = list(calls(iter([status]), metadata=good, timeout=30))
+    assert answer.code == 0 and worker_pb2.GetStatusResponse.FromString(answer.response).pid == locked.processes[0].pid
     # The token is in the environment only: neither on the command line nor in the log.
     assert TOKEN not in pathlib.Path(f"/proc/{locked.processes[0].pid}/cmdline").read_text()
     assert TOKEN not in (locked.log_dir / "worker-0.log").read_text()
