@@ -8,6 +8,10 @@ Variants, each measured per call (many calls per round, rounds interleaved):
   fan-out path (futures per rank, gather), to N uninitialised `python -m twinkle_worker`
   processes. GetStatus reads a few fields and probes one free port; it never queues behind
   the model thread.
+- GetStatus on the call stream: the same call to the same N workers as a message on each one's
+  `Calls` stream (docs/protocol.md, "The call stream"; raw messages, no coordinator logic, as the
+  health row): what a call costs on the stream the client sends its per-step calls on, against the
+  unary call;
 - grpc health Check: the standard grpc.health.v1 Check to the same N workers, as plain
   stub futures on the coordinator's channels (no coordinator logic, no WorkerService
   handler): the floor of a gRPC round trip in Python.
@@ -22,12 +26,15 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import os
+import queue
 import socket
 from typing import Any
 
 from common import interleaved, median, now, process_cpu_seconds, save, start_ray, table, verdict
 
 GLOO_WARMUP = 20
+CALLS = "/twinkle.worker.v1.WorkerService/Calls"
+GET_STATUS = "/twinkle.worker.v1.WorkerService/GetStatus"
 
 
 def _free_port() -> int:
@@ -165,6 +172,42 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         return run
 
+    streams = []  # (outbox, answers) per worker: a Calls stream of its own, on the biggest coordinator's channels
+    for channel in coordinators[biggest].channels:
+        outbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        opened = channel.stream_stream(
+            CALLS,
+            request_serializer=worker_pb2.CallsRequest.SerializeToString,
+            response_deserializer=worker_pb2.CallsResponse.FromString,
+        )
+        streams.append((outbox, opened(iter(outbox.get, None), metadata=coordinators[biggest].metadata)))
+    status_message = worker_pb2.CallsRequest(
+        method=GET_STATUS, request=worker_pb2.GetStatusRequest().SerializeToString()
+    )
+    stream_cpu_s: dict[int, list[tuple[float, float]]] = {n: [] for n in counts}
+
+    def on_stream(n: int) -> Any:
+        chosen = streams[:n]
+        pids = [process.pid for process in workers.processes[:n]]
+
+        def call() -> None:
+            for outbox, _ in chosen:
+                outbox.put(status_message)
+            for _, answers in chosen:
+                if next(answers).code != 0:
+                    raise RuntimeError("GetStatus on the call stream failed")
+
+        measure = per_call(call)
+
+        def run() -> list[float]:
+            client_before, workers_before = process_cpu_seconds(), sum(process_cpu_seconds(pid) for pid in pids)
+            times = measure()
+            used = sum(process_cpu_seconds(pid) for pid in pids) - workers_before
+            stream_cpu_s[n].append((process_cpu_seconds() - client_before, used))
+            return times
+
+        return run
+
     def health(n: int) -> Any:
         stubs = health_stubs[:n]
         return per_call(lambda: [f.result() for f in [stub.Check.future(check) for stub in stubs]])
@@ -180,6 +223,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     variants: dict[str, Any] = {}
     for n in counts:
         variants[f"twinkle GetStatus x{n}"] = twinkle(n)
+        variants[f"GetStatus on the call stream x{n}"] = on_stream(n)
         variants[f"grpc health Check x{n}"] = health(n)
         variants[f"Ray actor call x{n}"] = ray_call(n)
         variants[f"gloo barrier x{n}"] = barrier(n)
@@ -189,6 +233,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     raw = interleaved(variants, rounds)
     samples = {name: [t for chunk in chunks for t in chunk] for name, chunks in raw.items()}
 
+    for outbox, _ in streams:
+        outbox.put(None)
     for coordinator in coordinators.values():
         coordinator.close()
     for group in groups.values():
@@ -213,6 +259,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 us[f"gloo barrier x{n}"],
                 1e6 * sum(client for client, _ in cpu_s[n][1:]) / (calls * rounds),  # [0] is the warm-up
                 1e6 * sum(used for _, used in cpu_s[n][1:]) / (calls * rounds),
+                us[f"GetStatus on the call stream x{n}"],
+                1e6 * sum(used for _, used in stream_cpu_s[n][1:]) / (calls * rounds),
             ]
         )
     headers = [
@@ -226,6 +274,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "gloo barrier us",
         "twinkle client CPU us/call",
         "twinkle workers CPU us/call (sum)",
+        "on the call stream us",
+        "on the call stream, workers CPU us/call (sum)",
     ]
     text = table(headers, rows, "Fan-out latency of a no-op call (median of all calls)")
     top = max(counts)
