@@ -7,7 +7,9 @@ client that calls all N at once (one future per server, then waits for all): the
 fan-out Python gRPC can do here. Measured for the thread-pool server (`grpc.server`, what a
 twinkle worker runs) and the asyncio server (`grpc.aio.server`), side by side, interleaved.
 It answers one question: would a different Python server front end bring the fan-out under
-Ray's single-actor call? (Here it does not: the asyncio server costs more per call.)
+Ray's single-actor call? (Here it does not: the asyncio server costs more per call.) A third
+variant sends each call as a message on one open bidirectional stream per thread-pool server (the
+shape of twinkle's call stream, docs/protocol.md): about half a unary call's cost.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import queue
 import subprocess
 import sys
 from concurrent import futures
@@ -22,7 +25,7 @@ from typing import Any
 
 from common import interleaved, median, now, process_cpu_seconds, save, table
 
-SERVICE, METHOD = "bench.Floor", "Ping"
+SERVICE, METHOD, STREAM = "bench.Floor", "Ping", "Chat"
 
 
 def serve(kind: str) -> None:
@@ -34,10 +37,17 @@ def serve(kind: str) -> None:
     async def ping_async(request: bytes, context: Any) -> bytes:
         return b"ok"
 
+    def chat(requests: Any, context: Any) -> Any:
+        for _ in requests:
+            yield b"ok"
+
     if kind == "thread-pool":
         server = grpc.server(futures.ThreadPoolExecutor(8))
-        handler = grpc.unary_unary_rpc_method_handler(ping)
-        server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(SERVICE, {METHOD: handler})])
+        handlers = {
+            METHOD: grpc.unary_unary_rpc_method_handler(ping),
+            STREAM: grpc.stream_stream_rpc_method_handler(chat),
+        }
+        server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(SERVICE, handlers)])
         print(server.add_insecure_port("127.0.0.1:0"), flush=True)
         server.start()
         server.wait_for_termination()
@@ -82,6 +92,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         stubs[kind] = [channel.unary_unary(f"/{SERVICE}/{METHOD}") for channel in channels[kind]]
         pids[kind] = [process.pid for process in processes]
     worker_cpu: dict[tuple[str, int], list[float]] = {}
+    # The thread-pool servers again, each call a message on one open stream per server (one answer per message)
+    outboxes: list[queue.SimpleQueue[bytes | None]] = [queue.SimpleQueue() for _ in channels["thread-pool"]]
+    answers = [
+        channel.stream_stream(f"/{SERVICE}/{STREAM}")(iter(outbox.get, None))
+        for channel, outbox in zip(channels["thread-pool"], outboxes, strict=True)
+    ]
+
+    def on_stream(count: int) -> float:
+        before = sum(process_cpu_seconds(pid) for pid in pids["thread-pool"][:count])
+        start = now()
+        for _ in range(calls):
+            for outbox in outboxes[:count]:
+                outbox.put(b"x")
+            for stream in answers[:count]:
+                next(stream)
+        took = (now() - start) / calls
+        spent = (sum(process_cpu_seconds(pid) for pid in pids["thread-pool"][:count]) - before) / calls / count
+        worker_cpu.setdefault(("stream", count), []).append(spent)
+        return took
 
     def fan_out(kind: str, count: int) -> float:
         before = sum(process_cpu_seconds(pid) for pid in pids[kind][:count])
@@ -99,15 +128,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for kind in kinds
         for count in (1, 2, 4)
     }
+    variants.update({f"stream x{count}": (lambda count=count: on_stream(count)) for count in (1, 2, 4)})
     for run in variants.values():
         run()  # warm-up
     samples = interleaved(variants, rounds)
     rows = []
     for count in (1, 2, 4):
         row: list[Any] = [count]
-        for kind in kinds:
+        for kind in (*kinds, "stream"):
             row += [1e6 * median(samples[f"{kind} x{count}"]), 1e6 * median(worker_cpu[(kind, count)])]
         rows.append(row)
+    for outbox in outboxes:
+        outbox.put(None)
     for processes in servers.values():
         for process in processes:
             process.kill()
@@ -116,6 +148,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "thread-pool server us/call",
         "its CPU us/call each",
         "asyncio server us/call",
+        "its CPU us/call each",
+        "thread-pool server, messages on one stream us/call",
         "its CPU us/call each",
     ]
     text = table(headers, rows, "Bare Python gRPC fan-out (no twinkle code), median")
