@@ -63,6 +63,7 @@ from common import (
     GRPC_STREAM_METHOD,
     ROOT,
     batches,
+    bench_client,
     busy_warning,
     count_parameters,
     median,
@@ -182,24 +183,11 @@ class ClientLoop:
     """One client TransformersModel on the 2 workers (adapter and optimizer set once) running blocks."""
 
     def __init__(self, workers: Any, model: str, mode: str, warmup: int, pool: int, batch_size: int, seq_len: int):
-        from twinkle_client import DeviceMesh, TransformersModel
-
         config = qwen2_config(model)
         data = batches(config.vocab_size, batch_size, seq_len, warmup + pool)
         self.warmup_data, self.data = data[:warmup], itertools.cycle(data[warmup:])
         self.pids = [process.pid for process in workers.processes]
-        self.client = TransformersModel(
-            addresses=workers.addresses,
-            config=config,
-            device_mesh=DeviceMesh.from_sizes(dp_size=2),
-            mixed_precision="no",
-            seed=0,
-        )
-        self.adapter = None
-        if mode == "lora":
-            self.adapter = "bench"
-            self.client.add_adapter_to_model(self.adapter, {"r": 8, "lora_alpha": 16, "target_modules": "all-linear"})
-        self.client.set_optimizer("AdamW", lr=1e-4, weight_decay=0.01, adapter_name=self.adapter)
+        self.client, self.adapter = bench_client(workers.addresses, config, mode)
 
     def warm_up(self) -> None:
         for variant in CLIENT_VARIANTS:

@@ -284,3 +284,23 @@ def paired(base: Sequence[float], values: Sequence[float]) -> dict[str, float]:
         "diff_min": min(differences, default=float("nan")),
         "diff_max": max(differences, default=float("nan")),
     }
+
+
+def bench_client(addresses: Sequence[str], config: Any, mode: str) -> tuple[Any, str | None]:
+    """The training benchmarks' client on 2 workers (dp=2, fp32, seed 0): LoRA r=8, alpha 16, all-linear
+    (mode "lora") or full fine-tuning, AdamW lr 1e-4, weight decay 0.01. Returns it and its adapter name."""
+    from twinkle_client import DeviceMesh, TransformersModel
+
+    client = TransformersModel(
+        addresses=addresses,
+        config=config,
+        device_mesh=DeviceMesh.from_sizes(dp_size=2),
+        mixed_precision="no",
+        seed=0,
+    )
+    adapter = None
+    if mode == "lora":
+        adapter = "bench"
+        client.add_adapter_to_model(adapter, {"r": 8, "lora_alpha": 16, "target_modules": "all-linear"})
+    client.set_optimizer("AdamW", lr=1e-4, weight_decay=0.01, adapter_name=adapter)
+    return client, adapter

@@ -36,6 +36,7 @@ from common import (
     RESULTS_DIR,
     ROOT,
     batches,
+    bench_client,
     median,
     native_thread_name,
     now,
@@ -154,7 +155,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--keep", action="store_true", help="keep the raw py-spy files in runs/bench/")
     args = parser.parse_args(argv)
 
-    from twinkle_client import DeviceMesh, TransformersModel
     from twinkle_client.local import LocalWorkers
 
     config = qwen2_config(args.model)
@@ -162,18 +162,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     workers = LocalWorkers(2, threads=1)
     results: dict[str, Any] = {"model": args.model, "mode": args.mode, "steps": args.steps}
     try:
-        client = TransformersModel(
-            addresses=workers.addresses,
-            config=config,
-            device_mesh=DeviceMesh.from_sizes(dp_size=2),
-            mixed_precision="no",
-            seed=0,
-        )
-        adapter = None
-        if args.mode == "lora":
-            adapter = "bench"
-            client.add_adapter_to_model(adapter, {"r": 8, "lora_alpha": 16, "target_modules": "all-linear"})
-        client.set_optimizer("AdamW", lr=1e-4, weight_decay=0.01, adapter_name=adapter)
+        client, adapter = bench_client(workers.addresses, config, args.mode)
 
         def run(chunk: list[dict[str, Any]]) -> None:
             in_flight: deque[tuple[Any, ...]] = deque()
