@@ -104,11 +104,12 @@ class MessageContext:
         pass  # a call on the stream has no initial metadata of its own
 
     def cancel(self) -> None:
-        self.abort(grpc.StatusCode.CANCELLED, "cancelled")
+        # May come from another thread (a watchdog): marks the call, raises nothing there.
+        self._code, self._details = grpc.StatusCode.CANCELLED, "cancelled"
 
     def add_callback(self, callback: Callable[[], None]) -> bool:
-        callback_later = self._stream.add_callback
-        return bool(callback_later(callback))
+        # gRPC runs these when the RPC ends: here, when the stream does
+        return bool(self._stream.add_callback(callback))
 
     # the connection's
     def is_active(self) -> bool:
