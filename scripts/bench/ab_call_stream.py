@@ -1,9 +1,10 @@
 """The call stream against unary calls, on one client and one pair of workers: alternating blocks.
 
-    python scripts/bench/ab_call_stream.py [--mode lora|full] [--blocks 24] [--steps 25] [--pipelined]
+    python scripts/bench/ab_call_stream.py [--model tiny|6m] [--mode lora|full] [--blocks 24] [--steps 25]
+                                           [--pipelined]
 
 Two `python -m twinkle_worker` processes (dp=2, DDP over gloo, one torch thread each), one client on
-the tiny model (bench_training.py's model, batch and optimizer), `forward_backward_and_step` every
+the tiny (or 6M) model (bench_training.py's models, batch and optimizer), `forward_backward_and_step` every
 step (`--pipelined`: its `_async`, one step ahead). Blocks of `--steps` steps alternate between the
 call stream (`Coordinator.use_call_stream(True)`, the default) and unary calls, the order swapped
 every other pair, so both see the same drift; it prints the medians and the paired differences
@@ -22,6 +23,7 @@ from common import batches, bench_client, median, process_cpu_seconds, qwen2_con
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="tiny", help="tiny or 6m (bench_training.py's models)")
     parser.add_argument("--mode", choices=("lora", "full"), default="lora")
     parser.add_argument("--blocks", type=int, default=24, help="pairs of blocks")
     parser.add_argument("--steps", type=int, default=25, help="steps per block")
@@ -30,7 +32,7 @@ def main() -> None:
 
     from twinkle_client.local import LocalWorkers
 
-    config = qwen2_config("tiny")
+    config = qwen2_config(args.model)
     data = batches(config.vocab_size, 8, 256, 20)
     with LocalWorkers(2, threads=1) as workers:
         model, adapter = bench_client(workers.addresses, config, args.mode)
@@ -77,7 +79,8 @@ def main() -> None:
     faster = sum(stream[0] < unary[0] for stream, unary in pairs)
     diffs = ", ".join(f"{name} {median([s[k] - u[k] for s, u in pairs]):+.2f}" for k, name in enumerate(names))
     mode = "pipelined" if args.pipelined else "synchronous"
-    print(f"paired, stream - unary ({args.mode}, {mode}): {diffs}; the stream faster in {faster}/{len(pairs)} pairs")
+    where = f"{args.model} {args.mode}, {mode}"
+    print(f"paired, stream - unary ({where}): {diffs}; the stream faster in {faster}/{len(pairs)} pairs")
 
 
 if __name__ == "__main__":
