@@ -24,6 +24,8 @@ from typing import Any
 import grpc
 
 from twinkle_protocol._proto import worker_pb2
+from twinkle_protocol.errors import status_code
+from twinkle_protocol.metadata import pairs_of
 
 _SERVICE = worker_pb2.DESCRIPTOR.services_by_name["WorkerService"]
 # The calls a training loop makes every step: small, sequenced, run in order on the model thread.
@@ -40,8 +42,10 @@ MAX_DEADLINES = 4096
 Answered = Callable[[Any, "grpc.RpcError | None", tuple[tuple[str, Any], ...]], None]
 
 
-class AnswerError(grpc.RpcError, grpc.Call):  # type: ignore[misc]
-    """A call on the stream that ended with an error status: what a failed unary call raises."""
+class CallError(grpc.RpcError, grpc.Call):  # type: ignore[misc]
+    """A failed call as a failed unary call raises it: its code, details and trailing metadata (the
+    ErrorInfo). For an error answer on the stream, and for failures decided on the client (a
+    cancelled call, a closed channel, a passed deadline)."""
 
     def __init__(self, code: grpc.StatusCode, details: str, trailing: tuple[tuple[str, Any], ...] = ()) -> None:
         super().__init__(details)
@@ -71,9 +75,6 @@ class AnswerError(grpc.RpcError, grpc.Call):  # type: ignore[misc]
 
     def add_callback(self, callback: Callable[[], None]) -> bool:
         return False
-
-
-_CODES = {code.value[0]: code for code in grpc.StatusCode}
 
 
 class CallStream:
@@ -130,7 +131,7 @@ class CallStream:
         with self._lock:
             entry = self._pending.pop(call_id, None)
         if entry is not None:
-            entry[1](None, AnswerError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded"), ())
+            entry[1](None, CallError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded"), ())
 
     def close(self) -> None:
         self._outbox.put(None)  # ends the requests: the worker's handler returns, the reader sees the end
@@ -144,21 +145,18 @@ class CallStream:
                 if entry is None:  # cancelled or timed out meanwhile
                     continue
                 method, answered = entry
-                trailing = tuple(
-                    (item.key, item.value if item.key.endswith("-bin") else item.value.decode(errors="replace"))
-                    for item in answer.trailing_metadata
-                )
-                code = _CODES.get(answer.code, grpc.StatusCode.UNKNOWN)
+                trailing = pairs_of(answer.trailing_metadata)
+                code = status_code(answer.code)
                 if code == grpc.StatusCode.OK:
                     try:
                         value = RESPONSES[method].FromString(answer.response)
                     except Exception as error:  # noqa: BLE001 (a worker that answers garbage: this call fails)
-                        answered(None, AnswerError(grpc.StatusCode.INTERNAL, f"undecodable answer: {error}"), trailing)
+                        answered(None, CallError(grpc.StatusCode.INTERNAL, f"undecodable answer: {error}"), trailing)
                         continue
                     answered(value, None, trailing)
                 else:
-                    answered(None, AnswerError(code, answer.details, trailing), trailing)
-            ended = AnswerError(grpc.StatusCode.UNAVAILABLE, "the worker ended the call stream")
+                    answered(None, CallError(code, answer.details, trailing), trailing)
+            ended = CallError(grpc.StatusCode.UNAVAILABLE, "the worker ended the call stream")
         except grpc.RpcError as error:
             ended = error
         with self._lock:

@@ -33,6 +33,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from twinkle_client import call_stream as call_stream_module
+from twinkle_client.call_stream import CallError
 from twinkle_protocol import streaming
 from twinkle_protocol._proto import worker_pb2, worker_pb2_grpc
 from twinkle_protocol.errors import TwinkleError, from_status
@@ -418,7 +419,7 @@ class _RankCall:
             else:
                 self._call = stub.future(self.request, **options)
         except ValueError as error:  # the channel was closed (the client is closing)
-            self._settle(None, _LocalError(grpc.StatusCode.CANCELLED, f"not sent: {error}"))
+            self._settle(None, CallError(grpc.StatusCode.CANCELLED, f"not sent: {error}"))
             return
         if streamed:
             threading.Thread(target=self._drain, args=(self._call,), daemon=True, name="twinkle-stream").start()
@@ -443,7 +444,7 @@ class _RankCall:
         except grpc.RpcError as error:
             self._settle(None, error)
         except grpc.FutureCancelledError:
-            self._settle(None, _LocalError(grpc.StatusCode.CANCELLED, "cancelled by the client"))
+            self._settle(None, CallError(grpc.StatusCode.CANCELLED, "cancelled by the client"))
 
     def _drain(self, call: Any) -> None:
         try:
@@ -453,7 +454,7 @@ class _RankCall:
             self._settle(None, error)
         except TwinkleError as error:  # the responses did not make sense (a bad stream): fails this call
             call.cancel()
-            self._settle(None, _LocalError(error.code, str(error)))
+            self._settle(None, CallError(error.code, str(error)))
         else:
             self._answered(call)
             self._settle(value, None)
@@ -498,13 +499,13 @@ class _RankCall:
         if self._stream is not None:  # on the call stream: stop waiting for its answer
             if not self._stream.forget(self._stream_id):
                 return False
-            error = _LocalError(grpc.StatusCode.CANCELLED, "cancelled by the client")
+            error = CallError(grpc.StatusCode.CANCELLED, "cancelled by the client")
             self.owner._record(self, error)
             self.outcome.set_exception(error)
             return True
         cancelled = bool(self._call.cancel()) if self._call is not None else False
         if cancelled:  # recorded now, not in gRPC's callback thread: the next submit must see it
-            self.owner._record(self, _LocalError(grpc.StatusCode.CANCELLED, "cancelled by the client"))
+            self.owner._record(self, CallError(grpc.StatusCode.CANCELLED, "cancelled by the client"))
         return cancelled
 
     def done(self) -> bool:
@@ -515,20 +516,6 @@ class _RankCall:
 
     def add_done_callback(self, callback: Callable[[Any], None]) -> None:
         self.outcome.add_done_callback(lambda _: callback(self))
-
-
-class _LocalError(grpc.RpcError):  # type: ignore[misc]
-    """A failure decided on the client (a cancelled future, a closed channel), as an RpcError with a code."""
-
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
-        super().__init__(details)
-        self._code, self._details = code, details
-
-    def code(self) -> grpc.StatusCode:
-        return self._code
-
-    def details(self) -> str:
-        return self._details
 
 
 def _errors(outcomes: dict[int, tuple[int, _RankCall]], done: Sequence[_RankCall]) -> list[tuple[int, grpc.RpcError]]:

@@ -175,6 +175,14 @@ _BY_CODE: dict[grpc.StatusCode, type[TwinkleError]] = {
 }
 
 
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def status_code(number: int) -> grpc.StatusCode:
+    """The grpc.StatusCode of a google.rpc.Code number (UNKNOWN for one gRPC does not know)."""
+    return _CODES.get(number, grpc.StatusCode.UNKNOWN)
+
+
 def from_status(code: grpc.StatusCode, message: str, call: Any = None) -> TwinkleError:
     """The exception a client raises for a gRPC status; with the failed `call` (a grpc.RpcError),
     the reason and metadata of the ErrorInfo the worker attached."""

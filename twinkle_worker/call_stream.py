@@ -28,6 +28,7 @@ import grpc
 
 from twinkle_protocol import errors
 from twinkle_protocol._proto import worker_pb2
+from twinkle_protocol.metadata import add_entries, pairs_of
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +167,7 @@ class CallStream:
         stream_metadata: tuple[tuple[str, Any], ...],
         cached: dict[str, Any],
     ) -> worker_pb2.CallsResponse:
-        own = tuple((entry.key, _value(entry)) for entry in message.metadata)
+        own = pairs_of(message.metadata)
         metadata = (*stream_metadata, *own)
         context = MessageContext(stream, metadata, message.timeout_seconds)
         answer = worker_pb2.CallsResponse(id=message.id)
@@ -200,8 +201,7 @@ class CallStream:
             answer.response = b""
             details = context.details()
             answer.details = details.decode(errors="replace") if isinstance(details, bytes) else (details or "")
-        for key, value in context.trailing_metadata():
-            answer.trailing_metadata.add(key=key, value=value if isinstance(value, bytes) else str(value).encode())
+        add_entries(answer.trailing_metadata, context.trailing_metadata())
         return answer
 
     def _resolve(self, method: str, metadata: tuple[tuple[str, Any], ...]) -> Any:
@@ -222,11 +222,6 @@ class CallStream:
         if handler is None:
             raise errors.InvalidArgument(f"method {method!r} has no handler on this worker", field="method")
         return handler
-
-
-def _value(entry: worker_pb2.MetadataEntry) -> Any:
-    """A metadata value as gRPC hands it to a handler: bytes for "-bin" keys, text otherwise."""
-    return entry.value if entry.key.endswith("-bin") else entry.value.decode(errors="replace")
 
 
 class HandlerCapture:

@@ -17,6 +17,7 @@ from twinkle_protocol import errors
 from twinkle_protocol._proto import worker_pb2
 from twinkle_protocol.metadata import SESSION_METADATA
 from twinkle_protocol.streaming import frame_parser, serialize_frame
+from twinkle_worker.call_stream import CALLS_METHOD
 from twinkle_worker.receive_deadline import ReceiveDeadlines
 
 SERVICE_NAME = worker_pb2.DESCRIPTOR.services_by_name["WorkerService"].full_name
@@ -28,10 +29,6 @@ STREAM_REQUESTS = {
 }
 # Methods that only the owner's session may call (the others are read-only, or Reset, which may be forced).
 OPEN_TO_ANY_SESSION = frozenset(f"/{SERVICE_NAME}/{name}" for name in ("GetStatus", "GetTrainConfigs", "Reset"))
-# The call stream (twinkle_worker.call_stream): a carrier of calls, each of which passes this gate on its own.
-# Decided on at its start like a call, then neither counted as a call in progress nor read under the
-# receive deadline (its idle time between calls is the client's, not a stalled request).
-CALL_STREAM = f"/{SERVICE_NAME}/Calls"
 
 
 class GateInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
@@ -74,7 +71,10 @@ class GateInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
             if not hmac.compare_digest(given_bytes, self._expected):  # constant time: no timing oracle
                 return self._guarded(handler, self._refusal, frames_of)
         session = metadata.get(SESSION_METADATA)
-        carrier = details.method == CALL_STREAM
+        # The call stream (twinkle_worker.call_stream) carries calls that each pass this gate on their own: it
+        # is decided on at its start like a call, then neither counted as a call in progress nor read under
+        # the receive deadline (its idle time between calls is the client's, not a stalled request).
+        carrier = details.method == CALLS_METHOD
         if isinstance(session, str) and details.method not in OPEN_TO_ANY_SESSION:
             guard = functools.partial(self._admitted, session=session, counted=not carrier)
             return self._guarded(handler, guard, frames_of, carrier)

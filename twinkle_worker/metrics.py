@@ -25,12 +25,12 @@ from prometheus_client.core import GaugeMetricFamily
 from twinkle_protocol import tensors
 from twinkle_protocol.metadata import COMPUTE_KEY, HANDLER_KEY, QUEUE_KEY
 from twinkle_worker.agreement import COLLECTIVE_FAILED, agreed_rpcs
+from twinkle_worker.call_stream import CALLS_METHOD
 from twinkle_worker.model import TransformersModel
 
 log = logging.getLogger(__name__)
 
 SERVICE_PREFIX = "/twinkle.worker.v1.WorkerService/"
-CALL_STREAM = SERVICE_PREFIX + "Calls"
 # Seconds: a tiny model's step on a CPU is milliseconds, a checkpoint of a big one minutes.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 FORWARD_RPCS = {"ForwardBackward", "ForwardBackwardStream", "ForwardOnly", "ForwardOnlyStream"}
@@ -275,7 +275,7 @@ class MetricsInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
     def intercept_service(self, continuation: Callable[[Any], Any], details: Any) -> Any:
         handler = continuation(details)
         # The call stream is left out: each of its calls is counted and timed as the unary call it carries.
-        if handler is None or not details.method.startswith(SERVICE_PREFIX) or details.method == CALL_STREAM:
+        if handler is None or not details.method.startswith(SERVICE_PREFIX) or details.method == CALLS_METHOD:
             return handler
         return _Instrumented(self.metrics, details.method[len(SERVICE_PREFIX) :], handler).handler()
 

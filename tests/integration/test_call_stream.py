@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 from plain_reference import counting_samples
 
-from twinkle_client.call_stream import CallStream, Deadlines
+from twinkle_client.call_stream import CallError, CallStream, Deadlines
 from twinkle_protocol import errors
 from twinkle_protocol._proto import worker_pb2
 from twinkle_protocol.errors import NotFound
+from twinkle_protocol.metadata import pairs_of
 from twinkle_worker.server import WorkerServer
 
 SERVICE = "/twinkle.worker.v1.WorkerService/"
@@ -48,14 +49,8 @@ def _raw_stream(model: Any) -> tuple[Any, Any]:
 
 def _status(answer: worker_pb2.CallsResponse) -> Any:
     """The ErrorInfo of an answer, read the way the client reads a failed unary call's."""
-    trailing = tuple(
-        (item.key, item.value if item.key.endswith("-bin") else item.value.decode())
-        for item in answer.trailing_metadata
-    )
-    from twinkle_client.call_stream import AnswerError
-
-    code = {code.value[0]: code for code in grpc.StatusCode}[answer.code]
-    return errors.error_info(AnswerError(code, answer.details, trailing))
+    trailing = pairs_of(answer.trailing_metadata)
+    return errors.error_info(CallError(errors.status_code(answer.code), answer.details, trailing))
 
 
 def test_training_on_the_stream_equals_training_with_unary_calls(remote: Any) -> None:
